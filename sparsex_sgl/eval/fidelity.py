@@ -1,0 +1,190 @@
+"""``sparsex-sgl eval fidelity``: how close each reuse method stays to exact full prefill.
+
+Per HotpotQA question: the 10 paragraphs in a shuffled order are segments, each cached once alone
+(from position 0), and the instruction is cached as an exact prefix. Full prefill of the prompt is the
+reference; every method prefills the same prompt from the cache. Metrics per method:
+
+- ``kl_mean``: KL(full || method) of the next-token distribution at the answer start;
+- ``top1_agree``: share of 16 teacher-forced answer steps (full prefill's greedy tokens as history)
+  where the method's top-1 equals full prefill's greedy token;
+- ``greedy_exact``: share of questions whose 16 greedy tokens equal full prefill's;
+- ``recompute_frac``: share of prompt tokens computed in the sparse layers;
+- ``flops_frac``: modeled prefill FLOPs as a fraction of full prefill's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sparsex_sgl.assets import hotpotqa_path, resolve_model
+from sparsex_sgl.eval.hotpotqa import build_prompt, load_examples
+from sparsex_sgl.hybrid import METHODS, HybridConfig, method_config
+from sparsex_sgl.reference.cache import ReferenceSegmentCache
+from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor
+
+ANSWER_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One method at one setting; ``name`` is the key in the report."""
+
+    name: str
+    method: str
+    config: HybridConfig | None
+    ratio: float | None
+    full_layers: int | None
+
+
+def method_runs(methods: list[str], ratios: list[float], full_layers: list[int]) -> list[MethodRun]:
+    """Expand methods over the settings they depend on; names carry the setting only when several are swept."""
+    many = len(ratios) > 1 or len(full_layers) > 1
+    runs: list[MethodRun] = []
+    for method in methods:
+        uses_ratio = method in ("cacheblend", "epic", "sparsex")
+        uses_layers = method in ("cacheblend", "sparsex")
+        for ratio in ratios if uses_ratio else [None]:
+            for layers in full_layers if uses_layers else [None]:
+                cfg = method_config(method, ratio or 0.0, layers or 0)
+                suffix = ""
+                if many and uses_ratio:
+                    suffix = f"[r={ratio}" + (f",L={layers}]" if uses_layers else "]")
+                runs.append(MethodRun(method + suffix, method, cfg, ratio, layers))
+    return runs
+
+
+def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(reference || other) of the softmax distributions, in nats."""
+    log_p = torch.log_softmax(reference_logits.double(), dim=-1)
+    log_q = torch.log_softmax(logits.double(), dim=-1)
+    return float((log_p.exp() * (log_p - log_q)).sum())
+
+
+def load_executor(model: str) -> tuple[ReferenceExecutor, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return ReferenceExecutor(hf_model), tokenizer
+
+
+def evaluate(
+    executor: ReferenceExecutor,
+    tokenizer: Any,
+    n: int,
+    offset: int,
+    runs: list[MethodRun],
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every method on ``n`` questions from ``offset``; returns the report dict."""
+    totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    examples = load_examples(hotpotqa_path(), n, offset)
+    started = time.perf_counter()
+    prompt_tokens = 0
+    for example in tqdm(examples, desc="fidelity", unit="q", disable=not progress):
+        prompt = build_prompt(tokenizer, example, seed)
+        prompt_tokens += len(prompt.input_ids)
+        full = executor.prefill_full(prompt.input_ids, extra_capacity=ANSWER_TOKENS)
+        full_greedy = executor.greedy_decode(full, ANSWER_TOKENS)
+        full_flops = full.stats.flops
+        cache = ReferenceSegmentCache(executor, num_slots=2 * len(prompt.input_ids) + 2)
+        head = prompt.input_ids[: prompt.head_len]
+        cache.store(head, [], executor.prefill_full(head))
+        for index in range(len(prompt.spans)):
+            cache.fill_segment(prompt.segment_ids(index))
+        for run in runs:
+            if run.config is None:
+                result: PrefillResult = full
+            else:
+                result = cache.prefill(prompt.input_ids, prompt.spans, run.config, extra_capacity=ANSWER_TOKENS)
+            forced = executor.teacher_forced_argmax(result, full_greedy)
+            greedy = full_greedy if run.config is None else executor.greedy_decode(result, ANSWER_TOKENS)
+            acc = totals[run.name]
+            acc["kl_mean"] += kl_divergence(full.logits, result.logits)
+            acc["top1_agree"] += sum(a == b for a, b in zip(forced, full_greedy)) / ANSWER_TOKENS
+            acc["greedy_exact"] += float(greedy == full_greedy)
+            acc["recompute_frac"] += result.stats.recompute_frac
+            acc["flops_frac"] += result.stats.flops / full_flops
+    report: dict[str, Any] = {"methods": {}}
+    for run in runs:
+        metrics = {key: value / n for key, value in totals[run.name].items()}
+        metrics.update(method=run.method, ratio=run.ratio, full_layers=run.full_layers)
+        report["methods"][run.name] = metrics
+    report["meta"] = {
+        "n": n,
+        "offset": offset,
+        "seed": seed,
+        "mean_prompt_tokens": prompt_tokens / n,
+        "answer_tokens": ANSWER_TOKENS,
+        "architecture": executor.spec.architecture,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    header = "| method | KL(full‖m) | top-1 agree | greedy exact | recompute frac | FLOPs frac |"
+    lines = [header, "|---|---|---|---|---|---|"]
+    for name, m in report["methods"].items():
+        lines.append(
+            f"| {name} | {m['kl_mean']:.4f} | {m['top1_agree']:.3f} | {m['greedy_exact']:.2f} "
+            f"| {m['recompute_frac']:.3f} | {m['flops_frac']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="'smollm2' or a path to an HF model folder")
+    parser.add_argument("--data", default="hotpotqa", choices=["hotpotqa"])
+    parser.add_argument("--n", type=int, default=10, help="number of questions")
+    parser.add_argument("--offset", type=int, default=0, help="index of the first question")
+    parser.add_argument("--ratio", type=_floats, default=[0.15], help="recompute ratio(s), comma-separated")
+    parser.add_argument("--full-layers", type=_ints, default=[2], help="L_full value(s), comma-separated")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the paragraph shuffles")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    executor, tokenizer = load_executor(args.model)
+    runs = method_runs(methods, args.ratio, args.full_layers)
+    report = evaluate(executor, tokenizer, args.n, args.offset, runs, seed=args.seed)
+    report["meta"]["command"] = (
+        f"sparsex-sgl eval fidelity --model {args.model} --data {args.data} --n {args.n} --offset {args.offset} "
+        f"--ratio {','.join(map(str, args.ratio))} --full-layers {','.join(map(str, args.full_layers))} "
+        f"--methods {args.methods} --seed {args.seed}"
+    )
+    print(format_table(report))
+    meta = report["meta"]
+    print(f"{meta['n']} questions, {meta['mean_prompt_tokens']:.0f} prompt tokens on average, {meta['seconds']} s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")

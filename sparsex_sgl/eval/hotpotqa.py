@@ -1,0 +1,115 @@
+"""HotpotQA (distractor dev set) as segment-structured prompts.
+
+Each question's 10 Wikipedia paragraphs become 10 reusable segments in a seeded random order, between
+an instruction (a gap piece shared by every prompt) and the question (a new piece). Pieces are
+tokenized one by one and concatenated, so segment boundaries are token-exact and a paragraph has the
+same token ids wherever it appears, which is what reuse requires.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+INSTRUCTION = "Answer the question using the documents below. Reply with a short answer only.\n\n"
+MARKER = "\u2063SPARSEX_CONTENT\u2063"
+
+
+@dataclass(frozen=True)
+class SegmentedPrompt:
+    """Token ids of a prompt and the spans ``[start, end)`` of its reusable segments."""
+
+    input_ids: tuple[int, ...]
+    spans: tuple[tuple[int, int], ...]
+    head_len: int
+
+    def segment_ids(self, index: int) -> tuple[int, ...]:
+        start, end = self.spans[index]
+        return self.input_ids[start:end]
+
+
+@dataclass(frozen=True)
+class HotpotExample:
+    qid: str
+    question: str
+    answer: str
+    paragraphs: tuple[str, ...]
+
+
+@lru_cache(maxsize=2)
+def _load(path: str) -> list[dict[str, Any]]:
+    return json.loads(Path(path).read_text())
+
+
+def load_examples(path: Path, n: int, offset: int = 0) -> list[HotpotExample]:
+    rows = _load(str(path))
+    if offset < 0 or n < 1 or offset + n > len(rows):
+        raise ValueError(f"--offset {offset} and --n {n} must select within the {len(rows)} questions")
+    return [
+        HotpotExample(
+            row["_id"],
+            row["question"],
+            row["answer"],
+            tuple(f"Document: {title}\n{''.join(sents).strip()}\n\n" for title, sents in row["context"]),
+        )
+        for row in rows[offset : offset + n]
+    ]
+
+
+def chat_frame(tokenizer: Any) -> tuple[str, str]:
+    """The chat template's text before and after the user message (generation prompt included)."""
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": MARKER}], tokenize=False, add_generation_prompt=True
+        )
+        head, tail = rendered.split(MARKER)
+        return head, tail
+    return "", "\nAnswer:"
+
+
+def build_prompt(tokenizer: Any, example: HotpotExample, seed: int) -> SegmentedPrompt:
+    """Instruction, the paragraphs in a shuffled order (seeded per question), then the question."""
+    head, tail = chat_frame(tokenizer)
+    order = list(example.paragraphs)
+    random.Random(f"{seed}:{example.qid}").shuffle(order)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids = encode(head + INSTRUCTION)
+    head_len = len(ids)
+    spans = []
+    for paragraph in order:
+        piece = encode(paragraph)
+        spans.append((len(ids), len(ids) + len(piece)))
+        ids += piece
+    ids += encode(f"Question: {example.question}{tail}")
+    return SegmentedPrompt(tuple(ids), tuple(spans), head_len)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def f1_score(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))

@@ -1,0 +1,106 @@
+"""The per-layer hybrid plan of a SparseX prefill, and its modeled cost.
+
+Layers ``[0, full_layers)`` compute every non-prefix token; at the threshold a selection policy picks
+reused tokens within ``recompute_ratio`` of the reused count; layers ``[full_layers, L)`` compute only
+the recompute set (new tokens plus the selected ones) and read every other position's KV from the
+re-aligned cache. The baselines are the same plan with other knobs, so they run on the same executor:
+naive reuse (no full layers, nothing selected), CacheBlend-style (KV deviation at the threshold),
+EPIC-style (no full layers, first tokens of each moved segment).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sparsex_sgl.select import SELECTIONS, SIGNAL_SELECTIONS
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """Knobs of one recompute method; validated on construction."""
+
+    full_layers: int = 2
+    recompute_ratio: float = 0.15
+    selection: str = "sparse_q"
+    min_tokens_per_segment: int = 1
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
+        if self.full_layers < 0 or self.min_tokens_per_segment < 0:
+            raise ValueError("full_layers and min_tokens_per_segment must be >= 0")
+        if self.selection in SIGNAL_SELECTIONS and self.full_layers < 1:
+            raise ValueError(f"selection {self.selection!r} reads its signal from a full layer: full_layers >= 1")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> HybridConfig:
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown hybrid settings {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> HybridConfig:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.from_mapping(data.get("hybrid", data))
+
+    def threshold(self, num_layers: int) -> int:
+        """First sparse layer (== number of full layers run), clamped to the model depth."""
+        return min(self.full_layers, num_layers)
+
+
+def method_config(method: str, ratio: float, full_layers: int) -> HybridConfig | None:
+    """The hybrid plan of a named method; None for full prefill (no reuse at all)."""
+    if method == "full":
+        return None
+    if method == "naive":
+        return HybridConfig(full_layers=0, recompute_ratio=0.0, selection="none", min_tokens_per_segment=0)
+    if method == "cacheblend":
+        return HybridConfig(full_layers=full_layers, recompute_ratio=ratio, selection="kv_deviation",
+                            min_tokens_per_segment=0)
+    if method == "epic":
+        return HybridConfig(full_layers=0, recompute_ratio=ratio, selection="first_k", min_tokens_per_segment=0)
+    if method == "sparsex":
+        return HybridConfig(full_layers=full_layers, recompute_ratio=ratio, selection="sparse_q")
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+
+
+METHODS: tuple[str, ...] = ("full", "naive", "cacheblend", "epic", "sparsex")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The shapes that fix a decoder's FLOPs per token."""
+
+    num_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    def linear_flops_per_token(self) -> int:
+        """Multiply-adds x2 of one layer's projections and gated MLP for one token."""
+        q_out = self.n_heads * self.head_dim
+        kv_out = 2 * self.n_kv_heads * self.head_dim
+        return 2 * (self.hidden * (q_out + kv_out) + q_out * self.hidden + 3 * self.hidden * self.intermediate)
+
+    def attention_flops(self, query_positions: Sequence[int]) -> int:
+        """QK^T and PV for queries at these positions, each seeing ``position + 1`` keys."""
+        return 4 * self.n_heads * self.head_dim * sum(p + 1 for p in query_positions)
+
+
+def modeled_prefill_flops(dims: ModelDims, rows_per_layer: Sequence[Sequence[int]]) -> int:
+    """FLOPs of a prefill that computes ``rows_per_layer[i]`` (prompt positions) in layer i, plus one logits row."""
+    assert len(rows_per_layer) == dims.num_layers, (len(rows_per_layer), dims.num_layers)
+    per_token = dims.linear_flops_per_token()
+    total = sum(len(rows) * per_token + dims.attention_flops(rows) for rows in rows_per_layer)
+    return total + 2 * dims.hidden * dims.vocab

@@ -1,0 +1,64 @@
+"""The segment graph over a tensor KV pool: the reference counterpart of the SGLang cache backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sparsex_sgl.graph import LookupPlan, SegmentGraph
+from sparsex_sgl.hybrid import HybridConfig
+from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor
+from sparsex_sgl.reference.pool import TensorKVPool
+from sparsex_sgl.segments import Piece, split_into_pieces
+
+
+class ReferenceSegmentCache:
+    """Caches segments and exact request paths for a ReferenceExecutor and serves SparseX prefills."""
+
+    def __init__(self, executor: ReferenceExecutor, num_slots: int, max_tokens: int | None = None,
+                 namespace: str = "") -> None:
+        dims = executor.spec.dims
+        self.executor = executor
+        self.namespace = namespace
+        self.pool = TensorKVPool(dims.num_layers, num_slots, dims.n_kv_heads, dims.head_dim, executor.dtype)
+        self.graph = SegmentGraph(self.pool.allocator, max_tokens or num_slots - 1)
+
+    def fill_segment(self, token_ids: Sequence[int]) -> bool:
+        """Cache a segment computed alone from position 0. False if there was no room."""
+        pieces = split_into_pieces(token_ids, [[0, len(token_ids)]], self.namespace)
+        if self.graph.lookup(pieces).prefix_node_ids:
+            return True  # already cached at the root
+        k, v = self.executor.encode_segment(token_ids)
+        return self._insert(pieces, k, v)
+
+    def store(self, input_ids: Sequence[int], spans: object, result: PrefillResult) -> bool:
+        """Cache an exactly computed request as a root path (later identical prefixes hit exactly)."""
+        if not result.exact:
+            raise ValueError("only exactly computed KV may enter the graph as an exact path")
+        pieces = split_into_pieces(input_ids, spans, self.namespace)
+        n = len(input_ids)
+        return self._insert(pieces, result.kv.k[:, :n], result.kv.v[:, :n])
+
+    def _insert(self, pieces: list[Piece], k, v) -> bool:  # type: ignore[no-untyped-def]
+        n = pieces[-1].end
+        slots = self.graph.alloc(n)
+        if slots is None:
+            return False
+        self.pool.write(slots, k, v)
+        outcome = self.graph.insert(pieces, slots)
+        leftover = [s for piece, took in zip(pieces, outcome.adopted) if not took for s in slots[piece.start : piece.end]]
+        if leftover:
+            self.pool.allocator.free(leftover)
+        return all(nid is not None for nid in outcome.node_ids)
+
+    def plan(self, input_ids: Sequence[int], spans: object) -> LookupPlan:
+        return self.graph.lookup(split_into_pieces(input_ids, spans, self.namespace))
+
+    def prefill(self, input_ids: Sequence[int], spans: object, config: HybridConfig,
+                extra_capacity: int = 0) -> PrefillResult:
+        """SparseX (or baseline) prefill of a request whose reusable segments are ``spans``."""
+        plan = self.plan(input_ids, spans)
+        self.graph.lock(plan.node_ids)
+        try:
+            return self.executor.prefill_reuse(input_ids, plan, self.pool, config, extra_capacity)
+        finally:
+            self.graph.unlock(plan.node_ids)

@@ -1,0 +1,257 @@
+"""Full prefill, SparseX prefill and the baselines over an HF decoder's own weights, on one code path.
+
+The executor runs the HF modules (norms, projections, MLP, rotary embedding) itself, row by row, so it
+can compute *some* token rows in a layer: every prefill here is "compute these positions in layer i",
+with K/V written into a per-request dense cache indexed by position and attention of the computed
+rows against all keys, causal by explicit position. Full prefill is the case where every layer
+computes every row, and must equal the HF model's own forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sparsex_sgl.graph import LookupPlan
+from sparsex_sgl.hybrid import HybridConfig, modeled_prefill_flops
+from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
+from sparsex_sgl.reference.model import ModelSpec
+from sparsex_sgl.reference.pool import TensorKVPool
+from sparsex_sgl.rope import realign_keys
+from sparsex_sgl.select import ReusedTokens, select_tokens, selection_budget
+
+
+@dataclass
+class RequestKV:
+    """One request's K/V for every layer: ``k, v [layers, capacity, kv_heads, head_dim]``, by position."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, spec: ModelSpec, capacity: int, dtype: torch.dtype) -> RequestKV:
+        d = spec.dims
+        k = torch.zeros(d.num_layers, capacity, d.n_kv_heads, d.head_dim, dtype=dtype)
+        return cls(k, torch.zeros_like(k))
+
+
+@dataclass(frozen=True)
+class PrefillStats:
+    """What a prefill computed.
+
+    ``computed_rows``: positions computed in the last layer (all for full prefill; new tokens plus
+    recomputed reused tokens otherwise). ``flops``: modeled prefill FLOPs.
+    """
+
+    n_tokens: int
+    prefix_len: int
+    n_reused: int
+    n_selected: int
+    computed_rows: int
+    flops: int
+
+    @property
+    def recompute_frac(self) -> float:
+        """Share of prompt tokens computed in the sparse layers."""
+        return self.computed_rows / self.n_tokens
+
+
+@dataclass
+class PrefillResult:
+    """Logits of the last prompt token, the request's KV (for decoding), and stats.
+
+    ``exact`` is True when every position's KV was computed or taken from an exact prefix, so the KV
+    may be cached as an exact path.
+    """
+
+    logits: torch.Tensor
+    kv: RequestKV
+    n_tokens: int
+    stats: PrefillStats
+    exact: bool
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ReferenceExecutor:
+    """Runs a supported HF ``*ForCausalLM`` (Llama, Qwen2, Qwen3) row-selectively on the CPU or a GPU."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.spec = ModelSpec.from_hf(model)
+        self.model = model.eval()
+        self.dtype = next(model.parameters()).dtype
+        self._decoder = model.model
+
+    # ------------------------------------------------------------------ building blocks
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probe = torch.empty(0, dtype=self.dtype)
+        cos, sin = self._decoder.rotary_emb(probe, positions[None])
+        return cos[0][:, None, :], sin[0][:, None, :]
+
+    def _layer(
+        self, i: int, h: torch.Tensor, positions: torch.Tensor, kv: RequestKV
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``i`` for the rows at ``positions``; writes their K/V. Returns (hidden, q, lse)."""
+        layer = self._decoder.layers[i]
+        attn = layer.self_attn
+        dims = self.spec.dims
+        m = h.shape[0]
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(m, dims.n_heads, dims.head_dim)
+        k = attn.k_proj(x).view(m, dims.n_kv_heads, dims.head_dim)
+        v = attn.v_proj(x).view(m, dims.n_kv_heads, dims.head_dim)
+        if self.spec.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = self._cos_sin(positions)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kv.k[i, positions] = k
+        kv.v[i, positions] = v
+        end = int(positions.max()) + 1
+        out, lse = scattered_query_attention_ref(q, kv.k[i, :end], kv.v[i, :end], positions, attn.scaling)
+        h = h + attn.o_proj(out.reshape(m, dims.n_heads * dims.head_dim))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h, q, lse
+
+    def _logits(self, h_rows: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self._decoder.norm(h_rows)).float()
+
+    def full_flops(self, n_tokens: int) -> int:
+        rows = range(n_tokens)
+        return modeled_prefill_flops(self.spec.dims, [rows] * self.spec.dims.num_layers)
+
+    # ------------------------------------------------------------------ prefills
+    @torch.no_grad()
+    def prefill_full(self, input_ids: Sequence[int], extra_capacity: int = 0) -> PrefillResult:
+        """Exact prefill of every token at positions ``0..n-1``."""
+        n = len(input_ids)
+        kv = RequestKV.empty(self.spec, n + extra_capacity, self.dtype)
+        positions = torch.arange(n)
+        h = self._decoder.embed_tokens(torch.as_tensor(list(input_ids)))
+        for i in range(self.spec.dims.num_layers):
+            h, _, _ = self._layer(i, h, positions, kv)
+        stats = PrefillStats(n, 0, 0, 0, n, self.full_flops(n))
+        return PrefillResult(self._logits(h[-1]), kv, n, stats, exact=True)
+
+    @torch.no_grad()
+    def encode_segment(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V ``[layers, len, kv_heads, head_dim]`` of a segment computed alone from position 0."""
+        result = self.prefill_full(token_ids)
+        return result.kv.k, result.kv.v
+
+    @torch.no_grad()
+    def prefill_reuse(
+        self,
+        input_ids: Sequence[int],
+        plan: LookupPlan,
+        pool: TensorKVPool,
+        config: HybridConfig,
+        extra_capacity: int = 0,
+    ) -> PrefillResult:
+        """Prefill that takes the plan's prefix and re-aligned segments from ``pool`` and recomputes per ``config``."""
+        n = len(input_ids)
+        if plan.n_tokens != n:
+            raise ValueError(f"plan covers {plan.n_tokens} tokens, the prompt has {n}")
+        num_layers = self.spec.dims.num_layers
+        threshold = config.threshold(num_layers)
+        kv = RequestKV.empty(self.spec, n + extra_capacity, self.dtype)
+        reused = self._load_cached(plan, pool, kv)
+        new_rows = torch.as_tensor(plan.new_rows, dtype=torch.int64)
+        ids = torch.as_tensor(list(input_ids))
+        budget = selection_budget(len(reused), config.recompute_ratio)
+
+        if threshold == 0:
+            selected = select_tokens(reused, budget, config.selection, None, config.min_tokens_per_segment)
+            rows = torch.sort(torch.cat([new_rows, selected])).values
+            h = self._decoder.embed_tokens(ids[rows])
+            rows_per_layer = [rows.tolist()] * num_layers
+        else:
+            full_rows = torch.arange(plan.prefix_len, n)
+            h = self._decoder.embed_tokens(ids[full_rows])
+            for i in range(threshold):
+                last_full = i == threshold - 1
+                if last_full and config.selection == "kv_deviation":
+                    cached_v = kv.v[i, reused.positions].clone()
+                h, q, lse = self._layer(i, h, full_rows, kv)
+            signal = None
+            if config.selection == "sparse_q" and len(reused):
+                local = new_rows - plan.prefix_len
+                signal = selection_scores_ref(
+                    q[local], kv.k[threshold - 1, :n], new_rows, lse[local], reused.positions,
+                    self._decoder.layers[threshold - 1].self_attn.scaling,
+                )
+            elif config.selection == "kv_deviation" and len(reused):
+                signal = (kv.v[threshold - 1, reused.positions] - cached_v).float().norm(dim=(-2, -1))
+            selected = select_tokens(reused, budget, config.selection, signal, config.min_tokens_per_segment)
+            rows = torch.sort(torch.cat([new_rows, selected])).values
+            h = h[rows - plan.prefix_len]
+            rows_per_layer = [full_rows.tolist()] * threshold + [rows.tolist()] * (num_layers - threshold)
+
+        for i in range(threshold, num_layers):
+            h, _, _ = self._layer(i, h, rows, kv)
+        assert int(rows[-1]) == n - 1, "the last prompt token must be computed"
+        stats = PrefillStats(
+            n_tokens=n,
+            prefix_len=plan.prefix_len,
+            n_reused=len(reused),
+            n_selected=int(selected.numel()),
+            computed_rows=int(rows.numel()),
+            flops=modeled_prefill_flops(self.spec.dims, rows_per_layer),
+        )
+        exact = int(selected.numel()) == len(reused)
+        return PrefillResult(self._logits(h[-1]), kv, n, stats, exact)
+
+    def _load_cached(self, plan: LookupPlan, pool: TensorKVPool, kv: RequestKV) -> ReusedTokens:
+        """Copy the exact prefix and the re-aligned reused segments into the request's KV."""
+        if plan.prefix_len:
+            k, v = pool.read(plan.prefix_slots)
+            kv.k[:, : plan.prefix_len], kv.v[:, : plan.prefix_len] = k, v
+        positions, segment, offset, moved = [], [], [], []
+        for index, seg in enumerate(plan.reused):
+            k, v = pool.read(seg.slots)
+            layers, length, heads, dim = k.shape
+            flat = k.permute(1, 0, 2, 3).reshape(length, layers * heads, dim)
+            k = realign_keys(flat, seg.delta, self.spec.rope).reshape(length, layers, heads, dim).permute(1, 0, 2, 3)
+            span = slice(seg.target_start, seg.target_start + length)
+            kv.k[:, span], kv.v[:, span] = k, v
+            positions.append(torch.arange(span.start, span.stop))
+            segment.append(torch.full((length,), index))
+            offset.append(torch.arange(length))
+            moved.append(torch.full((length,), seg.delta != 0))
+        if not positions:
+            empty = torch.empty(0, dtype=torch.int64)
+            return ReusedTokens(empty, empty, empty, torch.empty(0, dtype=torch.bool))
+        return ReusedTokens(torch.cat(positions), torch.cat(segment), torch.cat(offset), torch.cat(moved))
+
+    # ------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def _extend(self, result: PrefillResult, token_ids: Sequence[int], start: int) -> torch.Tensor:
+        """Run ``token_ids`` at positions ``start..`` over the result's KV; logits per row."""
+        positions = torch.arange(start, start + len(token_ids))
+        if start + len(token_ids) > result.kv.k.shape[1]:
+            raise ValueError("the prefill was not given enough extra_capacity for these tokens")
+        h = self._decoder.embed_tokens(torch.as_tensor(list(token_ids)))
+        for i in range(self.spec.dims.num_layers):
+            h, _, _ = self._layer(i, h, positions, result.kv)
+        return self._logits(h)
+
+    def greedy_decode(self, result: PrefillResult, n_new: int) -> list[int]:
+        """Greedy tokens after a prefill (exact decoding over whatever KV the prefill left)."""
+        tokens = [int(result.logits.argmax())]
+        for step in range(1, n_new):
+            logits = self._extend(result, tokens[-1:], result.n_tokens + step - 1)
+            tokens.append(int(logits[-1].argmax()))
+        return tokens
+
+    def teacher_forced_argmax(self, result: PrefillResult, forced: Sequence[int]) -> list[int]:
+        """The model's top-1 token at each of ``len(forced)`` answer steps when fed ``forced`` as history."""
+        first = int(result.logits.argmax())
+        if len(forced) <= 1:
+            return [first][: len(forced)]
+        logits = self._extend(result, forced[:-1], result.n_tokens)
+        return [first] + logits.argmax(dim=-1).tolist()

@@ -1,0 +1,100 @@
+"""Segment identity and the split of a prompt into pieces.
+
+A prompt is partitioned into *pieces*: the client-marked segments (reusable anywhere) and the gaps
+between them (instructions, questions: reusable only as part of an exact prefix). Every piece has a
+128-bit identity, a keyed BLAKE2b hash over its token ids and a namespace, so that tenants that must
+not share KV use different namespaces. A hash hit is only a candidate: the graph confirms it by
+comparing token ids, because a collision must never serve another segment's KV.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from hashlib import blake2b
+from typing import NewType
+
+from sparsex_sgl.errors import InvalidSegmentsError
+
+SegmentHash = NewType("SegmentHash", bytes)
+"""16 bytes: BLAKE2b-128 of the token ids, keyed by the namespace."""
+
+HASH_BYTES = 16
+
+
+def segment_hash(token_ids: Sequence[int], namespace: str = "") -> SegmentHash:
+    """128-bit identity of a token sequence within a namespace."""
+    key = namespace.encode("utf-8")[:64]  # BLAKE2b keys are at most 64 bytes
+    digest = blake2b(array("q", token_ids).tobytes(), digest_size=HASH_BYTES, key=key)
+    return SegmentHash(digest.digest())
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A contiguous span ``[start, end)`` of the prompt.
+
+    ``reusable`` pieces are client-marked segments whose KV may be reused at another position;
+    the others (gaps) are reused only when they lie on an exact cached prefix path.
+    """
+
+    start: int
+    end: int
+    token_ids: tuple[int, ...]
+    key: SegmentHash
+    reusable: bool
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def validate_spans(spans: object, n_tokens: int) -> list[tuple[int, int]]:
+    """Check client segment spans and return them sorted.
+
+    Raises InvalidSegmentsError for anything that is not a list of ``(start, end)`` integer pairs
+    with ``0 <= start < end <= n_tokens`` that do not overlap.
+    """
+    if not isinstance(spans, (list, tuple)):
+        raise InvalidSegmentsError(f"segment spans must be a list of [start, end] pairs, got {type(spans).__name__}")
+    checked: list[tuple[int, int]] = []
+    for span in spans:
+        if (
+            not isinstance(span, (list, tuple))
+            or len(span) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+        ):
+            raise InvalidSegmentsError(f"each segment span must be a pair of integers [start, end], got {span!r}")
+        start, end = span
+        if start < 0 or end > n_tokens:
+            raise InvalidSegmentsError(f"segment span {list(span)} lies outside the prompt of {n_tokens} tokens")
+        if end <= start:
+            raise InvalidSegmentsError(f"segment span {list(span)} is empty or reversed")
+        checked.append((start, end))
+    checked.sort()
+    for (s0, e0), (s1, e1) in zip(checked, checked[1:]):
+        if s1 < e0:
+            raise InvalidSegmentsError(f"segment spans [{s0}, {e0}] and [{s1}, {e1}] overlap")
+    return checked
+
+
+def split_into_pieces(token_ids: Sequence[int], spans: object, namespace: str = "") -> list[Piece]:
+    """Partition a prompt into reusable segments (the given spans) and the gaps between them."""
+    n = len(token_ids)
+    if n == 0:
+        raise InvalidSegmentsError("the prompt is empty")
+    pieces: list[Piece] = []
+
+    def add(start: int, end: int, reusable: bool) -> None:
+        ids = tuple(int(t) for t in token_ids[start:end])
+        pieces.append(Piece(start, end, ids, segment_hash(ids, namespace), reusable))
+
+    cursor = 0
+    for start, end in validate_spans(spans, n):
+        if start > cursor:
+            add(cursor, start, reusable=False)
+        add(start, end, reusable=True)
+        cursor = end
+    if cursor < n:
+        add(cursor, n, reusable=False)
+    return pieces

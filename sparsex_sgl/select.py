@@ -1,0 +1,88 @@
+"""Token selection: which reused tokens are recomputed in the sparse layers.
+
+All policies score the reused tokens of one request and take the top ones within a budget; they differ
+only in the signal:
+
+- ``sparse_q`` (SparseX): attention mass the Sparse-Q rows (new tokens, computed anyway) put on each
+  reused token at the last full layer. The tokens the question reads are the ones whose stale context
+  matters.
+- ``kv_deviation`` (CacheBlend-style): distance between the fresh value vectors of the full layers and
+  the re-aligned cached ones.
+- ``first_k`` (EPIC-style): the first tokens of every moved segment, which acted as attention sinks
+  when the segment was cached alone.
+- ``none``: nothing (naive reuse).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Selection = Literal["sparse_q", "kv_deviation", "first_k", "none"]
+SELECTIONS: tuple[str, ...] = ("sparse_q", "kv_deviation", "first_k", "none")
+SIGNAL_SELECTIONS: tuple[str, ...] = ("sparse_q", "kv_deviation")
+"""Policies that need a signal from a computed layer, hence at least one full layer."""
+
+
+@dataclass(frozen=True)
+class ReusedTokens:
+    """The reused tokens of one request, in prompt order.
+
+    ``positions [r]``: prompt positions; ``segment [r]``: index of their reused segment;
+    ``offset [r]``: position within that segment; ``moved [r]``: whether the segment sits at a position
+    other than the one it was cached at (an unmoved segment's first tokens are genuine sinks).
+    """
+
+    positions: torch.Tensor
+    segment: torch.Tensor
+    offset: torch.Tensor
+    moved: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.positions.numel())
+
+
+def selection_budget(n_reused: int, ratio: float) -> int:
+    """Number of reused tokens to recompute at a recompute ratio."""
+    return min(n_reused, int(round(ratio * n_reused)))
+
+
+def select_tokens(
+    reused: ReusedTokens,
+    budget: int,
+    policy: str,
+    signal: torch.Tensor | None = None,
+    min_per_segment: int = 0,
+) -> torch.Tensor:
+    """Prompt positions (sorted, int64) of the reused tokens to recompute, at most ``budget`` of them.
+
+    ``signal [r]`` is the policy's score per reused token (higher = recompute first); the first
+    ``min_per_segment`` tokens of each moved segment are taken before any scored token.
+    """
+    if policy not in SELECTIONS:
+        raise ValueError(f"unknown selection policy {policy!r}; choose one of {SELECTIONS}")
+    r = len(reused)
+    budget = min(budget, r)
+    if policy == "none" or budget <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    offset = reused.offset.to(torch.float64)
+    if policy == "first_k":
+        # Earliest offsets first; ties (same offset in several segments) broken by segment order,
+        # so every moved segment gets about budget / n_moved tokens.
+        score = torch.where(reused.moved, -offset, torch.full_like(offset, -float("inf")))
+        order = _stable_descending(score)
+    else:
+        if signal is None or signal.shape != (r,):
+            raise ValueError(f"policy {policy!r} needs a signal of shape [{r}]")
+        forced = reused.moved & (reused.offset < min_per_segment)
+        score = torch.where(forced, torch.full_like(offset, float("inf")), signal.to(torch.float64))
+        order = _stable_descending(score)
+    chosen = order[:budget]
+    chosen = chosen[score[chosen] > -float("inf")]  # never tokens of unmoved segments under first_k
+    return torch.sort(reused.positions[chosen]).values
+
+
+def _stable_descending(score: torch.Tensor) -> torch.Tensor:
+    return torch.sort(score, descending=True, stable=True).indices

@@ -1,0 +1,189 @@
+"""Segment graph: exact-prefix and non-prefix lookup with exact slots, collisions, LRU eviction within the
+token budget, and invariants under random insert / lookup / lock / evict sequences (hypothesis)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from sparsex_sgl.errors import SegmentHashCollisionError
+from sparsex_sgl.graph import SegmentGraph
+from sparsex_sgl.reference.pool import FreeListAllocator
+from sparsex_sgl.segments import Piece, SegmentHash, split_into_pieces
+
+A, B, C, Q1, Q2 = [1] * 4, [2] * 3, [3] * 5, [7, 8], [9]
+
+
+def prompt(*parts: list[int]) -> tuple[list[int], list[list[int]]]:
+    """Concatenate parts; every part but the last is a reusable segment."""
+    ids: list[int] = []
+    spans = []
+    for part in parts[:-1]:
+        spans.append([len(ids), len(ids) + len(part)])
+        ids += part
+    return ids + parts[-1], spans
+
+
+def cache_alone(graph: SegmentGraph, tokens: list[int]) -> list[int]:
+    slots = graph.alloc(len(tokens))
+    assert slots is not None
+    graph.insert(split_into_pieces(tokens, [[0, len(tokens)]]), slots)
+    return slots
+
+
+def test_exact_path_is_a_prefix_hit_and_other_orders_are_non_prefix_hits() -> None:
+    graph = SegmentGraph(FreeListAllocator(64), max_tokens=63)
+    ids, spans = prompt(A, B, Q1)
+    pieces = split_into_pieces(ids, spans)
+    slots = graph.alloc(len(ids))
+    assert slots == list(range(1, 10))  # slot 0 is never handed out
+    result = graph.insert(pieces, slots)
+    assert result.adopted == (True, True, True)
+
+    same = graph.lookup(split_into_pieces(ids, spans))
+    assert same.prefix_len == 8 and same.new_rows == (8,)  # the last token is always computed
+    assert same.prefix_slots == tuple(range(1, 9)) and same.reused == ()
+
+    ids2, spans2 = prompt(B, A, Q2)
+    plan = graph.lookup(split_into_pieces(ids2, spans2))
+    assert plan.prefix_len == 0
+    b, a = plan.reused
+    assert (b.source_start, b.target_start, b.length, b.slots) == (4, 0, 3, (5, 6, 7))
+    assert (a.source_start, a.target_start, a.length, a.slots, a.delta) == (0, 3, 4, (1, 2, 3, 4), 3)
+    assert plan.new_rows == (7,)
+    assert graph.check_invariants() is None
+
+
+def test_segment_cached_after_the_same_predecessor_is_preferred() -> None:
+    graph = SegmentGraph(FreeListAllocator(64), max_tokens=63)
+    alone = cache_alone(graph, C)
+    ids, spans = prompt(A, C, Q1)
+    after_a = graph.alloc(len(ids))
+    graph.insert(split_into_pieces(ids, spans), after_a)
+    ids2, spans2 = prompt(B, A, C, Q2)
+    plan = graph.lookup(split_into_pieces(ids2, spans2))
+    c = plan.reused[-1]
+    assert c.slots == tuple(after_a[4:9]) and c.slots != tuple(alone)
+    assert (c.source_start, c.target_start) == (4, 7)
+
+
+def test_prompt_ending_in_a_reused_segment_recomputes_its_last_token() -> None:
+    graph = SegmentGraph(FreeListAllocator(32), max_tokens=31)
+    cache_alone(graph, A)
+    ids = [5] + A
+    plan = graph.lookup(split_into_pieces(ids, [[1, 5]]))
+    assert plan.reused[0].length == 3 and plan.new_rows == (0, 4)
+
+
+def test_hash_collision_is_an_error_not_a_hit() -> None:
+    graph = SegmentGraph(FreeListAllocator(32), max_tokens=31)
+    cache_alone(graph, A)
+    key = split_into_pieces(A, [[0, 4]])[0].key
+    forged = [Piece(0, 4, (5, 5, 5, 5), SegmentHash(key), True), Piece(4, 5, (9,), SegmentHash(b"q" * 16), False)]
+    with pytest.raises(SegmentHashCollisionError):
+        graph.lookup(forged)
+    forged_later = [Piece(0, 1, (9,), SegmentHash(b"x" * 16), False), Piece(1, 5, (5, 5, 5, 5), key, True)]
+    with pytest.raises(SegmentHashCollisionError):
+        graph.lookup(forged_later)
+
+
+def test_lru_eviction_frees_slots_and_spares_locked_nodes() -> None:
+    allocator = FreeListAllocator(12)  # 11 usable slots
+    graph = SegmentGraph(allocator, max_tokens=11)
+    a_slots = cache_alone(graph, A)  # 4
+    cache_alone(graph, B)  # 3
+    plan = graph.lookup(split_into_pieces(A + Q1, [[0, 4]]))  # touches A: B is now least recent
+    graph.lock(plan.node_ids)
+    cache_alone(graph, C)  # 5 more tokens: over budget, evicts B (unlocked, LRU)
+    assert graph.total_tokens == 9 and allocator.free_size == 2
+    assert graph.lookup(split_into_pieces(B + Q1, [[0, 3]])).reused == ()
+    assert graph.evict(100) == 5  # only C could go; A is locked
+    assert graph.node_slots(plan.node_ids[0]) == tuple(a_slots)
+    graph.unlock(plan.node_ids)
+    with pytest.raises(AssertionError, match="lock_ref"):
+        graph.unlock(plan.node_ids)  # a second unlock would make the refcount negative
+    assert graph.evict(100) == 4 and allocator.free_size == 11
+
+
+def test_segment_larger_than_budget_is_not_cached() -> None:
+    graph = SegmentGraph(FreeListAllocator(64), max_tokens=4)
+    slots = graph.alloc(5)
+    assert slots is not None
+    result = graph.insert(split_into_pieces(C, [[0, 5]]), slots)
+    assert result.node_ids == (None,) and result.adopted == (False,)
+    assert graph.total_tokens == 0
+
+
+SEGMENTS = [tuple([t] * n) for t, n in zip(range(1, 7), (3, 1, 4, 2, 5, 2))]
+
+
+class GraphMachine(RuleBasedStateMachine):
+    """Random request traffic against a small pool and budget."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allocator = FreeListAllocator(24)
+        self.graph = SegmentGraph(self.allocator, max_tokens=16)
+        self.held: list[tuple] = []  # locked node-id tuples  # type: ignore[type-arg]
+
+    def _pieces(self, order: list[int], tail: int) -> list[Piece]:
+        ids: list[int] = []
+        spans = []
+        for index in order:
+            spans.append([len(ids), len(ids) + len(SEGMENTS[index])])
+            ids += SEGMENTS[index]
+        return split_into_pieces(ids + [100 + tail], spans)
+
+    @rule(order=st.lists(st.integers(0, 5), min_size=1, max_size=4, unique=True), tail=st.integers(0, 2))
+    def insert(self, order: list[int], tail: int) -> None:
+        pieces = self._pieces(order, tail)
+        slots = self.graph.alloc(pieces[-1].end)
+        if slots is None:
+            return
+        result = self.graph.insert(pieces, slots)
+        for piece, took in zip(pieces, result.adopted):
+            if not took:
+                self.allocator.free(slots[piece.start : piece.end])
+
+    @rule(order=st.lists(st.integers(0, 5), min_size=1, max_size=4, unique=True), tail=st.integers(0, 2),
+          keep=st.booleans())
+    def lookup(self, order: list[int], tail: int, keep: bool) -> None:
+        pieces = self._pieces(order, tail)
+        plan = self.graph.lookup(pieces)
+        ids = [t for p in pieces for t in p.token_ids]
+        covered = set(range(plan.prefix_len)) | set(plan.new_rows)
+        for r in plan.reused:
+            assert SEGMENTS[order[[p.start for p in pieces].index(r.target_start)]][: r.length] == tuple(
+                ids[r.target_start : r.target_start + r.length])
+            covered |= set(range(r.target_start, r.target_start + r.length))
+        assert covered == set(range(len(ids))) and plan.new_rows[-1] == len(ids) - 1
+        if keep:
+            self.graph.lock(plan.node_ids)
+            self.held.append(plan.node_ids)
+
+    @precondition(lambda self: self.held)
+    @rule(index=st.integers(0, 10))
+    def unlock(self, index: int) -> None:
+        self.graph.unlock(self.held.pop(index % len(self.held)))
+
+    @rule(n=st.integers(1, 20))
+    def evict(self, n: int) -> None:
+        locked_before = {nid: self.graph.node_slots(nid) for ids in self.held for nid in ids}
+        self.graph.evict(n)
+        for nid, slots in locked_before.items():
+            assert nid in self.graph and self.graph.node_slots(nid) == slots
+
+    @invariant()
+    def consistent(self) -> None:
+        self.graph.check_invariants()
+        assert self.graph.total_tokens <= 16
+        assert self.allocator.free_size + self.graph.total_tokens == 23  # no slot leaked or double-owned
+        for ids in self.held:
+            for nid in ids:
+                assert nid in self.graph and self.graph.lock_ref(nid) > 0
+
+
+TestGraphMachine = GraphMachine.TestCase
+TestGraphMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

@@ -1,0 +1,60 @@
+"""Hybrid-plan config validation, presets in configs/, method expansion, and the FLOPs model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sparsex_sgl.eval.fidelity import method_runs
+from sparsex_sgl.hybrid import HybridConfig, ModelDims, modeled_prefill_flops
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_presets_load(path: Path) -> None:
+    assert isinstance(HybridConfig.from_yaml(path), HybridConfig)
+
+
+def test_presets_exist() -> None:
+    assert {p.stem for p in CONFIGS} >= {"sparsex", "cacheblend", "epic"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(recompute_ratio=1.5), "recompute_ratio"),
+        (dict(selection="random"), "selection must be one of"),
+        (dict(full_layers=-1), "full_layers"),
+        (dict(full_layers=0, selection="sparse_q"), "full_layers >= 1"),
+    ],
+)
+def test_invalid_configs_are_rejected(kwargs: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ValueError, match=message):
+        HybridConfig(**kwargs)
+
+
+def test_unknown_yaml_keys_are_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("hybrid:\n  ratio: 0.2\n")
+    with pytest.raises(ValueError, match="unknown hybrid settings"):
+        HybridConfig.from_yaml(path)
+
+
+def test_method_runs_name_settings_only_when_swept() -> None:
+    names = [r.name for r in method_runs(["full", "naive", "epic", "sparsex"], [0.15], [2])]
+    assert names == ["full", "naive", "epic", "sparsex"]
+    swept = [r.name for r in method_runs(["epic", "sparsex"], [0.05, 0.3], [1, 4])]
+    assert swept == ["epic[r=0.05]", "epic[r=0.3]", "sparsex[r=0.05,L=1]", "sparsex[r=0.05,L=4]",
+                     "sparsex[r=0.3,L=1]", "sparsex[r=0.3,L=4]"]
+
+
+def test_flops_model_counts_linear_and_causal_attention_terms() -> None:
+    dims = ModelDims(num_layers=2, hidden=8, n_heads=2, n_kv_heads=1, head_dim=4, intermediate=16, vocab=10)
+    per_token = 2 * (8 * (8 + 8) + 8 * 8 + 3 * 8 * 16)  # q+kv projections, o projection, gated MLP
+    assert dims.linear_flops_per_token() == per_token
+    full = modeled_prefill_flops(dims, [range(4), range(4)])
+    assert full == 2 * (4 * per_token + 4 * 2 * 4 * (1 + 2 + 3 + 4)) + 2 * 8 * 10
+    sparse = modeled_prefill_flops(dims, [range(4), [3]])
+    assert sparse == full - 3 * per_token - 4 * 2 * 4 * (1 + 2 + 3)

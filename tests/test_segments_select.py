@@ -1,0 +1,92 @@
+"""Segment identity and span validation; selection policies respect budgets and their signals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsex_sgl.errors import InvalidSegmentsError
+from sparsex_sgl.segments import segment_hash, split_into_pieces
+from sparsex_sgl.select import ReusedTokens, select_tokens, selection_budget
+
+
+def test_hash_is_128_bit_and_namespaced() -> None:
+    a = segment_hash([1, 2, 3])
+    assert len(a) == 16
+    assert a == segment_hash((1, 2, 3))
+    assert a != segment_hash([1, 2, 4])
+    assert a != segment_hash([1, 2, 3], namespace="tenant-b")
+    assert segment_hash([1, 2, 3], "t") == segment_hash([1, 2, 3], "t")
+
+
+def test_pieces_cover_the_prompt_with_gaps() -> None:
+    ids = list(range(100, 120))
+    pieces = split_into_pieces(ids, [[12, 18], [3, 7]])
+    assert [(p.start, p.end, p.reusable) for p in pieces] == [
+        (0, 3, False), (3, 7, True), (7, 12, False), (12, 18, True), (18, 20, False)]
+    assert pieces[1].token_ids == (103, 104, 105, 106)
+    assert split_into_pieces(ids, [])[0].length == 20
+
+
+@pytest.mark.parametrize(
+    "spans, message",
+    [
+        ("0:5", "must be a list"),
+        ([[0, 5, 6]], "pair of integers"),
+        ([[0, "5"]], "pair of integers"),
+        ([[True, 5]], "pair of integers"),
+        ([[3, 3]], "empty"),
+        ([[5, 2]], "empty or reversed"),
+        ([[-1, 4]], "outside the prompt"),
+        ([[0, 21]], "outside the prompt"),
+        ([[0, 8], [6, 10]], "overlap"),
+    ],
+)
+def test_malformed_spans_raise_invalid_segments(spans: object, message: str) -> None:
+    with pytest.raises(InvalidSegmentsError, match=message):
+        split_into_pieces(list(range(20)), spans)
+
+
+def test_empty_prompt_is_rejected() -> None:
+    with pytest.raises(InvalidSegmentsError, match="empty"):
+        split_into_pieces([], [])
+
+
+def reused_two_segments(moved_first: bool = True) -> ReusedTokens:
+    # segment 0 at positions 10..19, segment 1 at 30..39
+    positions = torch.cat([torch.arange(10, 20), torch.arange(30, 40)])
+    segment = torch.cat([torch.zeros(10, dtype=torch.int64), torch.ones(10, dtype=torch.int64)])
+    offset = torch.cat([torch.arange(10), torch.arange(10)])
+    moved = torch.tensor([moved_first] * 10 + [True] * 10)
+    return ReusedTokens(positions, segment, offset, moved)
+
+
+def test_budget_rounds_and_caps() -> None:
+    assert selection_budget(200, 0.15) == 30
+    assert selection_budget(3, 1.0) == 3
+    assert selection_budget(0, 0.5) == 0
+
+
+def test_signal_policy_takes_top_scores_after_segment_minimums() -> None:
+    reused = reused_two_segments()
+    signal = torch.zeros(20)
+    signal[7], signal[15], signal[3] = 5.0, 4.0, 3.0
+    chosen = select_tokens(reused, 4, "sparse_q", signal, min_per_segment=1)
+    # offsets 0 of both moved segments (positions 10, 30) first, then the two best scores
+    assert chosen.tolist() == [10, 17, 30, 35]
+    assert select_tokens(reused, 2, "kv_deviation", signal).tolist() == [17, 35]
+
+
+def test_first_k_spreads_over_moved_segments_only() -> None:
+    chosen = select_tokens(reused_two_segments(), 6, "first_k")
+    assert chosen.tolist() == [10, 11, 12, 30, 31, 32]
+    only_moved = select_tokens(reused_two_segments(moved_first=False), 6, "first_k")
+    assert only_moved.tolist() == [30, 31, 32, 33, 34, 35]
+
+
+def test_none_selects_nothing_and_bad_inputs_fail() -> None:
+    assert select_tokens(reused_two_segments(), 5, "none").numel() == 0
+    with pytest.raises(ValueError, match="needs a signal"):
+        select_tokens(reused_two_segments(), 5, "sparse_q", None)
+    with pytest.raises(ValueError, match="unknown selection"):
+        select_tokens(reused_two_segments(), 5, "magic")
