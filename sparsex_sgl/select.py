@@ -4,8 +4,11 @@ All policies score the reused tokens of one request and take the top ones within
 only in the signal:
 
 - ``sparse_q`` (SparseX): attention mass the Sparse-Q rows (new tokens, computed anyway) put on each
-  reused token at the last full layer. The tokens the question reads are the ones whose stale context
-  matters.
+  reused token at the last full layer, times the distance between that token's fresh and re-aligned
+  cached value there. The product bounds, to first order, how much the token's stale KV moves the new
+  tokens' attention output: a token the question reads but whose cached value is already right needs
+  no recompute, nor does a stale token nobody reads. (Mass alone trailed CacheBlend on held-out
+  questions; see the fidelity table in README.md.)
 - ``kv_deviation`` (CacheBlend-style): distance between the fresh value vectors of the full layers and
   the re-aligned cached ones.
 - ``first_k`` (EPIC-style): the first tokens of every moved segment, which acted as attention sinks

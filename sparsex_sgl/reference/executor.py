@@ -94,9 +94,13 @@ class ReferenceExecutor:
         return cos[0][:, None, :], sin[0][:, None, :]
 
     def _layer(
-        self, i: int, h: torch.Tensor, positions: torch.Tensor, kv: RequestKV
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Layer ``i`` for the rows at ``positions``; writes their K/V. Returns (hidden, q, lse)."""
+        self, i: int, h: torch.Tensor, positions: torch.Tensor, kv: RequestKV, need_lse: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Layer ``i`` for the rows at ``positions``; writes their K/V. Returns (hidden, q, lse or None).
+
+        Only the threshold layer needs the log-sum-exp (for the selection scores); every other layer uses
+        SDPA with the same mask by position, which is several times faster on the CPU.
+        """
         layer = self._decoder.layers[i]
         attn = layer.self_attn
         dims = self.spec.dims
@@ -113,7 +117,16 @@ class ReferenceExecutor:
         kv.k[i, positions] = k
         kv.v[i, positions] = v
         end = int(positions.max()) + 1
-        out, lse = scattered_query_attention_ref(q, kv.k[i, :end], kv.v[i, :end], positions, attn.scaling)
+        keys, values = kv.k[i, :end], kv.v[i, :end]
+        lse = None
+        if need_lse:
+            out, lse = scattered_query_attention_ref(q, keys, values, positions, attn.scaling)
+        else:
+            visible = torch.arange(end)[None, :] <= positions[:, None]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=visible,
+                scale=attn.scaling, enable_gqa=True,
+            ).transpose(0, 1)
         h = h + attn.o_proj(out.reshape(m, dims.n_heads * dims.head_dim))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, q, lse
@@ -173,20 +186,20 @@ class ReferenceExecutor:
         else:
             full_rows = torch.arange(plan.prefix_len, n)
             h = self._decoder.embed_tokens(ids[full_rows])
+            cached_v = kv.v[threshold - 1, reused.positions].clone()  # the re-aligned values, before refresh
             for i in range(threshold):
-                last_full = i == threshold - 1
-                if last_full and config.selection == "kv_deviation":
-                    cached_v = kv.v[i, reused.positions].clone()
-                h, q, lse = self._layer(i, h, full_rows, kv)
+                need_lse = i == threshold - 1 and config.selection == "sparse_q"
+                h, q, lse = self._layer(i, h, full_rows, kv, need_lse=need_lse)
             signal = None
-            if config.selection == "sparse_q" and len(reused):
+            if len(reused) and config.selection in ("sparse_q", "kv_deviation"):
+                signal = (kv.v[threshold - 1, reused.positions] - cached_v).float().norm(dim=(-2, -1))
+            if signal is not None and config.selection == "sparse_q":
                 local = new_rows - plan.prefix_len
-                signal = selection_scores_ref(
+                assert lse is not None
+                signal = signal * selection_scores_ref(
                     q[local], kv.k[threshold - 1, :n], new_rows, lse[local], reused.positions,
                     self._decoder.layers[threshold - 1].self_attn.scaling,
                 )
-            elif config.selection == "kv_deviation" and len(reused):
-                signal = (kv.v[threshold - 1, reused.positions] - cached_v).float().norm(dim=(-2, -1))
             selected = select_tokens(reused, budget, config.selection, signal, config.min_tokens_per_segment)
             rows = torch.sort(torch.cat([new_rows, selected])).values
             h = h[rows - plan.prefix_len]
