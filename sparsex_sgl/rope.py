@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -93,7 +93,7 @@ class RopeConfig:
             rotary_dim=rotary_dim,
             theta=float(theta),
             style="neox",
-            scaling=rope_type,
+            scaling=cast(RopeScaling, rope_type),
             factor=factor,
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
 
 

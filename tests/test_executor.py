@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from sparsex_sgl.errors import UnsupportedModelError
 from sparsex_sgl.hybrid import HybridConfig, method_config
 from sparsex_sgl.reference import ReferenceExecutor

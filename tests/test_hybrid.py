@@ -58,3 +58,17 @@ def test_flops_model_counts_linear_and_causal_attention_terms() -> None:
     assert full == 2 * (4 * per_token + 4 * 2 * 4 * (1 + 2 + 3 + 4)) + 2 * 8 * 10
     sparse = modeled_prefill_flops(dims, [range(4), [3]])
     assert sparse == full - 3 * per_token - 4 * 2 * 4 * (1 + 2 + 3)
+
+
+def test_sweep_pivot_has_one_row_per_method_and_ratio() -> None:
+    from sparsex_sgl.eval.sweep_table import pivot
+
+    runs = method_runs(["full", "naive", "epic", "sparsex"], [0.05, 0.3], [1, 4])
+    report = {"methods": {r.name: {"method": r.method, "ratio": r.ratio, "full_layers": r.full_layers,
+                                   "kl_mean": i / 10, "top1_agree": 1.0, "greedy_exact": 1.0, "flops_frac": 0.5}
+                          for i, r in enumerate(runs)}}
+    lines = pivot(report).splitlines()
+    assert len(lines) == 2 + 1 + 1 + 2 + 2  # header, rule, full, naive, epic x2, sparsex x2
+    assert lines[3].startswith("| naive | - | 0.100") and lines[3].count("0.100") == 2  # spans both L columns
+    sparsex_low = next(line for line in lines if line.startswith("| sparsex | 0.05"))
+    assert "0.400" in sparsex_low and "0.500 / 1.000" not in sparsex_low.split("|")[3]

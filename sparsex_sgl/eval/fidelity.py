@@ -118,7 +118,7 @@ def evaluate(
             acc["flops_frac"] += result.stats.flops / full_flops
     report: dict[str, Any] = {"methods": {}}
     for run in runs:
-        metrics = {key: value / n for key, value in totals[run.name].items()}
+        metrics: dict[str, Any] = {key: value / n for key, value in totals[run.name].items()}
         metrics.update(method=run.method, ratio=run.ratio, full_layers=run.full_layers)
         report["methods"][run.name] = metrics
     report["meta"] = {

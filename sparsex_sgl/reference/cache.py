@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from sparsex_sgl.graph import LookupPlan, SegmentGraph
 from sparsex_sgl.hybrid import HybridConfig
 from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor
@@ -38,14 +40,16 @@ class ReferenceSegmentCache:
         n = len(input_ids)
         return self._insert(pieces, result.kv.k[:, :n], result.kv.v[:, :n])
 
-    def _insert(self, pieces: list[Piece], k, v) -> bool:  # type: ignore[no-untyped-def]
+    def _insert(self, pieces: list[Piece], k: torch.Tensor, v: torch.Tensor) -> bool:
         n = pieces[-1].end
         slots = self.graph.alloc(n)
         if slots is None:
             return False
         self.pool.write(slots, k, v)
         outcome = self.graph.insert(pieces, slots)
-        leftover = [s for piece, took in zip(pieces, outcome.adopted) if not took for s in slots[piece.start : piece.end]]
+        leftover = [
+            s for piece, took in zip(pieces, outcome.adopted) if not took for s in slots[piece.start : piece.end]
+        ]
         if leftover:
             self.pool.allocator.free(leftover)
         return all(nid is not None for nid in outcome.node_ids)

@@ -45,6 +45,8 @@ class ModelSpec:
         )
         rope = RopeConfig.from_hf_config(config)
         if rope.rotary_dim != head_dim:
-            raise UnsupportedModelError(f"{arch} with partial rotary ({rope.rotary_dim}/{head_dim}) is not an HF layout")
+            raise UnsupportedModelError(
+                f"{arch} with partial rotary ({rope.rotary_dim}/{head_dim}) is not an HF layout we can run"
+            )
         qk_norm = hasattr(model.model.layers[0].self_attn, "q_norm")
         return cls(arch, dims, rope, qk_norm)
