@@ -20,7 +20,7 @@ from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_
 from sparsex_sgl.reference.model import ModelSpec
 from sparsex_sgl.reference.pool import TensorKVPool
 from sparsex_sgl.rope import realign_keys
-from sparsex_sgl.select import ReusedTokens, select_tokens, selection_budget
+from sparsex_sgl.select import SIGNAL_SELECTIONS, ReusedTokens, select_tokens, selection_budget
 
 
 @dataclass
@@ -186,12 +186,14 @@ class ReferenceExecutor:
         else:
             full_rows = torch.arange(plan.prefix_len, n)
             h = self._decoder.embed_tokens(ids[full_rows])
-            cached_v = kv.v[threshold - 1, reused.positions].clone()  # the re-aligned values, before refresh
+            wants_signal = len(reused) > 0 and config.selection in SIGNAL_SELECTIONS
+            if wants_signal:
+                cached_v = kv.v[threshold - 1, reused.positions].clone()  # the re-aligned values, before refresh
             for i in range(threshold):
                 need_lse = i == threshold - 1 and config.selection == "sparse_q"
                 h, q, lse = self._layer(i, h, full_rows, kv, need_lse=need_lse)
             signal = None
-            if len(reused) and config.selection in ("sparse_q", "kv_deviation"):
+            if wants_signal:
                 signal = (kv.v[threshold - 1, reused.positions] - cached_v).float().norm(dim=(-2, -1))
             if signal is not None and config.selection == "sparse_q":
                 local = new_rows - plan.prefix_len
