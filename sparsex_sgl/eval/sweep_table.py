@@ -23,7 +23,7 @@ def pivot(report: dict[str, Any]) -> str:
     for (method, ratio), by_layers in rows.items():
         cells = []
         for L in layers:
-            m = by_layers.get(L) or by_layers.get(None)
+            m = by_layers[L] if L in by_layers else by_layers[None]  # None: a method without full layers
             cells.append(
                 f"{m['kl_mean']:.3f} / {m['top1_agree']:.3f} / {m['greedy_exact']:.2f} / {m['flops_frac']:.2f}"
             )
