@@ -1,4 +1,4 @@
-"""Pivot a fidelity report swept over ratios and L_full into one markdown table per metric pair.
+"""Pivot a fidelity report swept over ratios and L_full into one markdown table.
 
 Rows: method at a recompute ratio; columns: L_full. Methods without full layers (naive, EPIC) fill
 every column with their one value, so each row reads at a glance against the same budget.

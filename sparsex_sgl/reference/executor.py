@@ -73,6 +73,22 @@ class PrefillResult:
     exact: bool
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """The rows one pass computes, with what every layer of that pass shares: their rotary cos/sin
+    (``[m, 1, head_dim]``) and their attention mask by position (``[m, end]``, True = visible)."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    visible: torch.Tensor
+
+    @property
+    def end(self) -> int:
+        """Number of key positions the rows can see (last position + 1)."""
+        return self.visible.shape[1]
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -88,15 +104,18 @@ class ReferenceExecutor:
         self._decoder = model.model
 
     # ------------------------------------------------------------------ building blocks
-    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self, positions: torch.Tensor) -> _Rows:
+        """Per-pass row state, built once instead of once per layer."""
         probe = torch.empty(0, dtype=self.dtype)
         cos, sin = self._decoder.rotary_emb(probe, positions[None])
-        return cos[0][:, None, :], sin[0][:, None, :]
+        end = int(positions.max()) + 1
+        visible = torch.arange(end)[None, :] <= positions[:, None]
+        return _Rows(positions, cos[0][:, None, :], sin[0][:, None, :], visible)
 
     def _layer(
-        self, i: int, h: torch.Tensor, positions: torch.Tensor, kv: RequestKV, need_lse: bool = False
+        self, i: int, h: torch.Tensor, rows: _Rows, kv: RequestKV, need_lse: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Layer ``i`` for the rows at ``positions``; writes their K/V. Returns (hidden, q, lse or None).
+        """Layer ``i`` for ``rows``; writes their K/V. Returns (hidden, q, lse or None).
 
         Only the threshold layer needs the log-sum-exp (for the selection scores); every other layer uses
         SDPA with the same mask by position, which is several times faster on the CPU.
@@ -111,20 +130,17 @@ class ReferenceExecutor:
         v = attn.v_proj(x).view(m, dims.n_kv_heads, dims.head_dim)
         if self.spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = self._cos_sin(positions)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        kv.k[i, positions] = k
-        kv.v[i, positions] = v
-        end = int(positions.max()) + 1
-        keys, values = kv.k[i, :end], kv.v[i, :end]
+        q = q * rows.cos + _rotate_half(q) * rows.sin
+        k = k * rows.cos + _rotate_half(k) * rows.sin
+        kv.k[i, rows.positions] = k
+        kv.v[i, rows.positions] = v
+        keys, values = kv.k[i, : rows.end], kv.v[i, : rows.end]
         lse = None
         if need_lse:
-            out, lse = scattered_query_attention_ref(q, keys, values, positions, attn.scaling)
+            out, lse = scattered_query_attention_ref(q, keys, values, rows.positions, attn.scaling)
         else:
-            visible = torch.arange(end)[None, :] <= positions[:, None]
             out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=visible,
+                q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=rows.visible,
                 scale=attn.scaling, enable_gqa=True,
             ).transpose(0, 1)
         h = h + attn.o_proj(out.reshape(m, dims.n_heads * dims.head_dim))
@@ -144,10 +160,10 @@ class ReferenceExecutor:
         """Exact prefill of every token at positions ``0..n-1``."""
         n = len(input_ids)
         kv = RequestKV.empty(self.spec, n + extra_capacity, self.dtype)
-        positions = torch.arange(n)
+        all_rows = self._rows(torch.arange(n))
         h = self._decoder.embed_tokens(torch.as_tensor(list(input_ids)))
         for i in range(self.spec.dims.num_layers):
-            h, _, _ = self._layer(i, h, positions, kv)
+            h, _, _ = self._layer(i, h, all_rows, kv)
         stats = PrefillStats(n, 0, 0, 0, n, self.full_flops(n))
         return PrefillResult(self._logits(h[-1]), kv, n, stats, exact=True)
 
@@ -189,9 +205,10 @@ class ReferenceExecutor:
             wants_signal = len(reused) > 0 and config.selection in SIGNAL_SELECTIONS
             if wants_signal:
                 cached_v = kv.v[threshold - 1, reused.positions].clone()  # the re-aligned values, before refresh
+            full_pass = self._rows(full_rows)
             for i in range(threshold):
                 need_lse = i == threshold - 1 and config.selection == "sparse_q"
-                h, q, lse = self._layer(i, h, full_rows, kv, need_lse=need_lse)
+                h, q, lse = self._layer(i, h, full_pass, kv, need_lse=need_lse)
             signal = None
             if wants_signal:
                 signal = (kv.v[threshold - 1, reused.positions] - cached_v).float().norm(dim=(-2, -1))
@@ -207,8 +224,9 @@ class ReferenceExecutor:
             h = h[rows - plan.prefix_len]
             rows_per_layer = [full_rows.tolist()] * threshold + [rows.tolist()] * (num_layers - threshold)
 
+        sparse_pass = self._rows(rows)
         for i in range(threshold, num_layers):
-            h, _, _ = self._layer(i, h, rows, kv)
+            h, _, _ = self._layer(i, h, sparse_pass, kv)
         assert int(rows[-1]) == n - 1, "the last prompt token must be computed"
         stats = PrefillStats(
             n_tokens=n,
@@ -247,12 +265,12 @@ class ReferenceExecutor:
     @torch.no_grad()
     def _extend(self, result: PrefillResult, token_ids: Sequence[int], start: int) -> torch.Tensor:
         """Run ``token_ids`` at positions ``start..`` over the result's KV; logits per row."""
-        positions = torch.arange(start, start + len(token_ids))
         if start + len(token_ids) > result.kv.k.shape[1]:
             raise ValueError("the prefill was not given enough extra_capacity for these tokens")
+        new_rows = self._rows(torch.arange(start, start + len(token_ids)))
         h = self._decoder.embed_tokens(torch.as_tensor(list(token_ids)))
         for i in range(self.spec.dims.num_layers):
-            h, _, _ = self._layer(i, h, positions, result.kv)
+            h, _, _ = self._layer(i, h, new_rows, result.kv)
         return self._logits(h)
 
     def greedy_decode(self, result: PrefillResult, n_new: int) -> list[int]:
