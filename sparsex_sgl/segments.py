@@ -78,8 +78,17 @@ def validate_spans(spans: object, n_tokens: int) -> list[tuple[int, int]]:
     return checked
 
 
-def split_into_pieces(token_ids: Sequence[int], spans: object, namespace: str = "") -> list[Piece]:
-    """Partition a prompt into reusable segments (the given spans) and the gaps between them."""
+def split_into_pieces(
+    token_ids: Sequence[int], spans: object, namespace: str = "", gap_block: int | None = None
+) -> list[Piece]:
+    """Partition a prompt into reusable segments (the given spans) and the gaps between them.
+
+    With ``gap_block``, gaps are cut into blocks of that many tokens counted from the gap's start, so
+    two prompts that share only the beginning of a gap (a system prompt, an earlier chat turn) still
+    share its leading blocks as an exact prefix, as a token-level radix tree would up to one block.
+    """
+    if gap_block is not None and gap_block < 1:
+        raise ValueError(f"gap_block must be >= 1, got {gap_block}")
     n = len(token_ids)
     if n == 0:
         raise InvalidSegmentsError("the prompt is empty")
@@ -89,12 +98,17 @@ def split_into_pieces(token_ids: Sequence[int], spans: object, namespace: str = 
         ids = tuple(int(t) for t in token_ids[start:end])
         pieces.append(Piece(start, end, ids, segment_hash(ids, namespace), reusable))
 
+    def add_gap(start: int, end: int) -> None:
+        step = gap_block or (end - start)
+        for block_start in range(start, end, step):
+            add(block_start, min(block_start + step, end), reusable=False)
+
     cursor = 0
     for start, end in validate_spans(spans, n):
         if start > cursor:
-            add(cursor, start, reusable=False)
+            add_gap(cursor, start)
         add(start, end, reusable=True)
         cursor = end
     if cursor < n:
-        add(cursor, n, reusable=False)
+        add_gap(cursor, n)
     return pieces

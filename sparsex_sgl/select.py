@@ -18,10 +18,13 @@ only in the signal:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from sparsex_sgl.graph import ReusedSegment
 
 Selection = Literal["sparse_q", "kv_deviation", "first_k", "none"]
 SELECTIONS: tuple[str, ...] = ("sparse_q", "kv_deviation", "first_k", "none")
@@ -45,6 +48,28 @@ class ReusedTokens:
 
     def __len__(self) -> int:
         return int(self.positions.numel())
+
+
+def reused_tokens(segments: Sequence[ReusedSegment]) -> ReusedTokens:
+    """The per-token view of a plan's reused segments (at their target positions)."""
+    if not segments:
+        empty = torch.empty(0, dtype=torch.int64)
+        return ReusedTokens(empty, empty, empty, torch.empty(0, dtype=torch.bool))
+    positions = torch.cat([torch.arange(s.target_start, s.target_start + s.length) for s in segments])
+    segment = torch.cat([torch.full((s.length,), i, dtype=torch.int64) for i, s in enumerate(segments)])
+    offset = torch.cat([torch.arange(s.length) for s in segments])
+    moved = torch.cat([torch.full((s.length,), s.delta != 0) for s in segments])
+    return ReusedTokens(positions, segment, offset, moved)
+
+
+def exact_length(reused: ReusedTokens, selected: torch.Tensor, n_tokens: int) -> int:
+    """How many leading prompt positions have exact KV after a reuse prefill.
+
+    A reused token that was not recomputed keeps KV from another context, and every position after it
+    attends to it in the sparse layers; positions before the first such token are exact.
+    """
+    kept = reused.positions[~torch.isin(reused.positions, selected)]
+    return int(kept.min()) if kept.numel() else n_tokens
 
 
 def selection_budget(n_reused: int, ratio: float) -> int:

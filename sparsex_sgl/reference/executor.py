@@ -20,7 +20,7 @@ from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_
 from sparsex_sgl.reference.model import ModelSpec
 from sparsex_sgl.reference.pool import TensorKVPool
 from sparsex_sgl.rope import realign_keys
-from sparsex_sgl.select import SIGNAL_SELECTIONS, ReusedTokens, select_tokens, selection_budget
+from sparsex_sgl.select import SIGNAL_SELECTIONS, ReusedTokens, exact_length, reused_tokens, select_tokens, selection_budget
 
 
 @dataclass
@@ -236,7 +236,7 @@ class ReferenceExecutor:
             computed_rows=int(rows.numel()),
             flops=modeled_prefill_flops(self.spec.dims, rows_per_layer),
         )
-        exact = int(selected.numel()) == len(reused)
+        exact = exact_length(reused, selected, n) == n
         return PrefillResult(self._logits(h[-1]), kv, n, stats, exact)
 
     def _load_cached(self, plan: LookupPlan, pool: TensorKVPool, kv: RequestKV) -> ReusedTokens:
@@ -244,22 +244,14 @@ class ReferenceExecutor:
         if plan.prefix_len:
             k, v = pool.read(plan.prefix_slots)
             kv.k[:, : plan.prefix_len], kv.v[:, : plan.prefix_len] = k, v
-        positions, segment, offset, moved = [], [], [], []
-        for index, seg in enumerate(plan.reused):
+        for seg in plan.reused:
             k, v = pool.read(seg.slots)
             layers, length, heads, dim = k.shape
             flat = k.permute(1, 0, 2, 3).reshape(length, layers * heads, dim)
             k = realign_keys(flat, seg.delta, self.spec.rope).reshape(length, layers, heads, dim).permute(1, 0, 2, 3)
             span = slice(seg.target_start, seg.target_start + length)
             kv.k[:, span], kv.v[:, span] = k, v
-            positions.append(torch.arange(span.start, span.stop))
-            segment.append(torch.full((length,), index))
-            offset.append(torch.arange(length))
-            moved.append(torch.full((length,), seg.delta != 0))
-        if not positions:
-            empty = torch.empty(0, dtype=torch.int64)
-            return ReusedTokens(empty, empty, empty, torch.empty(0, dtype=torch.bool))
-        return ReusedTokens(torch.cat(positions), torch.cat(segment), torch.cat(offset), torch.cat(moved))
+        return reused_tokens(plan.reused)
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()

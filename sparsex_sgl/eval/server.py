@@ -1,0 +1,97 @@
+"""Start and stop real SGLang servers on 127.0.0.1 (CPU flags), for the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CPU_FLAGS = (
+    "--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
+    "--disable-cuda-graph", "--skip-server-warmup", "--dtype", "float32", "--mem-fraction-static", "0.3",
+    "--sleep-on-idle",  # an idle scheduler otherwise spins a core, which skews a server running beside it
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def post(self, path: str, payload: dict[str, Any], timeout: float = 600) -> tuple[int, Any]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, _decode(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, _decode(err.read())
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=60) as resp:
+            return json.loads(resp.read())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def _decode(body: bytes) -> Any:
+    """JSON replies as objects; SGLang answers some admin routes (``/flush_cache``) in plain text."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")
+
+
+def launch(model: Path, extra: Sequence[str], log: Path, max_total_tokens: int = 8192) -> Server:
+    """Start ``python -m sglang.launch_server`` in its own process group; ``wait_ready`` to block."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), *CPU_FLAGS,
+           "--max-total-tokens", str(max_total_tokens), "--host", "127.0.0.1", "--port", str(port), *extra]
+    out = log.open("wb")
+    process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return Server(f"http://127.0.0.1:{port}", process, log)
+
+
+def wait_ready(server: Server, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}; log tail:\n{tail(server.log)}")
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    server.stop()
+    raise TimeoutError(f"server not ready after {timeout} s; log tail:\n{tail(server.log)}")
+
+
+def tail(log: Path, n: int = 40) -> str:
+    lines = log.read_bytes().decode("utf-8", "replace").splitlines()
+    return "\n".join(line for line in lines[-n:] if "server_args=" not in line)

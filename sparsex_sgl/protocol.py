@@ -1,0 +1,166 @@
+"""How clients mark segments: the ``custom_params`` keys and the in-band text markers.
+
+SGLang's ``sampling_params.custom_params`` accepts scalars, flat lists of scalars and flat dicts only
+(nested lists fail the scheduler's typed decoder), so token spans travel as one flat list
+``[start0, end0, start1, end1, ...]``. Clients that can send only text wrap each segment in
+``MARKER_BEGIN ... MARKER_END``, or list the segment texts under ``SEGMENTS_KEY``; the server then
+tokenizes each segment on its own, so a segment always has the same token ids wherever it appears
+(tokenizing the whole prompt at once would merge tokens across segment boundaries and break reuse).
+
+This module is engine-agnostic: ``encode`` is any ``str -> list[int]`` callable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from sparsex_sgl.errors import InvalidSegmentsError
+
+SPANS_KEY = "sparsex_spans"
+"""Flat list of token offsets ``[s0, e0, s1, e1, ...]`` into the request's ``input_ids``."""
+SEGMENTS_KEY = "sparsex_segments"
+"""List of segment texts that occur verbatim in a text prompt."""
+NAMESPACE_KEY = "sparsex_namespace"
+"""Optional string: requests share segment KV only within one namespace (tenant isolation)."""
+RATIO_KEY = "sparsex_recompute_ratio"
+"""Optional float in [0, 1]: this request's recompute ratio (1.0 recomputes every reused token: exact)."""
+KEYS = (SPANS_KEY, SEGMENTS_KEY, NAMESPACE_KEY, RATIO_KEY)
+
+MARKER_BEGIN = "<|sx_segment|>"
+MARKER_END = "<|/sx_segment|>"
+
+
+def parse_spans(value: object) -> list[tuple[int, int]]:
+    """Pairs from the flat wire list; shape and type errors raise InvalidSegmentsError.
+
+    Range checks need the prompt length and happen in ``segments.validate_spans``.
+    """
+    if not isinstance(value, (list, tuple)):
+        raise InvalidSegmentsError(
+            f"custom_params[{SPANS_KEY!r}] must be a flat list of token offsets [start0, end0, start1, end1, ...], "
+            f"got {type(value).__name__}"
+        )
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        raise InvalidSegmentsError(f"custom_params[{SPANS_KEY!r}] must hold integers only, got {list(value)!r}")
+    if len(value) % 2:
+        raise InvalidSegmentsError(
+            f"custom_params[{SPANS_KEY!r}] must have an even length (start/end pairs), got {len(value)} values"
+        )
+    return [(int(value[i]), int(value[i + 1])) for i in range(0, len(value), 2)]
+
+
+def flatten_spans(spans: Sequence[tuple[int, int]]) -> list[int]:
+    """The wire form of span pairs."""
+    return [x for span in spans for x in span]
+
+
+def check_custom_params(custom: Mapping[str, object] | None) -> None:
+    """Reject malformed SparseX keys early (shape, types, order, overlap); range is checked later."""
+    if not custom:
+        return
+    if SPANS_KEY in custom and custom[SPANS_KEY] is not None:
+        spans = parse_spans(custom[SPANS_KEY])
+        for start, end in spans:
+            if start < 0 or end <= start:
+                raise InvalidSegmentsError(f"segment span [{start}, {end}] is negative, empty or reversed")
+        ordered = sorted(spans)
+        for (s0, e0), (s1, e1) in zip(ordered, ordered[1:]):
+            if s1 < e0:
+                raise InvalidSegmentsError(f"segment spans [{s0}, {e0}] and [{s1}, {e1}] overlap")
+    if SEGMENTS_KEY in custom and custom[SEGMENTS_KEY] is not None:
+        segs = custom[SEGMENTS_KEY]
+        if not isinstance(segs, (list, tuple)) or not all(isinstance(s, str) and s for s in segs):
+            raise InvalidSegmentsError(f"custom_params[{SEGMENTS_KEY!r}] must be a list of non-empty strings")
+    if NAMESPACE_KEY in custom and not isinstance(custom[NAMESPACE_KEY], (str, type(None))):
+        raise InvalidSegmentsError(f"custom_params[{NAMESPACE_KEY!r}] must be a string")
+    parse_ratio(custom.get(RATIO_KEY))
+
+
+def parse_ratio(value: object) -> float | None:
+    """The per-request recompute ratio, or None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise InvalidSegmentsError(f"custom_params[{RATIO_KEY!r}] must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    """A piece of a text prompt; ``segment`` pieces are reusable."""
+
+    text: str
+    segment: bool
+
+
+def split_marked_text(text: str) -> list[TextPiece]:
+    """Split a prompt at ``MARKER_BEGIN``/``MARKER_END`` pairs (markers removed)."""
+    pieces: list[TextPiece] = []
+    cursor = 0
+    while True:
+        begin = text.find(MARKER_BEGIN, cursor)
+        stray_end = text.find(MARKER_END, cursor)
+        if begin < 0:
+            if stray_end >= 0:
+                raise InvalidSegmentsError(f"{MARKER_END!r} at character {stray_end} has no {MARKER_BEGIN!r}")
+            if cursor < len(text):
+                pieces.append(TextPiece(text[cursor:], segment=False))
+            return pieces
+        if 0 <= stray_end < begin:
+            raise InvalidSegmentsError(f"{MARKER_END!r} at character {stray_end} has no {MARKER_BEGIN!r}")
+        end = text.find(MARKER_END, begin + len(MARKER_BEGIN))
+        if end < 0:
+            raise InvalidSegmentsError(f"{MARKER_BEGIN!r} at character {begin} is never closed by {MARKER_END!r}")
+        body = text[begin + len(MARKER_BEGIN) : end]
+        if MARKER_BEGIN in body:
+            raise InvalidSegmentsError("segment markers cannot nest")
+        if begin > cursor:
+            pieces.append(TextPiece(text[cursor:begin], segment=False))
+        if body:
+            pieces.append(TextPiece(body, segment=True))
+        cursor = end + len(MARKER_END)
+
+
+def split_listed_segments(text: str, segments: Sequence[str]) -> list[TextPiece]:
+    """Split a prompt at the first occurrence, in order, of each listed segment text."""
+    pieces: list[TextPiece] = []
+    cursor = 0
+    for seg in segments:
+        at = text.find(seg, cursor)
+        if at < 0:
+            raise InvalidSegmentsError(
+                f"segment text {seg[:40]!r}... does not occur in the prompt after character {cursor} "
+                "(segments must be listed in prompt order and must not overlap)"
+            )
+        if at > cursor:
+            pieces.append(TextPiece(text[cursor:at], segment=False))
+        pieces.append(TextPiece(seg, segment=True))
+        cursor = at + len(seg)
+    if cursor < len(text):
+        pieces.append(TextPiece(text[cursor:], segment=False))
+    return pieces
+
+
+def has_markers(text: str) -> bool:
+    return MARKER_BEGIN in text or MARKER_END in text
+
+
+def encode_pieces(
+    pieces: Sequence[TextPiece],
+    encode_first: Callable[[str], list[int]],
+    encode_rest: Callable[[str], list[int]],
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of the prompt and the token spans of its segments, each piece tokenized alone.
+
+    ``encode_first`` tokenizes the first piece (adding the tokenizer's special tokens, e.g. BOS), and
+    ``encode_rest`` the others (no special tokens).
+    """
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    for index, piece in enumerate(pieces):
+        toks = (encode_first if index == 0 else encode_rest)(piece.text)
+        if piece.segment and toks:
+            spans.append((len(ids), len(ids) + len(toks)))
+        ids.extend(toks)
+    return ids, spans

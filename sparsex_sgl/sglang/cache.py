@@ -1,0 +1,268 @@
+"""``SegmentGraphCache``: the ``sparsex`` radix-cache backend of SGLang 0.5.23.
+
+It keeps SGLang's contract for an ordinary prefix cache (exact prefix hits reported as
+``cached_tokens``, lock accounting, eviction under memory pressure, duplicate slots freed at
+``checkpoint``) on top of the engine-agnostic ``SegmentGraph``, whose slots are SGLang's own KV-pool
+slots. What it adds is the *plan*: for a request that marks segments, ``match_prefix`` also finds the
+segments cached at other positions; the model hook (``model_hook.py``) fills and recomputes them in
+the extend step, since SGLang's scheduler can only place reused KV at the front of a request.
+
+Only KV equal to a full prefill's enters the graph as a path: a request that reused segments
+without recomputing them all is cached up to its first approximate position (see
+``select.exact_length``), so an exact prefix hit never serves approximate KV.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import (
+    BasePrefixCache,
+    DecLockRefParams,
+    DecLockRefResult,
+    EvictParams,
+    EvictResult,
+    IncLockRefResult,
+    MatchPrefixParams,
+    MatchResult,
+)
+
+from sparsex_sgl.errors import InvalidSegmentsError, SegmentHashCollisionError
+from sparsex_sgl.graph import LookupPlan, NodeId, SegmentGraph
+from sparsex_sgl.protocol import NAMESPACE_KEY, RATIO_KEY, SPANS_KEY, parse_ratio, parse_spans
+from sparsex_sgl.segments import Piece, split_into_pieces, validate_spans
+from sparsex_sgl.sglang.runtime import GAP_BLOCK, RequestOutcome, RequestPlan, SparseXRuntime
+
+logger = logging.getLogger("sparsex_sgl")
+
+
+@dataclass(frozen=True)
+class MatchHandle:
+    """What SGLang holds as ``req.last_node``: the graph nodes to lock and the prefix's slots."""
+
+    node_ids: tuple[NodeId, ...] = ()
+    prefix_slots: torch.Tensor | None = None
+    children: dict[object, object] = field(default_factory=dict)  # read by SGLang's dfs-weight policy
+
+    def __hash__(self) -> int:
+        return hash(self.node_ids)
+
+
+class _PoolAllocator:
+    """SGLang's token allocator seen as the graph's ``SlotAllocator`` (lists of ints <-> int64 tensors)."""
+
+    def __init__(self, allocator: object, device: torch.device) -> None:
+        self._allocator = allocator
+        self._device = device
+
+    def alloc(self, n: int) -> list[int] | None:
+        slots = self._allocator.alloc(n)  # type: ignore[attr-defined]
+        return None if slots is None else slots.tolist()
+
+    def free(self, slots: Sequence[int]) -> None:
+        if slots:
+            self._allocator.free(torch.tensor(list(slots), dtype=torch.int64, device=self._device))  # type: ignore[attr-defined]
+
+
+class SegmentGraphCache(BasePrefixCache):
+    """Prefix cache plus segment plans over SGLang's KV pool."""
+
+    def __init__(self, params: object, runtime: SparseXRuntime, device: torch.device) -> None:
+        self.disable = False
+        self.req_to_token_pool = params.req_to_token_pool  # type: ignore[attr-defined]
+        self.token_to_kv_pool_allocator = params.token_to_kv_pool_allocator  # type: ignore[attr-defined]
+        self.page_size = params.page_size  # type: ignore[attr-defined]
+        self.device = device
+        self.runtime = runtime
+        self.graph = SegmentGraph(_PoolAllocator(self.token_to_kv_pool_allocator, device),
+                                  max_tokens=int(self.token_to_kv_pool_allocator.size))
+        self.root_node = MatchHandle()
+
+    # ------------------------------------------------------------------ matching
+    def _segment_data(self, req: object, n_prompt: int) -> tuple[list[tuple[int, int]], str, float]:
+        """Spans, namespace and recompute ratio from ``custom_params``; InvalidSegmentsError if malformed."""
+        custom = getattr(getattr(req, "sampling_params", None), "custom_params", None) or {}
+        namespace = str(custom.get(NAMESPACE_KEY) or "")
+        raw = custom.get(SPANS_KEY)
+        spans = validate_spans(parse_spans(raw), n_prompt) if raw else []
+        ratio = parse_ratio(custom.get(RATIO_KEY))
+        return spans, namespace, self.runtime.config.recompute_ratio if ratio is None else ratio
+
+    def _pieces(self, req: object, token_ids: Sequence[int], spans: Sequence[tuple[int, int]], namespace: str) -> list[Piece]:
+        key_ns = f"{getattr(req, 'extra_key', None) or ''}|{getattr(req, 'cache_salt', None) or ''}|{namespace}"
+        kept = [s for s in spans if s[1] <= len(token_ids)]
+        return split_into_pieces(token_ids, kept, key_ns, gap_block=GAP_BLOCK)
+
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        req = params.req
+        limit = len(params.key)
+        if req is None or limit == 0:
+            return self._result(MatchHandle(), 0)
+        rid = req.rid
+        token_ids = list(req.origin_input_ids) + list(req.output_ids or [])
+        n_prompt = len(req.origin_input_ids)
+        try:
+            spans, namespace, ratio = self._segment_data(req, n_prompt)
+        except InvalidSegmentsError as exc:
+            self.runtime.fallback("invalid_segments", str(exc))
+            spans, namespace, ratio = [], "", self.runtime.config.recompute_ratio
+        reason = self._no_reuse_reason(req)
+        try:
+            plan = self.graph.lookup(self._pieces(req, token_ids, spans, namespace))
+        except SegmentHashCollisionError as exc:
+            self.runtime.fallback("hash_collision", str(exc))
+            self.runtime.plans.pop(rid, None)
+            return self._result(MatchHandle(), 0)
+        if plan.reused and reason:
+            self.runtime.fallback(reason)
+        if plan.reused and (reason or len(token_ids) != n_prompt):
+            plan = _prefix_only(plan)
+        if plan.prefix_len > limit:
+            plan = _cut_prefix(plan, limit)
+        self.runtime.plans[rid] = RequestPlan(plan, tuple(spans), namespace, ratio)
+        n = plan.n_tokens
+        outcome = RequestOutcome(prompt=n, prefix=plan.prefix_len, computed=n - plan.prefix_len, exact_len=n)
+        self.runtime.outcomes[rid] = outcome
+        req.sparsex_outcome = outcome  # read by the meta_info hook; the model hook updates it in place
+        node_ids = plan.prefix_node_ids[-1:] + tuple(r.node_id for r in plan.reused)
+        slots = torch.tensor(plan.prefix_slots, dtype=torch.int64, device=self.device)
+        return self._result(MatchHandle(node_ids, slots), plan.prefix_len)
+
+    def _no_reuse_reason(self, req: object) -> str:
+        if self.runtime.disabled_reason:
+            return "unsupported_model"
+        if getattr(req, "return_logprob", False):
+            return "logprobs_requested"
+        if getattr(req, "return_hidden_states", False):
+            return "hidden_states_requested"
+        if getattr(req, "multimodal_inputs", None) is not None:
+            return "multimodal_request"
+        return ""
+
+    @staticmethod
+    def _result(handle: MatchHandle, prefix_len: int) -> MatchResult:
+        return MatchResult(device_prefix_len=prefix_len, last_device_node=handle, last_host_node=handle,
+                           best_match_node=handle)
+
+    def path_device_indices(self, node: MatchHandle) -> torch.Tensor:
+        if node.prefix_slots is None:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        return node.prefix_slots
+
+    # ------------------------------------------------------------------ locks
+    def inc_lock_ref(self, node: MatchHandle) -> IncLockRefResult:
+        before = self.graph.protected_tokens
+        self.graph.lock(node.node_ids)
+        return IncLockRefResult(delta=before - self.graph.protected_tokens)
+
+    def dec_lock_ref(self, node: MatchHandle, params: DecLockRefParams | None = None) -> DecLockRefResult:
+        before = self.graph.protected_tokens
+        self.graph.unlock(node.node_ids)
+        return DecLockRefResult(delta=before - self.graph.protected_tokens)
+
+    # ------------------------------------------------------------------ caching a request
+    def checkpoint(self, req: object, *, up_to: int, **kwargs: object) -> None:
+        rid = req.rid  # type: ignore[attr-defined]
+        kv = req.kv  # type: ignore[attr-defined]
+        token_ids = list(req.full_untruncated_fill_ids[:up_to])  # type: ignore[attr-defined]
+        if not token_ids:
+            return
+        entry = self.runtime.plans.get(rid)
+        outcome = self.runtime.outcomes.get(rid)
+        exact_len = outcome.exact_len if outcome is not None else len(token_ids)
+        spans, namespace = (list(entry.spans), entry.namespace) if entry else ([], "")
+        pieces = [p for p in self._pieces(req, token_ids, spans, namespace) if p.end <= exact_len]
+        if not pieces:
+            return
+        row = self.req_to_token_pool.req_to_token[kv.req_pool_idx, : pieces[-1].end]
+        row_slots = row.tolist()
+        result = self.graph.insert(pieces, row_slots)
+        old_protected = kv.cache_protected_len
+        placed_end, last_node = 0, None
+        duplicates: list[int] = []
+        for piece, nid, adopted in zip(pieces, result.node_ids, result.adopted):
+            if nid is None:
+                break
+            placed_end, last_node = piece.end, nid
+            if adopted:
+                continue
+            cached = self.graph.node_slots(nid)
+            for pos in range(max(piece.start, old_protected), piece.end):
+                if row_slots[pos] != cached[pos - piece.start]:
+                    duplicates.append(pos)
+        if last_node is None or placed_end < old_protected:
+            return
+        if duplicates:
+            where = torch.tensor(duplicates, dtype=torch.int64, device=row.device)
+            self.token_to_kv_pool_allocator.free(row[where].clone())
+            cached_slots = [self.graph.node_slots(nid) for nid in result.node_ids if nid is not None]
+            flat = [s for slots in cached_slots for s in slots]
+            self.req_to_token_pool.req_to_token[kv.req_pool_idx, where] = torch.tensor(
+                [flat[p] for p in duplicates], dtype=row.dtype, device=row.device)
+        kv.cache_protected_len = placed_end
+        kv.cache_inserted_len = max(kv.cache_inserted_len, placed_end)
+        handle = MatchHandle((last_node,))
+        new_lock = self.lock(handle)
+        self.unlock(req.lock)  # type: ignore[attr-defined]
+        req.lock = new_lock  # type: ignore[attr-defined]
+        req.last_node = handle  # type: ignore[attr-defined]
+
+    def on_release(self, req: object, *, checkpointed: bool) -> None:
+        rid = req.rid  # type: ignore[attr-defined]
+        entry = self.runtime.plans.pop(rid, None)
+        outcome = self.runtime.outcomes.pop(rid, None)
+        if outcome is not None:
+            self.runtime.record(outcome, had_segments=bool(entry and entry.spans))
+
+    # ------------------------------------------------------------------ memory
+    def evict(self, params: EvictParams) -> EvictResult:
+        freed = self.graph.evict(params.num_tokens)
+        self.runtime.counters.evicted_tokens += freed
+        return EvictResult(num_tokens_evicted=freed)
+
+    def evictable_size(self) -> int:
+        return self.graph.evictable_tokens
+
+    def full_evictable_size(self) -> int:
+        return self.graph.evictable_tokens
+
+    def protected_size(self) -> int:
+        return self.graph.protected_tokens
+
+    def full_protected_size(self) -> int:
+        return self.graph.protected_tokens
+
+    def total_size(self) -> int:
+        return self.graph.total_tokens
+
+    def reset(self) -> None:
+        self.graph.reset()
+        self.runtime.plans.clear()
+        self.runtime.outcomes.clear()
+
+    def pretty_print(self) -> None:
+        logger.info("SegmentGraphCache: %d nodes, %d tokens (%d protected)", len(self.graph),
+                    self.graph.total_tokens, self.graph.protected_tokens)
+
+    def stats(self) -> dict[str, object]:
+        out = self.runtime.stats()
+        out.update(graph_nodes=len(self.graph), graph_tokens=self.graph.total_tokens,
+                   graph_protected_tokens=self.graph.protected_tokens,
+                   allocator_free=int(self.token_to_kv_pool_allocator.available_size()),
+                   allocator_size=int(self.token_to_kv_pool_allocator.size))
+        return out
+
+
+def _prefix_only(plan: LookupPlan) -> LookupPlan:
+    """The plan with its non-prefix hits dropped: everything after the prefix is computed."""
+    return LookupPlan(plan.n_tokens, plan.prefix_len, plan.prefix_node_ids, plan.prefix_slots, (),
+                      tuple(range(plan.prefix_len, plan.n_tokens)))
+
+
+def _cut_prefix(plan: LookupPlan, limit: int) -> LookupPlan:
+    """Honour SGLang's cap on the prefix (e.g. input logprobs start earlier); no reuse after a cut."""
+    return LookupPlan(plan.n_tokens, limit, plan.prefix_node_ids, plan.prefix_slots[:limit], (),
+                      tuple(range(limit, plan.n_tokens)))

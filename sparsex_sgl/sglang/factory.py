@@ -1,0 +1,74 @@
+"""Builds the ``sparsex`` tree cache in a scheduler process and hooks the loaded model.
+
+SGLang calls the factory after the model is loaded (``Scheduler.__init__`` -> ``build_kv_cache``), so
+this is where the model's rope, the KV pool and the decoder stack are inspected. Anything SparseX cannot
+serve (another architecture, a rope type without a delta rotation, a quantized or paged pool) leaves
+the cache working as an exact prefix cache: every request then runs stock prefill, and the reason is
+logged once and reported in the statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+
+from sparsex_sgl.errors import UnsupportedModelError
+from sparsex_sgl.hybrid import HybridConfig
+from sparsex_sgl.rope import RopeConfig
+from sparsex_sgl.sglang import model_hook, runtime
+from sparsex_sgl.sglang.cache import SegmentGraphCache
+
+logger = logging.getLogger("sparsex_sgl")
+
+CONFIG_ENV = "SPARSEX_SGL_CONFIG"
+"""JSON of the HybridConfig, exported by the launcher for its scheduler processes."""
+
+
+def config_of(server_args: Any) -> HybridConfig:
+    values = getattr(server_args, "_sparsex_config", None)
+    if values is None:
+        raw = os.environ.get(CONFIG_ENV)
+        values = json.loads(raw) if raw else {}
+    return HybridConfig.from_mapping(values)
+
+
+def build(ctx: Any) -> SegmentGraphCache:
+    """The radix-cache factory registered as ``sparsex``."""
+    refused = [
+        (ctx.enable_hierarchical_cache, "hierarchical cache (--enable-hierarchical-cache)"),
+        (ctx.is_hybrid_swa, "sliding-window hybrid models"),
+        (ctx.is_hybrid_ssm, "mamba/SSM hybrid models"),
+        (ctx.tp_size > 1, "tensor parallelism > 1"),
+        (ctx.params.page_size != 1, "--page-size other than 1"),
+        (ctx.disable_radix_cache, "--disable-radix-cache"),
+    ]
+    for refused_now, what in refused:
+        if refused_now:
+            raise ValueError(f"--radix-cache-backend sparsex does not support {what}")
+    config = config_of(ctx.server_args)
+    model_runner = ctx.tp_worker.model_runner
+    hf_config = ctx.model_config.hf_config
+    num_layers = int(getattr(ctx.model_config, "num_hidden_layers", hf_config.num_hidden_layers))
+    reason = ""
+    rope: RopeConfig | None = None
+    try:
+        rope = RopeConfig.from_hf_config(hf_config)
+    except (UnsupportedModelError, ValueError, AttributeError) as exc:
+        reason = f"rope: {exc}"
+    pool = model_runner.token_to_kv_pool
+    if not reason and type(pool).__name__ != "MHATokenToKVPool":
+        reason = f"KV pool {type(pool).__name__} (only an unquantized MHATokenToKVPool is supported)"
+    state = runtime.SparseXRuntime(config, rope, num_layers)
+    if not reason:
+        reason = model_hook.install(model_runner.model, model_runner, state)
+    state.disabled_reason = reason
+    runtime.install(state)
+    if reason:
+        logger.warning("SparseX is off for this model (%s); requests get exact prefix caching only", reason)
+    else:
+        logger.info("SparseX on: %s, %d layers", config, num_layers)
+    return SegmentGraphCache(ctx.params, state, torch.device(model_runner.device))

@@ -1,0 +1,133 @@
+"""Per-scheduler SparseX state shared by the cache backend, the attention backend and the model hook.
+
+The cache plans a request in ``match_prefix``; the model hook reads that plan when the request's
+extend batch runs and records what it actually did (the outcome), which ``checkpoint`` then uses to
+decide what is exact enough to cache. All three live in the scheduler process and meet here, keyed by
+request id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from sparsex_sgl.graph import LookupPlan
+from sparsex_sgl.hybrid import HybridConfig
+from sparsex_sgl.rope import RopeConfig
+
+logger = logging.getLogger("sparsex_sgl")
+
+GAP_BLOCK = 16
+"""Gap pieces are cached in blocks of this many tokens (see ``segments.split_into_pieces``)."""
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """A request's lookup plan, the spans and namespace it was made from, and its recompute ratio."""
+
+    plan: LookupPlan
+    spans: tuple[tuple[int, int], ...]
+    namespace: str
+    recompute_ratio: float
+
+
+@dataclass
+class RequestOutcome:
+    """What the prefill of one request did; returned to the client and summed into the counters.
+
+    ``exact_len``: leading positions whose KV equals a full prefill's (only those may be cached).
+    """
+
+    prompt: int
+    prefix: int = 0
+    reused: int = 0
+    recomputed: int = 0
+    computed: int = 0
+    exact_len: int = 0
+    fallback: str = ""
+
+    def as_details(self) -> dict[str, int | str]:
+        """The ``meta_info.cached_tokens_details`` entries (ints and strings only, as SGLang types them)."""
+        return {f"sparsex_{k}": v for k, v in asdict(self).items() if k != "exact_len"}
+
+
+@dataclass
+class Counters:
+    """Cumulative statistics of one scheduler, served at ``GET /sparsex/stats``."""
+
+    requests: int = 0
+    requests_with_segments: int = 0
+    requests_with_reuse: int = 0
+    prompt_tokens: int = 0
+    prefix_tokens: int = 0
+    reused_tokens: int = 0
+    recomputed_tokens: int = 0
+    computed_tokens: int = 0
+    sparse_batches: int = 0
+    evicted_tokens: int = 0
+    fallbacks: Counter[str] = field(default_factory=Counter)
+
+
+class SparseXRuntime:
+    """The shared state; one per scheduler process (see ``current``)."""
+
+    def __init__(self, config: HybridConfig, rope: RopeConfig | None, num_layers: int, disabled_reason: str = "") -> None:
+        self.config = config
+        self.rope = rope
+        self.num_layers = num_layers
+        self.disabled_reason = disabled_reason
+        self.plans: dict[str, RequestPlan] = {}
+        self.outcomes: dict[str, RequestOutcome] = {}
+        self.counters = Counters()
+        self._logged: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def threshold(self) -> int:
+        return self.config.threshold(self.num_layers)
+
+    def fallback(self, reason: str, detail: str = "") -> None:
+        """Count a request that ran exact full prefill instead of SparseX; log each reason once."""
+        with self._lock:
+            self.counters.fallbacks[reason] += 1
+            first = reason not in self._logged
+            self._logged.add(reason)
+        if first:
+            logger.warning("SparseX falls back to exact full prefill (%s)%s; further cases are only counted",
+                           reason, f": {detail}" if detail else "")
+
+    def record(self, outcome: RequestOutcome, had_segments: bool) -> None:
+        c = self.counters
+        with self._lock:
+            c.requests += 1
+            c.requests_with_segments += int(had_segments)
+            c.requests_with_reuse += int(outcome.reused > 0)
+            c.prompt_tokens += outcome.prompt
+            c.prefix_tokens += outcome.prefix
+            c.reused_tokens += outcome.reused
+            c.recomputed_tokens += outcome.recomputed
+            c.computed_tokens += outcome.computed
+
+    def stats(self) -> dict[str, object]:
+        """Builtins only: this crosses SGLang's process boundary in an internal-state reply."""
+        c = self.counters
+        out: dict[str, object] = {k: v for k, v in asdict(c).items() if k != "fallbacks"}
+        out["fallbacks"] = dict(c.fallbacks)
+        out["config"] = asdict(self.config)
+        out["disabled_reason"] = self.disabled_reason
+        return out
+
+
+_current: SparseXRuntime | None = None
+
+
+def install(runtime: SparseXRuntime) -> None:
+    global _current
+    _current = runtime
+
+
+def current() -> SparseXRuntime | None:
+    """The runtime of this scheduler process, or None where SparseX is off."""
+    return _current

@@ -1,0 +1,265 @@
+"""SparseX inside a real SGLang 0.5.23 server on the CPU, with SmolLM2-135M and HotpotQA prompts.
+
+Two servers run side by side for the whole module: stock SGLang (radix cache) as the reference for
+exact output, and the same server with ``--enable-sparsex``. Both are greedy (temperature 0).
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sparsex_sgl.assets import hotpotqa_path, resolve_model
+from sparsex_sgl.eval.hotpotqa import SegmentedPrompt, build_prompt, load_examples
+from sparsex_sgl.eval.server import Server, launch, wait_ready
+from sparsex_sgl.frontend import Segment, SparseXClient, reuse_counts
+from sparsex_sgl.protocol import flatten_spans
+
+pytestmark = pytest.mark.slow
+
+MAX_TOTAL_TOKENS = 4096
+"""Small on purpose: three ~1.5k-token prompts fill it, so eviction runs during the module."""
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+    logs = tmp_path_factory.mktemp("servers")
+    model = resolve_model("smollm2")
+    stock = launch(model, [], logs / "stock.log", MAX_TOTAL_TOKENS)
+    sparsex = launch(model, ["--enable-sparsex"], logs / "sparsex.log", MAX_TOTAL_TOKENS)
+    try:
+        wait_ready(stock)
+        wait_ready(sparsex)
+        yield stock, sparsex
+    finally:
+        stock.stop()
+        sparsex.stop()
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[SegmentedPrompt]]:
+    """Per question, its paragraphs in three orders; only questions under 1,800 tokens (they must fit
+    the 4,096-token pool twice: a cached order plus a running one)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    out = []
+    for example in load_examples(hotpotqa_path(), 12):
+        orders = [build_prompt(tok, example, seed) for seed in range(3)]
+        if len(orders[0].input_ids) < 1800:
+            out.append(orders)
+    assert len(out) >= 5
+    return out
+
+
+def generate(server: Server, prompt: SegmentedPrompt, segments: bool = True, **custom: Any) -> dict[str, Any]:
+    params: dict[str, Any] = {"temperature": 0, "max_new_tokens": NEW_TOKENS}
+    if segments:
+        params["custom_params"] = {"sparsex_spans": flatten_spans(prompt.spans), **custom}
+    status, reply = server.post("/generate", {"input_ids": list(prompt.input_ids), "sampling_params": params})
+    assert status == 200, reply
+    return reply
+
+
+def stats(server: Server) -> dict[str, Any]:
+    schedulers = server.get("/sparsex/stats")["schedulers"]
+    assert len(schedulers) == 1
+    return schedulers[0]
+
+
+def test_without_segment_data_outputs_equal_stock(servers: tuple[Server, Server], prompts: list) -> None:
+    stock, sparsex = servers
+    for orders in prompts[:2]:
+        expected = generate(stock, orders[0], segments=False)
+        got = generate(sparsex, orders[0], segments=False)
+        assert got["output_ids"] == expected["output_ids"]
+        counts = reuse_counts(got["meta_info"])
+        assert counts["reused"] == 0 and counts["fallback"] == ""
+
+
+def test_repeated_request_is_a_prefix_hit(servers: tuple[Server, Server], prompts: list) -> None:
+    _, sparsex = servers
+    prompt = prompts[0][1]
+    first = generate(sparsex, prompt)
+    again = generate(sparsex, prompt)
+    n = len(prompt.input_ids)
+    # The whole prompt is cached as an exact path; SGLang recomputes the last token, and the trailing
+    # gap (question) is cached in 16-token blocks, so at least n - 16 tokens hit.
+    assert again["meta_info"]["cached_tokens"] >= n - 16
+    assert reuse_counts(again["meta_info"])["prefix"] == again["meta_info"]["cached_tokens"]
+    assert again["output_ids"] == first["output_ids"]
+
+
+def test_reordered_paragraphs_reuse_and_ratio_one_is_exact(servers: tuple[Server, Server], prompts: list) -> None:
+    stock, sparsex = servers
+    before = stats(sparsex)
+    orders = prompts[1]
+    generate(sparsex, orders[0])  # caches the paragraphs in one order
+    reordered = orders[1]
+    exact = generate(sparsex, reordered, sparsex_recompute_ratio=1.0)
+    counts = reuse_counts(exact["meta_info"])
+    # Every paragraph is cached, in another order: each one is on the exact prefix path (when the
+    # shuffle kept the leading ones) or a non-prefix hit; only the question is new.
+    paragraph_tokens = sum(e - s for s, e in reordered.spans)
+    assert counts["reused"] > 0
+    assert counts["prefix"] + counts["reused"] == reordered.spans[0][0] + paragraph_tokens
+    assert counts["recomputed"] == counts["reused"]  # ratio 1.0 recomputes every reused token
+    assert exact["output_ids"] == generate(stock, reordered, segments=False)["output_ids"]
+
+    sparse = generate(sparsex, orders[2])
+    counts = reuse_counts(sparse["meta_info"])
+    assert counts["reused"] > 0
+    # The default plan recomputes round(0.15 * reused) reused tokens, plus the new tokens.
+    assert counts["recomputed"] == round(0.15 * counts["reused"])
+    assert counts["computed"] == counts["prompt"] - counts["prefix"] - counts["reused"] + counts["recomputed"]
+    after = stats(sparsex)
+    assert after["reused_tokens"] - before["reused_tokens"] >= counts["reused"]
+    assert after["requests_with_reuse"] - before["requests_with_reuse"] >= 2
+
+
+def test_frontend_program_reuses_segments(servers: tuple[Server, Server], prompts: list) -> None:
+    import sglang as sgl
+
+    from sparsex_sgl import frontend as sx
+
+    _, sparsex = servers
+    example = load_examples(hotpotqa_path(), 1, offset=20)[0]
+
+    @sgl.function
+    def rag(s, chunks, question):  # type: ignore[no-untyped-def]
+        s += "Answer the question using the documents below.\n\n"
+        for chunk in chunks:
+            s += sx.segment(chunk)
+        s += "Question: " + question + "\nAnswer:" + sgl.gen("answer", max_tokens=8, temperature=0)
+
+    backend = sgl.RuntimeEndpoint(sparsex.url)
+    first = rag.run(chunks=list(example.paragraphs[:6]), question=example.question, backend=backend)
+    assert first.get_meta_info("answer")["completion_tokens"] > 0  # waits for the first run to finish
+    chunks = list(example.paragraphs[:6])
+    random.Random(0).shuffle(chunks)
+    second = rag.run(chunks=chunks, question=example.question, backend=backend)
+    # The second run finds every chunk cached (HotpotQA paragraphs also recur across questions, so the
+    # first run may already reuse some): all chunk tokens are prefix or non-prefix hits.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    chunk_tokens = sum(len(tok.encode(c, add_special_tokens=False)) for c in chunks)
+    counts = reuse_counts(second.get_meta_info("answer"))
+    assert counts["reused"] > 0 and counts["prefix"] + counts["reused"] >= chunk_tokens, counts
+
+    client = SparseXClient(sparsex.url)
+    reply = client.generate(["Answer from the documents.\n\n", *map(Segment, chunks[::-1]), "Question: x\nAnswer:"],
+                            {"temperature": 0, "max_new_tokens": 4})
+    assert reuse_counts(reply["meta_info"])["reused"] > 0
+
+
+@pytest.mark.parametrize(
+    "custom, message",
+    [
+        ({"sparsex_spans": "0-5"}, "flat list"),
+        ({"sparsex_spans": [[0, 5], [5, 9]]}, "integers"),
+        ({"sparsex_spans": [0, 5, 3]}, "even length"),
+        ({"sparsex_spans": [10, 20, 15, 30]}, "overlap"),
+        ({"sparsex_spans": [0, 5], "sparsex_recompute_ratio": 2}, "[0, 1]"),
+    ],
+)
+def test_malformed_custom_params_get_400(servers: tuple[Server, Server], prompts: list, custom: dict,
+                                         message: str) -> None:
+    _, sparsex = servers
+    params = {"temperature": 0, "max_new_tokens": 2, "custom_params": custom}
+    status, reply = sparsex.post("/generate", {"input_ids": list(prompts[0][0].input_ids), "sampling_params": params})
+    assert status == 400 and message in str(reply), reply
+    assert generate(sparsex, prompts[0][0])["meta_info"]["completion_tokens"] > 0  # still serving
+
+
+def test_spans_out_of_range_fall_back_and_count(servers: tuple[Server, Server], prompts: list) -> None:
+    stock, sparsex = servers
+    prompt = prompts[2][0]
+    n = len(prompt.input_ids)
+    before = stats(sparsex)["fallbacks"].get("invalid_segments", 0)
+    params = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "custom_params": {"sparsex_spans": [0, n + 100]}}
+    status, reply = sparsex.post("/generate", {"input_ids": list(prompt.input_ids), "sampling_params": params})
+    assert status == 200
+    assert reply["output_ids"] == generate(stock, prompt, segments=False)["output_ids"]
+    assert stats(sparsex)["fallbacks"]["invalid_segments"] == before + 1
+
+
+def test_memory_is_accounted_evicted_and_returned(servers: tuple[Server, Server], prompts: list) -> None:
+    _, sparsex = servers
+    start = stats(sparsex)
+    # A burst of concurrent requests over every question, more tokens than the pool holds.
+    errors: list[BaseException] = []
+
+    def send(prompt: SegmentedPrompt) -> None:
+        try:
+            generate(sparsex, prompt)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(orders[i % 3],)) for i, orders in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    after = stats(sparsex)
+    assert after["evicted_tokens"] > start["evicted_tokens"]
+    # Idle: every slot is either free or owned by the graph (nothing leaked to finished requests).
+    assert after["graph_protected_tokens"] == 0
+    assert after["allocator_free"] + after["graph_tokens"] == after["allocator_size"]
+    assert generate(sparsex, prompts[0][2])["meta_info"]["completion_tokens"] > 0
+    status, _ = sparsex.post("/flush_cache", {})
+    assert status == 200
+    flushed = stats(sparsex)
+    assert flushed["graph_tokens"] == 0 and flushed["allocator_free"] == flushed["allocator_size"]
+
+
+ENGINE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import sglang as sgl
+
+    if __name__ == "__main__":
+        ids, spans, flipped, flipped_spans = json.loads(sys.argv[2])
+        engine = sgl.Engine(model_path=sys.argv[1], enable_sparsex=True, sparsex_recompute_ratio=0.3,
+                            device="cpu", attention_backend="torch_native", sampling_backend="pytorch",
+                            disable_cuda_graph=True, skip_server_warmup=True, dtype="float32",
+                            mem_fraction_static=0.3, max_total_tokens=4096, log_level="error")
+        try:
+            out = []
+            for prompt, sp in ((ids, spans), (flipped, flipped_spans)):
+                r = engine.generate(input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 4,
+                                    "custom_params": {"sparsex_spans": sp}})
+                out.append(r["meta_info"]["cached_tokens_details"])
+            print("RESULT " + json.dumps(out))
+        finally:
+            engine.shutdown()
+    """
+)
+
+
+def test_engine_with_enable_sparsex(prompts: list, tmp_path: Path) -> None:
+    import json
+
+    first, second = prompts[3][0], prompts[3][1]
+    script = tmp_path / "engine_run.py"
+    script.write_text(ENGINE_SCRIPT)
+    arg = json.dumps([list(first.input_ids), flatten_spans(first.spans), list(second.input_ids),
+                      flatten_spans(second.spans)])
+    run = subprocess.run([sys.executable, str(script), str(resolve_model("smollm2")), arg],
+                         capture_output=True, text=True, timeout=900)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    cold, warm = json.loads(lines[0][len("RESULT "):])
+    assert cold["sparsex_reused"] == 0
+    assert warm["sparsex_reused"] > 0
+    assert warm["sparsex_recomputed"] == round(0.3 * warm["sparsex_reused"])  # the Engine kwarg took effect
