@@ -12,6 +12,7 @@ This module is engine-agnostic: ``encode`` is any ``str -> list[int]`` callable.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ def check_custom_params(custom: Mapping[str, object] | None) -> None:
             if start < 0 or end <= start:
                 raise InvalidSegmentsError(f"segment span [{start}, {end}] is negative, empty or reversed")
         ordered = sorted(spans)
-        for (s0, e0), (s1, e1) in zip(ordered, ordered[1:]):
+        for (s0, e0), (s1, e1) in itertools.pairwise(ordered):
             if s1 < e0:
                 raise InvalidSegmentsError(f"segment spans [{s0}, {e0}] and [{s1}, {e1}] overlap")
     if SEGMENTS_KEY in custom and custom[SEGMENTS_KEY] is not None:

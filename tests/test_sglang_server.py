@@ -256,7 +256,7 @@ def test_engine_with_enable_sparsex(prompts: list, tmp_path: Path) -> None:
     arg = json.dumps([list(first.input_ids), flatten_spans(first.spans), list(second.input_ids),
                       flatten_spans(second.spans)])
     run = subprocess.run([sys.executable, str(script), str(resolve_model("smollm2")), arg],
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=900, check=False)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     cold, warm = json.loads(lines[0][len("RESULT "):])

@@ -20,7 +20,14 @@ from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_
 from sparsex_sgl.reference.model import ModelSpec
 from sparsex_sgl.reference.pool import TensorKVPool
 from sparsex_sgl.rope import realign_keys
-from sparsex_sgl.select import SIGNAL_SELECTIONS, ReusedTokens, exact_length, reused_tokens, select_tokens, selection_budget
+from sparsex_sgl.select import (
+    SIGNAL_SELECTIONS,
+    ReusedTokens,
+    exact_length,
+    reused_tokens,
+    select_tokens,
+    selection_budget,
+)
 
 
 @dataclass

@@ -216,6 +216,7 @@ class SegmentGraphCache(BasePrefixCache):
         outcome = self.runtime.outcomes.pop(rid, None)
         if outcome is not None:
             self.runtime.record(outcome, had_segments=bool(entry and entry.spans))
+            logger.debug("SparseX request %s: %s", rid, outcome)
 
     # ------------------------------------------------------------------ memory
     def evict(self, params: EvictParams) -> EvictResult:

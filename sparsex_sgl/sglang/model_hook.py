@@ -56,7 +56,7 @@ class SparseXForward:
             return self.original(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors)
         try:
             out = self._sparse_forward(input_ids, positions, forward_batch, state)
-        except Exception as exc:  # noqa: BLE001 - any failure must end in an exact prefill, not a crash
+        except Exception as exc:
             logger.exception("SparseX sparse forward failed; recomputing the batch with full prefill")
             forward_batch.sparsex = None
             residual_batch.clear(forward_batch)
@@ -126,9 +126,6 @@ class SparseXForward:
                 req.outcome.recomputed = int(selected.numel())
                 req.outcome.computed = int(req.rows.numel())
                 req.outcome.exact_len = exact_length(req.reused, selected, req.n_tokens)
-            logger.debug("SparseX request %s: %d prompt tokens, prefix %d, reused %d, recomputed %d, computed %d",
-                         req.rid, req.n_tokens, req.prefix_len, len(req.reused), int(selected.numel()),
-                         int(req.rows.numel()))
 
     def _mark_exact(self, req: RequestRows) -> None:
         if req.outcome is not None:
@@ -167,14 +164,14 @@ class SparseXForward:
             hidden = model.layers[i](positions, hidden, fb, capture_output=None)
         self._select(state)
         device = input_ids.device
-        rows = torch.cat([r.start + r.rows.to(device) - r.prefix_len for r in state.requests])
+        chosen = [r.rows.to(device) for r in state.requests if r.rows is not None]
+        rows = torch.cat([r.start + pos - r.prefix_len for r, pos in zip(state.requests, chosen, strict=True)])
         state.positions = positions[rows]
         state.out_cache_loc = fb.out_cache_loc[rows]
         offsets = [0]
-        for r in state.requests:
-            assert r.rows is not None
-            offsets.append(offsets[-1] + int(r.rows.numel()))
-            r.visible = torch.arange(r.n_tokens, device=device)[None, :] <= r.rows.to(device)[:, None]
+        for r, pos in zip(state.requests, chosen):
+            offsets.append(offsets[-1] + int(pos.numel()))
+            r.visible = torch.arange(r.n_tokens, device=device)[None, :] <= pos[:, None]
         state.offsets = offsets
         self._fill_reused_kv(state, threshold, model.end_layer)
         if threshold > model.start_layer:
