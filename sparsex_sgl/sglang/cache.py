@@ -118,10 +118,8 @@ class SegmentGraphCache(BasePrefixCache):
             return self._result(MatchHandle(), 0)
         if plan.reused and reason:
             self.runtime.fallback(reason)
-        if plan.reused and (reason or len(token_ids) != n_prompt):
-            plan = _prefix_only(plan)
-        if plan.prefix_len > limit:
-            plan = _cut_prefix(plan, limit)
+        if (plan.reused and (reason or len(token_ids) != n_prompt)) or plan.prefix_len > limit:
+            plan = _prefix_only(plan, min(plan.prefix_len, limit))
         self.runtime.plans[rid] = RequestPlan(plan, tuple(spans), namespace, ratio)
         n = plan.n_tokens
         outcome = RequestOutcome(prompt=n, prefix=plan.prefix_len, computed=n - plan.prefix_len, exact_len=n)
@@ -182,7 +180,7 @@ class SegmentGraphCache(BasePrefixCache):
         result = self.graph.insert(pieces, row_slots)
         old_protected = kv.cache_protected_len
         placed_end, last_node = 0, None
-        duplicates: list[int] = []
+        duplicates: list[tuple[int, int]] = []  # (position, the graph's slot) where the row holds a second copy
         for piece, nid, adopted in zip(pieces, result.node_ids, result.adopted):
             if nid is None:
                 break
@@ -192,16 +190,14 @@ class SegmentGraphCache(BasePrefixCache):
             cached = self.graph.node_slots(nid)
             for pos in range(max(piece.start, old_protected), piece.end):
                 if row_slots[pos] != cached[pos - piece.start]:
-                    duplicates.append(pos)
+                    duplicates.append((pos, cached[pos - piece.start]))
         if last_node is None or placed_end < old_protected:
             return
         if duplicates:
-            where = torch.tensor(duplicates, dtype=torch.int64, device=row.device)
+            where = torch.tensor([pos for pos, _ in duplicates], dtype=torch.int64, device=row.device)
             self.token_to_kv_pool_allocator.free(row[where].clone())
-            cached_slots = [self.graph.node_slots(nid) for nid in result.node_ids if nid is not None]
-            flat = [s for slots in cached_slots for s in slots]
             self.req_to_token_pool.req_to_token[kv.req_pool_idx, where] = torch.tensor(
-                [flat[p] for p in duplicates], dtype=row.dtype, device=row.device)
+                [slot for _, slot in duplicates], dtype=row.dtype, device=row.device)
         kv.cache_protected_len = placed_end
         kv.cache_inserted_len = max(kv.cache_inserted_len, placed_end)
         handle = MatchHandle((last_node,))
@@ -257,13 +253,8 @@ class SegmentGraphCache(BasePrefixCache):
         return out
 
 
-def _prefix_only(plan: LookupPlan) -> LookupPlan:
-    """The plan with its non-prefix hits dropped: everything after the prefix is computed."""
-    return LookupPlan(plan.n_tokens, plan.prefix_len, plan.prefix_node_ids, plan.prefix_slots, (),
-                      tuple(range(plan.prefix_len, plan.n_tokens)))
-
-
-def _cut_prefix(plan: LookupPlan, limit: int) -> LookupPlan:
-    """Honour SGLang's cap on the prefix (e.g. input logprobs start earlier); no reuse after a cut."""
-    return LookupPlan(plan.n_tokens, limit, plan.prefix_node_ids, plan.prefix_slots[:limit], (),
-                      tuple(range(limit, plan.n_tokens)))
+def _prefix_only(plan: LookupPlan, prefix_len: int) -> LookupPlan:
+    """The plan with its non-prefix hits dropped and its prefix cut to ``prefix_len`` (SGLang's cap, e.g.
+    where input logprobs start): everything after the prefix is computed."""
+    return LookupPlan(plan.n_tokens, prefix_len, plan.prefix_node_ids, plan.prefix_slots[:prefix_len], (),
+                      tuple(range(prefix_len, plan.n_tokens)))

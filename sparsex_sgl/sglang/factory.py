@@ -24,14 +24,10 @@ from sparsex_sgl.sglang.cache import SegmentGraphCache
 
 logger = logging.getLogger("sparsex_sgl")
 
-CONFIG_ENV = "SPARSEX_SGL_CONFIG"
-"""JSON of the HybridConfig, exported by the launcher for its scheduler processes."""
-
-
 def config_of(server_args: Any) -> HybridConfig:
     values = getattr(server_args, "_sparsex_config", None)
     if values is None:
-        raw = os.environ.get(CONFIG_ENV)
+        raw = os.environ.get(runtime.CONFIG_ENV)
         values = json.loads(raw) if raw else {}
     return HybridConfig.from_mapping(values)
 

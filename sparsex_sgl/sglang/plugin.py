@@ -24,11 +24,11 @@ from dataclasses import asdict
 from typing import Any
 
 from sparsex_sgl.hybrid import HybridConfig
+from sparsex_sgl.sglang.runtime import CONFIG_ENV
 
 logger = logging.getLogger("sparsex_sgl")
 
 NAME = "sparsex"
-CONFIG_ENV = "SPARSEX_SGL_CONFIG"
 CPU_SHIM_ENV = "SPARSEX_SGL_CPU_SHIM"
 OPTIONS = ("enable_sparsex", "sparsex_config", "sparsex_recompute_ratio", "sparsex_full_layers", "sparsex_selection")
 STATS_ROUTE = "/sparsex/stats"

@@ -19,6 +19,9 @@ from sparsex_sgl.rope import RopeConfig
 
 logger = logging.getLogger("sparsex_sgl")
 
+CONFIG_ENV = "SPARSEX_SGL_CONFIG"
+"""JSON of the HybridConfig, exported by the launcher; its scheduler processes inherit it."""
+
 GAP_BLOCK = 16
 """Gap pieces are cached in blocks of this many tokens (see ``segments.split_into_pieces``)."""
 
