@@ -105,7 +105,7 @@ def select_tokens(
         if signal is None or signal.shape != (r,):
             raise ValueError(f"policy {policy!r} needs a signal of shape [{r}]")
         forced = reused.moved & (reused.offset < min_per_segment)
-        score = torch.where(forced, torch.full_like(offset, float("inf")), signal.to(torch.float64))
+        score = torch.where(forced, torch.full_like(offset, float("inf")), signal.cpu().to(torch.float64))
         order = _stable_descending(score)
     chosen = order[:budget]
     chosen = chosen[score[chosen] > -float("inf")]  # never tokens of unmoved segments under first_k

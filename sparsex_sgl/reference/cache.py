@@ -21,7 +21,8 @@ class ReferenceSegmentCache:
         dims = executor.spec.dims
         self.executor = executor
         self.namespace = namespace
-        self.pool = TensorKVPool(dims.num_layers, num_slots, dims.n_kv_heads, dims.head_dim, executor.dtype)
+        self.pool = TensorKVPool(dims.num_layers, num_slots, dims.n_kv_heads, dims.head_dim, executor.dtype,
+                                 executor.device)
         self.graph = SegmentGraph(self.pool.allocator, max_tokens or num_slots - 1)
 
     def fill_segment(self, token_ids: Sequence[int]) -> bool:

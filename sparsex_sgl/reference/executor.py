@@ -38,9 +38,9 @@ class RequestKV:
     v: torch.Tensor
 
     @classmethod
-    def empty(cls, spec: ModelSpec, capacity: int, dtype: torch.dtype) -> RequestKV:
+    def empty(cls, spec: ModelSpec, capacity: int, dtype: torch.dtype, device: torch.device) -> RequestKV:
         d = spec.dims
-        k = torch.zeros(d.num_layers, capacity, d.n_kv_heads, d.head_dim, dtype=dtype)
+        k = torch.zeros(d.num_layers, capacity, d.n_kv_heads, d.head_dim, dtype=dtype, device=device)
         return cls(k, torch.zeros_like(k))
 
 
@@ -83,17 +83,15 @@ class PrefillResult:
 @dataclass(frozen=True)
 class _Rows:
     """The rows one pass computes, with what every layer of that pass shares: their rotary cos/sin
-    (``[m, 1, head_dim]``) and their attention mask by position (``[m, end]``, True = visible)."""
+    (``[m, 1, head_dim]``), their attention mask by position (``[m, end]``, True = visible; None when
+    the rows are every position ``0..end-1``, which is plain causal attention), and the slot row the
+    Triton kernels read the dense per-position KV through."""
 
     positions: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
-    visible: torch.Tensor
-
-    @property
-    def end(self) -> int:
-        """Number of key positions the rows can see (last position + 1)."""
-        return self.visible.shape[1]
+    visible: torch.Tensor | None
+    end: int
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -102,22 +100,37 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class ReferenceExecutor:
-    """Runs a supported HF ``*ForCausalLM`` (Llama, Qwen2, Qwen3) row-selectively on the CPU or a GPU."""
+    """Runs a supported HF ``*ForCausalLM`` (Llama, Qwen2, Qwen3) row-selectively on the CPU or a GPU.
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    ``kernels="torch"`` computes attention, selection scores and re-alignment with torch ops (the
+    references); ``kernels="triton"`` with the Triton kernels (compiled on a GPU, interpreted on the CPU
+    under ``TRITON_INTERPRET=1``), on the same code path.
+    """
+
+    def __init__(self, model: torch.nn.Module, kernels: str = "torch") -> None:
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
         self.spec = ModelSpec.from_hf(model)
         self.model = model.eval()
-        self.dtype = next(model.parameters()).dtype
+        first = next(model.parameters())
+        self.dtype, self.device = first.dtype, first.device
         self._decoder = model.model
+        self.kernels = kernels
+        if kernels == "triton":
+            from sparsex_sgl.kernels import realign, scattered_attention, selection
+
+            self._triton = (scattered_attention, selection, realign)
 
     # ------------------------------------------------------------------ building blocks
     def _rows(self, positions: torch.Tensor) -> _Rows:
         """Per-pass row state, built once instead of once per layer."""
-        probe = torch.empty(0, dtype=self.dtype)
+        positions = positions.to(self.device)
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
         cos, sin = self._decoder.rotary_emb(probe, positions[None])
         end = int(positions.max()) + 1
-        visible = torch.arange(end)[None, :] <= positions[:, None]
-        return _Rows(positions, cos[0][:, None, :], sin[0][:, None, :], visible)
+        every = positions.numel() == end  # sorted and distinct, so these are all of 0..end-1
+        visible = None if every else torch.arange(end, device=self.device)[None, :] <= positions[:, None]
+        return _Rows(positions, cos[0][:, None, :], sin[0][:, None, :], visible, end)
 
     def _layer(
         self, i: int, h: torch.Tensor, rows: _Rows, kv: RequestKV, need_lse: bool = False
@@ -141,18 +154,38 @@ class ReferenceExecutor:
         k = k * rows.cos + _rotate_half(k) * rows.sin
         kv.k[i, rows.positions] = k
         kv.v[i, rows.positions] = v
-        keys, values = kv.k[i, : rows.end], kv.v[i, : rows.end]
-        lse = None
-        if need_lse:
-            out, lse = scattered_query_attention_ref(q, keys, values, rows.positions, attn.scaling)
-        else:
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=rows.visible,
-                scale=attn.scaling, enable_gqa=True,
-            ).transpose(0, 1)
+        out, lse = self._attend(q, kv.k[i], kv.v[i], rows, attn.scaling, need_lse)
         h = h + attn.o_proj(out.reshape(m, dims.n_heads * dims.head_dim))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, q, lse
+
+    def _attend(self, q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, rows: _Rows, scale: float,
+                need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of ``rows`` over positions ``0..end-1`` of one layer's K/V ``[capacity, kv_heads, d]``."""
+        if self.kernels == "triton":
+            slot_row = torch.arange(k_layer.shape[0], dtype=torch.int32, device=self.device)[None, :]
+            zero = torch.zeros(1, dtype=torch.int32, device=self.device)
+            end = torch.full((1,), rows.end, dtype=torch.int32, device=self.device)
+            out, lse = self._triton[0].scattered_query_attention(
+                q.contiguous(), k_layer, v_layer, rows.positions, [0, q.shape[0]], slot_row, zero, end, scale)
+            return out, lse
+        keys, values = k_layer[: rows.end], v_layer[: rows.end]
+        if need_lse:
+            return scattered_query_attention_ref(q, keys, values, rows.positions, scale)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=rows.visible,
+            is_causal=rows.visible is None, scale=scale, enable_gqa=True,
+        ).transpose(0, 1)
+        return out, None
+
+    def _scores(self, q: torch.Tensor, k_layer: torch.Tensor, q_positions: torch.Tensor, lse: torch.Tensor,
+                key_positions: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention mass each reused key (by position) receives from the query rows (select.py)."""
+        q_positions, key_positions = q_positions.to(self.device), key_positions.to(self.device)
+        if self.kernels == "triton":
+            return self._triton[1].selection_scores(q.contiguous(), k_layer, q_positions, lse, key_positions,
+                                                    key_positions, scale)
+        return selection_scores_ref(q, k_layer, q_positions, lse, key_positions, scale)
 
     def _logits(self, h_rows: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self._decoder.norm(h_rows)).float()
@@ -166,9 +199,9 @@ class ReferenceExecutor:
     def prefill_full(self, input_ids: Sequence[int], extra_capacity: int = 0) -> PrefillResult:
         """Exact prefill of every token at positions ``0..n-1``."""
         n = len(input_ids)
-        kv = RequestKV.empty(self.spec, n + extra_capacity, self.dtype)
+        kv = RequestKV.empty(self.spec, n + extra_capacity, self.dtype, self.device)
         all_rows = self._rows(torch.arange(n))
-        h = self._decoder.embed_tokens(torch.as_tensor(list(input_ids)))
+        h = self._decoder.embed_tokens(torch.as_tensor(list(input_ids), device=self.device))
         for i in range(self.spec.dims.num_layers):
             h, _, _ = self._layer(i, h, all_rows, kv)
         stats = PrefillStats(n, 0, 0, 0, n, self.full_flops(n))
@@ -195,20 +228,20 @@ class ReferenceExecutor:
             raise ValueError(f"plan covers {plan.n_tokens} tokens, the prompt has {n}")
         num_layers = self.spec.dims.num_layers
         threshold = config.threshold(num_layers)
-        kv = RequestKV.empty(self.spec, n + extra_capacity, self.dtype)
+        kv = RequestKV.empty(self.spec, n + extra_capacity, self.dtype, self.device)
         reused = self._load_cached(plan, pool, kv)
         new_rows = torch.as_tensor(plan.new_rows, dtype=torch.int64)
-        ids = torch.as_tensor(list(input_ids))
+        ids = torch.as_tensor(list(input_ids), device=self.device)
         budget = selection_budget(len(reused), config.recompute_ratio)
 
         if threshold == 0:
             selected = select_tokens(reused, budget, config.selection, None, config.min_tokens_per_segment)
             rows = torch.sort(torch.cat([new_rows, selected])).values
-            h = self._decoder.embed_tokens(ids[rows])
+            h = self._decoder.embed_tokens(ids[rows.to(self.device)])
             rows_per_layer = [rows.tolist()] * num_layers
         else:
             full_rows = torch.arange(plan.prefix_len, n)
-            h = self._decoder.embed_tokens(ids[full_rows])
+            h = self._decoder.embed_tokens(ids[full_rows.to(self.device)])
             wants_signal = len(reused) > 0 and config.selection in SIGNAL_SELECTIONS
             if wants_signal:
                 cached_v = kv.v[threshold - 1, reused.positions].clone()  # the re-aligned values, before refresh
@@ -222,13 +255,13 @@ class ReferenceExecutor:
             if signal is not None and config.selection == "sparse_q":
                 local = new_rows - plan.prefix_len
                 assert lse is not None
-                signal = signal * selection_scores_ref(
-                    q[local], kv.k[threshold - 1, :n], new_rows, lse[local], reused.positions,
-                    self._decoder.layers[threshold - 1].self_attn.scaling,
+                signal = signal * self._scores(
+                    q[local.to(self.device)], kv.k[threshold - 1], new_rows, lse[local.to(self.device)],
+                    reused.positions, self._decoder.layers[threshold - 1].self_attn.scaling,
                 )
             selected = select_tokens(reused, budget, config.selection, signal, config.min_tokens_per_segment)
             rows = torch.sort(torch.cat([new_rows, selected])).values
-            h = h[rows - plan.prefix_len]
+            h = h[(rows - plan.prefix_len).to(self.device)]
             rows_per_layer = [full_rows.tolist()] * threshold + [rows.tolist()] * (num_layers - threshold)
 
         sparse_pass = self._rows(rows)
@@ -251,14 +284,23 @@ class ReferenceExecutor:
         if plan.prefix_len:
             k, v = pool.read(plan.prefix_slots)
             kv.k[:, : plan.prefix_len], kv.v[:, : plan.prefix_len] = k, v
-        for seg in plan.reused:
-            k, v = pool.read(seg.slots)
-            layers, length, heads, dim = k.shape
-            flat = k.permute(1, 0, 2, 3).reshape(length, layers * heads, dim)
-            k = realign_keys(flat, seg.delta, self.spec.rope).reshape(length, layers, heads, dim).permute(1, 0, 2, 3)
-            span = slice(seg.target_start, seg.target_start + length)
-            kv.k[:, span], kv.v[:, span] = k, v
-        return reused_tokens(plan.reused)
+        reused = reused_tokens(plan.reused)
+        if not plan.reused:
+            return reused
+        src = torch.tensor([s for seg in plan.reused for s in seg.slots], device=self.device)
+        delta = torch.cat([torch.full((seg.length,), seg.delta) for seg in plan.reused])
+        dst = reused.positions.to(self.device)
+        if self.kernels == "triton":
+            for layer in range(self.spec.dims.num_layers):
+                self._triton[2].realign_copy(pool.k[layer], pool.v[layer], kv.k[layer], kv.v[layer], src, dst, delta,
+                                             self.spec.rope)
+            return reused
+        k = pool.k[:, src]
+        layers, length, heads, dim = k.shape
+        flat = k.permute(1, 0, 2, 3).reshape(length, layers * heads, dim)
+        k = realign_keys(flat, delta.to(self.device), self.spec.rope).reshape(length, layers, heads, dim)
+        kv.k[:, dst], kv.v[:, dst] = k.permute(1, 0, 2, 3), pool.v[:, src]
+        return reused
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -267,7 +309,7 @@ class ReferenceExecutor:
         if start + len(token_ids) > result.kv.k.shape[1]:
             raise ValueError("the prefill was not given enough extra_capacity for these tokens")
         new_rows = self._rows(torch.arange(start, start + len(token_ids)))
-        h = self._decoder.embed_tokens(torch.as_tensor(list(token_ids)))
+        h = self._decoder.embed_tokens(torch.as_tensor(list(token_ids), device=self.device))
         for i in range(self.spec.dims.num_layers):
             h, _, _ = self._layer(i, h, new_rows, result.kv)
         return self._logits(h)

@@ -43,17 +43,17 @@ class TensorKVPool:
     """K and V of every layer for ``num_slots`` tokens: ``k, v [layers, slots, kv_heads, head_dim]``."""
 
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.k = torch.zeros(num_layers, num_slots, kv_heads, head_dim, dtype=dtype)
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.k = torch.zeros(num_layers, num_slots, kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.allocator = FreeListAllocator(num_slots)
 
     def write(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k, v [layers, len(slots), kv_heads, head_dim]``."""
-        index = torch.as_tensor(list(slots), dtype=torch.int64)
+        index = torch.as_tensor(list(slots), dtype=torch.int64, device=self.k.device)
         self.k[:, index] = k.to(self.k.dtype)
         self.v[:, index] = v.to(self.v.dtype)
 
     def read(self, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(list(slots), dtype=torch.int64)
+        index = torch.as_tensor(list(slots), dtype=torch.int64, device=self.k.device)
         return self.k[:, index], self.v[:, index]
