@@ -62,6 +62,13 @@ def reused_tokens(segments: Sequence[ReusedSegment]) -> ReusedTokens:
     return ReusedTokens(positions, segment, offset, moved)
 
 
+def reused_sources(segments: Sequence[ReusedSegment]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per reused token (in ``reused_tokens`` order): the slot its cached KV sits in, and its position delta."""
+    slots = torch.tensor([s for seg in segments for s in seg.slots], dtype=torch.int64)
+    deltas = torch.tensor([seg.delta for seg in segments for _ in range(seg.length)], dtype=torch.int64)
+    return slots, deltas
+
+
 def exact_length(reused: ReusedTokens, selected: torch.Tensor, n_tokens: int) -> int:
     """How many leading prompt positions have exact KV after a reuse prefill.
 

@@ -24,6 +24,7 @@ from sparsex_sgl.select import (
     SIGNAL_SELECTIONS,
     ReusedTokens,
     exact_length,
+    reused_sources,
     reused_tokens,
     select_tokens,
     selection_budget,
@@ -84,14 +85,18 @@ class PrefillResult:
 class _Rows:
     """The rows one pass computes, with what every layer of that pass shares: their rotary cos/sin
     (``[m, 1, head_dim]``), their attention mask by position (``[m, end]``, True = visible; None when
-    the rows are every position ``0..end-1``, which is plain causal attention), and the slot row the
-    Triton kernels read the dense per-position KV through."""
+    the rows are every position ``0..end-1``, which is plain causal attention), and how the Triton
+    kernels read the dense per-position KV as a pool: ``slot_row [1, end]`` (slot = position), request
+    ``pool_index [1]`` (0) and ``kv_len [1]`` (end)."""
 
     positions: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     visible: torch.Tensor | None
     end: int
+    slot_row: torch.Tensor
+    pool_index: torch.Tensor
+    kv_len: torch.Tensor
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +135,10 @@ class ReferenceExecutor:
         end = int(positions.max()) + 1
         every = positions.numel() == end  # sorted and distinct, so these are all of 0..end-1
         visible = None if every else torch.arange(end, device=self.device)[None, :] <= positions[:, None]
-        return _Rows(positions, cos[0][:, None, :], sin[0][:, None, :], visible, end)
+        slot_row = torch.arange(end, dtype=torch.int32, device=self.device)[None, :]
+        pool_index = torch.zeros(1, dtype=torch.int32, device=self.device)
+        kv_len = torch.full((1,), end, dtype=torch.int32, device=self.device)
+        return _Rows(positions, cos[0][:, None, :], sin[0][:, None, :], visible, end, slot_row, pool_index, kv_len)
 
     def _layer(
         self, i: int, h: torch.Tensor, rows: _Rows, kv: RequestKV, need_lse: bool = False
@@ -163,11 +171,9 @@ class ReferenceExecutor:
                 need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of ``rows`` over positions ``0..end-1`` of one layer's K/V ``[capacity, kv_heads, d]``."""
         if self.kernels == "triton":
-            slot_row = torch.arange(k_layer.shape[0], dtype=torch.int32, device=self.device)[None, :]
-            zero = torch.zeros(1, dtype=torch.int32, device=self.device)
-            end = torch.full((1,), rows.end, dtype=torch.int32, device=self.device)
             out, lse = self._triton[0].scattered_query_attention(
-                q.contiguous(), k_layer, v_layer, rows.positions, [0, q.shape[0]], slot_row, zero, end, scale)
+                q.contiguous(), k_layer, v_layer, rows.positions, [0, q.shape[0]], rows.slot_row, rows.pool_index,
+                rows.kv_len, scale)
             return out, lse
         keys, values = k_layer[: rows.end], v_layer[: rows.end]
         if need_lse:
@@ -287,9 +293,8 @@ class ReferenceExecutor:
         reused = reused_tokens(plan.reused)
         if not plan.reused:
             return reused
-        src = torch.tensor([s for seg in plan.reused for s in seg.slots], device=self.device)
-        delta = torch.cat([torch.full((seg.length,), seg.delta) for seg in plan.reused])
-        dst = reused.positions.to(self.device)
+        src, delta = reused_sources(plan.reused)
+        src, dst = src.to(self.device), reused.positions.to(self.device)
         if self.kernels == "triton":
             for layer in range(self.spec.dims.num_layers):
                 self._triton[2].realign_copy(pool.k[layer], pool.v[layer], kv.k[layer], kv.v[layer], src, dst, delta,

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparsex_sgl.graph import LookupPlan
 from sparsex_sgl.select import ReusedTokens
 from sparsex_sgl.sglang.runtime import RequestOutcome
 
@@ -33,7 +32,6 @@ class RequestRows:
     start: int
     prefix_len: int
     n_tokens: int
-    plan: LookupPlan | None
     outcome: RequestOutcome | None
     reused: ReusedTokens
     new_rows: torch.Tensor

@@ -24,7 +24,14 @@ from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sparsex_sgl.rope import realign_keys
-from sparsex_sgl.select import SIGNAL_SELECTIONS, exact_length, reused_tokens, select_tokens, selection_budget
+from sparsex_sgl.select import (
+    SIGNAL_SELECTIONS,
+    exact_length,
+    reused_sources,
+    reused_tokens,
+    select_tokens,
+    selection_budget,
+)
 from sparsex_sgl.sglang.batch import RequestRows, SparseBatch
 from sparsex_sgl.sglang.runtime import SparseXRuntime
 
@@ -91,19 +98,15 @@ class SparseXForward:
                 plan = None
             if plan is not None and not plan.reused:
                 plan = None
-            reused = reused_tokens(plan.reused if plan else ())
-            if plan is not None:
-                any_reuse = True
-                src = torch.tensor([s for seg in plan.reused for s in seg.slots], dtype=torch.int64)
-                dst = out_cache_loc[start + reused.positions.to(out_cache_loc.device) - p]
-                delta = torch.cat([torch.full((seg.length,), seg.delta, dtype=torch.int64) for seg in plan.reused])
-                new_rows = torch.tensor(plan.new_rows, dtype=torch.int64)
-            else:
-                src = dst = delta = torch.empty(0, dtype=torch.int64)
-                new_rows = torch.arange(p, p + e)
+            segments = plan.reused if plan is not None else ()
+            any_reuse |= bool(segments)
+            reused = reused_tokens(segments)
+            src, delta = reused_sources(segments)
+            dst = out_cache_loc[start + reused.positions.to(out_cache_loc.device) - p]
+            new_rows = torch.tensor(plan.new_rows, dtype=torch.int64) if plan is not None else torch.arange(p, p + e)
             outcome = self.runtime.outcomes.get(rid)
             ratio = entry.recompute_ratio if entry is not None else self.runtime.config.recompute_ratio
-            requests.append(RequestRows(rid, ratio, int(pool_indices[i]), start, p, p + e, plan, outcome, reused,
+            requests.append(RequestRows(rid, ratio, int(pool_indices[i]), start, p, p + e, outcome, reused,
                                         new_rows, src.to(out_cache_loc.device), dst, delta))
             start += e
         if not any_reuse:
