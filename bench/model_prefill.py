@@ -2,7 +2,7 @@
 
 A randomly initialised model of a real shape (the architecture's config, no weights needed) processes a
 RAG-shaped prompt: a 64-token instruction, segments of ``--segment`` tokens cached alone beforehand, and
-a 64-token question. Full prefill runs dense causal attention (torch SDPA); SparseX runs the hybrid plan
+a 64-token question. Full prefill runs dense causal attention (FlashInfer when installed, else SDPA); SparseX runs the hybrid plan
 (``--full-layers``, ``--ratio``, Sparse-Q selection) on the Triton kernels. Times are medians of
 ``--repeats`` runs after one warm-up, measured side by side in one process.
 
@@ -76,7 +76,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     lengths = [int(x) for x in args.lengths.split(",")]
     model = build_model(args.model, max(lengths) + 256, dtype, device)
-    full_exec = ReferenceExecutor(model)  # dense causal SDPA
+    full_exec = ReferenceExecutor(model)  # every layer dense causal (kernels.dense)
     sparse_exec = ReferenceExecutor(model, kernels="triton" if device == "cuda" else "torch")
     config = method_config("sparsex", args.ratio, args.full_layers)
     assert config is not None

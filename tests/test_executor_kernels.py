@@ -25,15 +25,6 @@ from sparsex_sgl.reference import ReferenceExecutor
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_full_prefill_same_with_triton_kernels(family: str) -> None:
-    model = tiny_model(family, n_heads=4, n_kv_heads=1)
-    ids, _, _ = segmented_prompt(4)
-    torch_logits = ReferenceExecutor(model).prefill_full(ids).logits
-    triton_logits = ReferenceExecutor(model, kernels="triton").prefill_full(ids).logits
-    torch.testing.assert_close(triton_logits, torch_logits, **TOL)
-
-
 @pytest.mark.parametrize("method, ratio", [("sparsex", 0.3), ("cacheblend", 0.3), ("epic", 0.3), ("sparsex", 1.0)])
 def test_reuse_prefill_same_with_triton_kernels(method: str, ratio: float) -> None:
     model = tiny_model("llama")

@@ -17,6 +17,7 @@ import torch
 from sparsex_sgl.graph import LookupPlan
 from sparsex_sgl.hybrid import HybridConfig, modeled_prefill_flops
 from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
+from sparsex_sgl.kernels.dense import dense_causal_attention
 from sparsex_sgl.reference.model import ModelSpec
 from sparsex_sgl.reference.pool import TensorKVPool
 from sparsex_sgl.rope import realign_keys
@@ -107,9 +108,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class ReferenceExecutor:
     """Runs a supported HF ``*ForCausalLM`` (Llama, Qwen2, Qwen3) row-selectively on the CPU or a GPU.
 
-    ``kernels="torch"`` computes attention, selection scores and re-alignment with torch ops (the
-    references); ``kernels="triton"`` with the Triton kernels (compiled on a GPU, interpreted on the CPU
-    under ``TRITON_INTERPRET=1``), on the same code path.
+    ``kernels="torch"`` computes scattered-row attention, selection scores and re-alignment with torch ops
+    (the references); ``kernels="triton"`` with the Triton kernels (compiled on a GPU, interpreted on the
+    CPU under ``TRITON_INTERPRET=1``), on the same code path. Whole-sequence causal attention always takes
+    ``kernels.dense`` (FlashInfer when installed on CUDA, else SDPA).
     """
 
     def __init__(self, model: torch.nn.Module, kernels: str = "torch") -> None:
@@ -169,18 +171,25 @@ class ReferenceExecutor:
 
     def _attend(self, q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, rows: _Rows, scale: float,
                 need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention of ``rows`` over positions ``0..end-1`` of one layer's K/V ``[capacity, kv_heads, d]``."""
+        """Attention of ``rows`` over positions ``0..end-1`` of one layer's K/V ``[capacity, kv_heads, d]``.
+
+        Rows that are a whole sequence (plain causal) and need no LSE take the dense path (FlashInfer where
+        installed on CUDA, else SDPA), whatever ``kernels`` says: no scattered kernel beats dense attention
+        when every row is computed. Scattered rows take the Triton kernel or the torch reference.
+        """
+        keys, values = k_layer[: rows.end], v_layer[: rows.end]
+        if rows.visible is None and not need_lse:
+            return dense_causal_attention(q, keys, values, scale), None
         if self.kernels == "triton":
             out, lse = self._triton[0].scattered_query_attention(
                 q.contiguous(), k_layer, v_layer, rows.positions, [0, q.shape[0]], rows.slot_row, rows.pool_index,
                 rows.kv_len, scale)
             return out, lse
-        keys, values = k_layer[: rows.end], v_layer[: rows.end]
         if need_lse:
             return scattered_query_attention_ref(q, keys, values, rows.positions, scale)
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=rows.visible,
-            is_causal=rows.visible is None, scale=scale, enable_gqa=True,
+            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=rows.visible, scale=scale,
+            enable_gqa=True,
         ).transpose(0, 1)
         return out, None
 
