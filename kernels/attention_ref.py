@@ -15,7 +15,7 @@ import torch
 def _grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Scores ``[kv_heads, group, m, n]`` in float32 for ``q [m, hq, d]`` and ``k [n, hkv, d]``."""
     m, hq, d = q.shape
-    n, hkv, _ = k.shape
+    _n, hkv, _ = k.shape
     if hq % hkv:
         raise ValueError(f"query heads {hq} are not a multiple of kv heads {hkv}")
     qg = q.float().reshape(m, hkv, hq // hkv, d)
@@ -35,7 +35,7 @@ def scattered_query_attention_ref(
     Returns ``out [m, hq, d]`` in q's dtype and ``lse [m, hq]`` (float32, natural log).
     """
     m, hq, d = q.shape
-    n, hkv, _ = k.shape
+    n, _hkv, _ = k.shape
     if q_positions.shape != (m,):
         raise ValueError(f"q_positions must be [{m}], got {tuple(q_positions.shape)}")
     if m and int(q_positions.max()) >= n:

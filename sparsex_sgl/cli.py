@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sparsex_sgl.eval import fidelity
+from sparsex_sgl.harness import commands as bench
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -12,6 +13,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     evaluate = commands.add_parser("eval", help="evaluations").add_subparsers(dest="evaluation", required=True)
     fidelity.add_arguments(evaluate.add_parser("fidelity", help="fidelity of reuse methods to full prefill"))
+    bench.add_arguments(commands.add_parser("bench", help="workloads, load runs against SGLang servers, reports"))
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -9,6 +9,7 @@ comparing token ids, because a collision must never serve another segment's KV.
 
 from __future__ import annotations
 
+import itertools
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def validate_spans(spans: object, n_tokens: int) -> list[tuple[int, int]]:
             raise InvalidSegmentsError(f"segment span {list(span)} is empty or reversed")
         checked.append((start, end))
     checked.sort()
-    for (s0, e0), (s1, e1) in zip(checked, checked[1:]):
+    for (s0, e0), (s1, e1) in itertools.pairwise(checked):
         if s1 < e0:
             raise InvalidSegmentsError(f"segment spans [{s0}, {e0}] and [{s1}, {e1}] overlap")
     return checked

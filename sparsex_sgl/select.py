@@ -81,7 +81,7 @@ def exact_length(reused: ReusedTokens, selected: torch.Tensor, n_tokens: int) ->
 
 def selection_budget(n_reused: int, ratio: float) -> int:
     """Number of reused tokens to recompute at a recompute ratio."""
-    return min(n_reused, int(round(ratio * n_reused)))
+    return min(n_reused, round(ratio * n_reused))
 
 
 def select_tokens(

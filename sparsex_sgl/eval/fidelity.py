@@ -8,6 +8,8 @@ reference; every method prefills the same prompt from the cache. Metrics per met
 - ``top1_agree``: share of 16 teacher-forced answer steps (full prefill's greedy tokens as history)
   where the method's top-1 equals full prefill's greedy token;
 - ``greedy_exact``: share of questions whose 16 greedy tokens equal full prefill's;
+- ``f1`` / ``em``: token F1 and exact match of the greedy answer (up to its first line break or end of
+  turn) against HotpotQA's gold answer, with the standard SQuAD normalisation;
 - ``recompute_frac``: share of prompt tokens computed in the sparse layers;
 - ``flops_frac``: modeled prefill FLOPs as a fraction of full prefill's.
 """
@@ -18,6 +20,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
-from sparsex_sgl.eval.hotpotqa import build_prompt, load_examples
+from sparsex_sgl.eval.hotpotqa import build_prompt, exact_match, f1_score, load_examples
 from sparsex_sgl.hybrid import METHODS, HybridConfig, method_config
 from sparsex_sgl.reference.cache import ReferenceSegmentCache
 from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor
@@ -69,6 +72,17 @@ def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float
     return float((log_p.exp() * (log_p - log_q)).sum())
 
 
+def answer_text(tokenizer: Any, tokens: list[int]) -> str:
+    """The answer a reader sees: greedy tokens up to the end of turn, decoded, up to the first line break."""
+    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    for index, token in enumerate(tokens):
+        if token in stops:
+            tokens = tokens[:index]
+            break
+    text = str(tokenizer.decode(tokens, skip_special_tokens=True)).strip()
+    return text.split("\n", 1)[0].strip()
+
+
 def load_executor(model: str) -> tuple[ReferenceExecutor, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,13 +100,17 @@ def evaluate(
     runs: list[MethodRun],
     seed: int = 0,
     progress: bool = True,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every method on ``n`` questions from ``offset``; returns the report dict."""
+    """Run every method on ``n`` questions from ``offset``; returns the report dict.
+
+    ``checkpoint`` gets the report over the questions done so far after each question (``meta.n`` says
+    how many), so a long sweep that is stopped keeps its figures."""
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     examples = load_examples(hotpotqa_path(), n, offset)
     started = time.perf_counter()
     prompt_tokens = 0
-    for example in tqdm(examples, desc="fidelity", unit="q", disable=not progress):
+    for done, example in enumerate(tqdm(examples, desc="fidelity", unit="q", disable=not progress), start=1):
         prompt = build_prompt(tokenizer, example, seed)
         prompt_tokens += len(prompt.input_ids)
         full = executor.prefill_full(prompt.input_ids, extra_capacity=ANSWER_TOKENS)
@@ -114,8 +132,19 @@ def evaluate(
             acc["kl_mean"] += kl_divergence(full.logits, result.logits)
             acc["top1_agree"] += sum(a == b for a, b in zip(forced, full_greedy)) / ANSWER_TOKENS
             acc["greedy_exact"] += float(greedy == full_greedy)
+            answer = answer_text(tokenizer, greedy)
+            acc["f1"] += f1_score(answer, example.answer)
+            acc["em"] += exact_match(answer, example.answer)
             acc["recompute_frac"] += result.stats.recompute_frac
             acc["flops_frac"] += result.stats.flops / full_flops
+        report = _report(totals, runs, done, offset, seed, prompt_tokens, executor, started)
+        if checkpoint is not None:
+            checkpoint(report)
+    return report
+
+
+def _report(totals: dict[str, dict[str, float]], runs: list[MethodRun], n: int, offset: int, seed: int,
+            prompt_tokens: int, executor: ReferenceExecutor, started: float) -> dict[str, Any]:
     report: dict[str, Any] = {"methods": {}}
     for run in runs:
         metrics: dict[str, Any] = {key: value / n for key, value in totals[run.name].items()}
@@ -134,31 +163,31 @@ def evaluate(
 
 
 def format_table(report: dict[str, Any]) -> str:
-    header = "| method | KL(full‖m) | top-1 agree | greedy exact | recompute frac | FLOPs frac |"
-    lines = [header, "|---|---|---|---|---|---|"]
+    header = "| method | KL(full‖m) | top-1 agree | greedy exact | F1 | EM | recompute frac | FLOPs frac |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for name, m in report["methods"].items():
         lines.append(
-            f"| {name} | {m['kl_mean']:.4f} | {m['top1_agree']:.3f} | {m['greedy_exact']:.2f} "
-            f"| {m['recompute_frac']:.3f} | {m['flops_frac']:.3f} |"
+            f"| {name} | {m['kl_mean']:.4f} | {m['top1_agree']:.3f} | {m['greedy_exact']:.2f} | {m['f1']:.3f} "
+            f"| {m['em']:.3f} | {m['recompute_frac']:.3f} | {m['flops_frac']:.3f} |"
         )
     return "\n".join(lines)
 
 
-def _floats(text: str) -> list[float]:
+def parse_floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
-def _ints(text: str) -> list[int]:
+def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="'smollm2' or a path to an HF model folder")
+    parser.add_argument("--model", default="smollm2", help="'smollm2', 'qwen2.5-0.5b' or a path to an HF model folder")
     parser.add_argument("--data", default="hotpotqa", choices=["hotpotqa"])
     parser.add_argument("--n", type=int, default=10, help="number of questions")
     parser.add_argument("--offset", type=int, default=0, help="index of the first question")
-    parser.add_argument("--ratio", type=_floats, default=[0.15], help="recompute ratio(s), comma-separated")
-    parser.add_argument("--full-layers", type=_ints, default=[2], help="L_full value(s), comma-separated")
+    parser.add_argument("--ratio", type=parse_floats, default=[0.15], help="recompute ratio(s), comma-separated")
+    parser.add_argument("--full-layers", type=parse_ints, default=[2], help="L_full value(s), comma-separated")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the paragraph shuffles")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -175,12 +204,20 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     executor, tokenizer = load_executor(args.model)
     runs = method_runs(methods, args.ratio, args.full_layers)
-    report = evaluate(executor, tokenizer, args.n, args.offset, runs, seed=args.seed)
-    report["meta"]["command"] = (
+    command = (
         f"sparsex-sgl eval fidelity --model {args.model} --data {args.data} --n {args.n} --offset {args.offset} "
         f"--ratio {','.join(map(str, args.ratio))} --full-layers {','.join(map(str, args.full_layers))} "
         f"--methods {args.methods} --seed {args.seed}"
     )
+
+    def checkpoint(partial: dict[str, Any]) -> None:
+        if args.out:
+            partial["meta"]["command"] = command
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(partial, indent=2))
+
+    report = evaluate(executor, tokenizer, args.n, args.offset, runs, seed=args.seed, checkpoint=checkpoint)
+    report["meta"]["command"] = command
     print(format_table(report))
     meta = report["meta"]
     print(f"{meta['n']} questions, {meta['mean_prompt_tokens']:.0f} prompt tokens on average, {meta['seconds']} s")

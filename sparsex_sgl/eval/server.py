@@ -1,4 +1,4 @@
-"""Start and stop real SGLang servers on 127.0.0.1 (CPU flags), for the tests and the benchmarks."""
+"""Start and stop real SGLang servers on 127.0.0.1 (CPU flags by default), for the tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -66,10 +66,13 @@ def _decode(body: bytes) -> Any:
         return body.decode("utf-8", "replace")
 
 
-def launch(model: Path, extra: Sequence[str], log: Path, max_total_tokens: int = 8192) -> Server:
-    """Start ``python -m sglang.launch_server`` in its own process group; ``wait_ready`` to block."""
+def launch(model: Path, extra: Sequence[str], log: Path, max_total_tokens: int = 8192,
+           base_flags: Sequence[str] = CPU_FLAGS) -> Server:
+    """Start ``python -m sglang.launch_server`` in its own process group; ``wait_ready`` to block.
+
+    ``base_flags`` default to the CPU set; pass ``()`` on a GPU machine to keep SGLang's own defaults."""
     port = free_port()
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), *CPU_FLAGS,
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), *base_flags,
            "--max-total-tokens", str(max_total_tokens), "--host", "127.0.0.1", "--port", str(port), *extra]
     out = log.open("wb")
     process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,0 +1,191 @@
+"""Tables and plots from the harness's ``results.json`` and the offline quality sweep's JSON.
+
+``sparsex-sgl bench report RESULTS_DIR... [--sweep SWEEP.json] --out DIR`` writes ``report.md`` (every
+run's table, plus the sweep's) and the plots: TTFT CDF per system (one per workload and load),
+throughput against offered load (when a run swept ``--rate``), and F1 against recompute fraction per
+method (from the sweep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def _f(value: Any, spec: str = ".2f", scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def _load_label(run: dict[str, Any]) -> str:
+    return f"{run['rate']}/s Poisson" if run.get("rate") else f"concurrency {run.get('concurrency')}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """One table per (workload, load): a row per system, then the SparseX / stock ratios."""
+    lines = [f"Command: `{report['command']}`", "",
+             (f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
+              f"device {report['machine']['device']}; model `{Path(report['model']).name}`"), ""]
+    for run in report["runs"]:
+        if "server_error" in run:
+            lines += [f"**{run['system']}: the server did not start.** `{run['server_error'][-300:]}`", ""]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for run in report["runs"]:
+        if "summary" in run:
+            groups[(run["workload"], _load_label(run))].append(run)
+    for (workload, load), runs in groups.items():
+        params = report["workloads"][workload]["params"]
+        lines += [f"### {workload}, {load}", "", f"Workload: `{json.dumps(params)}`", "",
+                  ("| system | done / errors | TTFT p50 / p90 / p99 (s) | TTFT p50 novel / reuse (s) | ITL p50 (ms) "
+                   "| req/s | out tok/s | prompt tok | prefix hit | reused | recomputed | EM / F1 | equal to full |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for run in runs:
+            s = run["summary"]
+            interrupted = " (interrupted)" if run.get("interrupted") else ""
+            lines.append(
+                f"| {run['system']}{interrupted} | {s['completed']} / {s['errors']} "
+                f"| {_f(s['ttft_p50'])} / {_f(s['ttft_p90'])} / {_f(s['ttft_p99'])} "
+                f"| {_f(s['ttft_p50_novel'])} / {_f(s['ttft_p50_reuse'])} | {_f(s['itl_p50'], '.0f', 1000)} "
+                f"| {_f(s['req_per_s'], '.3f')} | {_f(s['output_tok_per_s'], '.1f')} | {s['prompt_tokens_mean']:.0f} "
+                f"| {s['prefix_hit_tokens_mean']:.0f} | {s['sparsex_reused_mean']:.0f} | {s['sparsex_recomputed_mean']:.0f} "
+                f"| {_f(s.get('em'))} / {_f(s.get('f1'))} | {_f(s.get('equal_to_full'))} |")
+        by_system = {run["system"]: run["summary"] for run in runs}
+        if "stock" in by_system and "sparsex" in by_system:
+            stock, ours = by_system["stock"], by_system["sparsex"]
+            lines += ["", "SparseX vs stock: " + ", ".join(
+                f"{name} {_ratio(stock.get(a), ours.get(a)) if inverse else _ratio(ours.get(a), stock.get(a))}"
+                for name, a, inverse in (("TTFT p50", "ttft_p50", True), ("TTFT p50 on novel requests", "ttft_p50_novel", True),
+                                         ("TTFT p50 on reuse requests", "ttft_p50_reuse", True),
+                                         ("throughput", "req_per_s", False)))
+                      + " (ratios > 1 favour SparseX)"]
+        for run in runs:
+            for error in run["summary"]["error_samples"]:
+                lines.append(f"- {run['system']} error: `{error}`")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    if not numerator or not denominator:
+        return "-"
+    return f"{numerator / denominator:.2f}x"
+
+
+def sweep_markdown(sweep: dict[str, Any]) -> str:
+    meta = sweep["meta"]
+    lines = [(f"Sweep: `{meta.get('command', '')}` ({meta['n']} questions, {meta['mean_prompt_tokens']:.0f} prompt "
+              f"tokens on average, {meta['seconds']} s)"), "",
+             "| method | ratio | L_full | recompute frac | F1 | EM | KL(full‖m) | greedy equal to full |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in sweep["methods"].values():
+        lines.append(f"| {m['method']} | {_f(m['ratio'])} | {m['full_layers'] if m['full_layers'] is not None else '-'} "
+                     f"| {m['recompute_frac']:.3f} | {m['f1']:.3f} | {m['em']:.3f} | {m['kl_mean']:.3f} "
+                     f"| {m['greedy_exact']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_ttft_cdf(report: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for run in report["runs"]:
+        if run.get("requests"):
+            groups[(run["workload"], _load_label(run))].append(run)
+    written = []
+    for (workload, load), runs in groups.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for run in runs:
+            ttfts = sorted(q["ttft"] for q in run["requests"] if q["ok"])
+            ax.step(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], where="post", label=run["system"])
+        ax.set(xlabel="time to first token (s)", ylabel="share of requests", title=f"TTFT CDF: {workload}, {load}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = out / f"ttft-cdf-{workload}-{load.split()[0].replace('/', 'per')}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_throughput(report: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for run in report["runs"]:
+        if run.get("rate") and "summary" in run and run["summary"]["req_per_s"] is not None:
+            curves[run["workload"]][run["system"]].append((run["rate"], run["summary"]["req_per_s"]))
+    written = []
+    for workload, systems in curves.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for system, points in systems.items():
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=system)
+        ax.set(xlabel="offered load (requests/s)", ylabel="throughput (requests/s)", title=f"Throughput: {workload}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = out / f"throughput-{workload}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
+    """F1 against recompute fraction, one line per method and L_full; full prefill and naive as references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for m in sweep["methods"].values():
+        if m["method"] == "full":
+            ax.axhline(m["f1"], color="black", linestyle="--", label="full prefill")
+        elif m["method"] == "naive":
+            ax.axhline(m["f1"], color="grey", linestyle=":", label="naive reuse")
+        else:
+            key = m["method"] + (f", L_full {m['full_layers']}" if m["full_layers"] is not None else "")
+            lines[key].append((m["recompute_frac"], m["f1"]))
+    for key, points in sorted(lines.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
+    ax.set(xlabel="recompute fraction (share of prompt tokens)", ylabel="F1 (HotpotQA)",
+           title=f"F1 vs recompute fraction ({sweep['meta']['n']} questions)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", type=Path, nargs="*", help="folders holding results.json")
+    parser.add_argument("--sweep", type=Path, default=None, help="JSON of `sparsex-sgl bench sweep`")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.set_defaults(run=main)
+
+
+def main(args: argparse.Namespace) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    sections, plots = [], []
+    for folder in args.results:
+        report = json.loads((folder / "results.json").read_text())
+        sections += [f"## {folder}", "", markdown(report)]
+        plots += plot_ttft_cdf(report, args.out) + plot_throughput(report, args.out)
+    if args.sweep:
+        sweep = json.loads(args.sweep.read_text())
+        sections += ["## Quality sweep", "", sweep_markdown(sweep)]
+        plots.append(plot_sweep(sweep, args.out / "f1-vs-recompute.png"))
+    sections += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
+    (args.out / "report.md").write_text("\n".join(sections) + "\n")
+    print("\n".join(sections))
+    print(f"wrote {args.out / 'report.md'} and {len(plots)} plots")

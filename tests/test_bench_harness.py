@@ -1,0 +1,122 @@
+"""The benchmark harness end to end: ``sparsex-sgl bench workload / run / report`` against real SGLang servers.
+
+One run starts full prefill (``--disable-radix-cache``), stock SGLang and ``--enable-sparsex`` on SmolLM2 in
+turn, sends a small RAG workload (a new question, then repeats of its documents in new orders) and a
+small chat workload through each, and checks what each server reports reusing. Failures of the
+harness's surroundings (nothing listening, a server that cannot start) must be reported, not raised.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sparsex_sgl.eval.server import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def sparsex_sgl(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sparsex_sgl.cli", *args], capture_output=True, text=True, check=False,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def workload_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("workloads")
+    rag, chat = folder / "rag.jsonl", folder / "chat.jsonl"
+    # 4 requests, reuse 2/3: round(2/3 * 3) = 2 repeats, so 2 distinct questions (offset 3: short prompts)
+    made = sparsex_sgl("bench", "workload", "rag", "--n", "4", "--reuse", "0.667", "--offset", "3", "--seed", "1",
+                       "--out", str(rag))
+    assert made.returncode == 0, made.stderr
+    made = sparsex_sgl("bench", "workload", "chat", "--n", "2", "--rounds", "3", "--max-chars", "300", "--out", str(chat))
+    assert made.returncode == 0, made.stderr
+    return [rag, chat]
+
+
+@pytest.fixture(scope="module")
+def results(workload_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench")
+    done = sparsex_sgl("bench", "run", "--workload", *map(str, workload_files), "--systems", "full,stock,sparsex",
+                       "--max-total-tokens", "16384", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _run(report: dict[str, Any], system: str, workload: str) -> dict[str, Any]:
+    (run,) = [r for r in report["runs"] if r["system"] == system and r["workload"] == workload]
+    return run
+
+
+def test_every_system_completes_every_request(results: tuple[Path, dict[str, Any]]) -> None:
+    _, report = results
+    assert len(report["runs"]) == 6
+    for run in report["runs"]:
+        n = report["workloads"][run["workload"]]["requests"]
+        assert run["summary"]["completed"] == n and run["summary"]["errors"] == 0, run["summary"]
+        assert all(q["ttft"] > 0 and q["output_tokens"] >= 1 for q in run["requests"])
+    assert report["workloads"]["rag"]["params"]["distinct_questions"] == 2
+
+
+def test_reuse_counts_match_what_each_system_can_reuse(results: tuple[Path, dict[str, Any]]) -> None:
+    _, report = results
+    full = _run(report, "full", "rag")
+    assert all(q["cached_tokens"] == 0 for q in full["requests"])  # no radix cache: nothing reused
+    stock, ours = _run(report, "stock", "rag"), _run(report, "sparsex", "rag")
+    for request in ours["requests"]:
+        reused = request["reuse"]["reused"]
+        if request["tags"]["reuse"] == "novel":
+            assert reused == 0
+        else:
+            # every paragraph of a repeat was seen before; gap blocks aside, the 10 paragraphs are most of it
+            assert reused > 0.7 * request["prompt_tokens"], request
+    for request in stock["requests"]:
+        # stock reuses the identical prefix only: never more than the instruction on a reordered repeat
+        assert request["cached_tokens"] < 0.1 * request["prompt_tokens"]
+    # chat: from round 2 on the history is resent, so both caches serve a prefix
+    chat = _run(report, "stock", "chat")
+    assert any(q["cached_tokens"] > 0 for q in chat["requests"] if q["tags"]["round"] >= 2)
+
+
+def test_quality_against_full_prefill(results: tuple[Path, dict[str, Any]]) -> None:
+    _, report = results
+    for system in ("stock", "sparsex"):
+        summary = _run(report, system, "rag")["summary"]
+        assert summary["compared"] == 4 and "f1" in summary and "em" in summary
+    # stock serves exact KV (an identical prefix), so its greedy answers equal full prefill's
+    assert _run(report, "stock", "rag")["summary"]["equal_to_full"] == 1.0
+    assert _run(report, "full", "rag")["summary"]["equal_to_full"] == 1.0
+
+
+def test_report_renders_tables_and_plots(results: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = results
+    done = sparsex_sgl("bench", "report", str(out), "--out", str(out / "report"))
+    assert done.returncode == 0, done.stderr
+    text = (out / "report" / "report.md").read_text()
+    assert "### rag, concurrency 1" in text and "### chat, concurrency 1" in text and "SparseX vs stock" in text
+    assert sorted(p.name for p in (out / "report").glob("*.png")) == ["ttft-cdf-chat-concurrency.png",
+                                                                      "ttft-cdf-rag-concurrency.png"]
+
+
+def test_unreachable_server_is_reported_per_request(workload_files: list[Path], tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    done = sparsex_sgl("bench", "run", "--workload", str(workload_files[0]), "--systems", "stock",
+                       "--url", f"stock={url}", "--timeout", "10", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert run["summary"]["errors"] == 4 and run["summary"]["completed"] == 0
+    assert all("ClientConnectorError" in q["error"] for q in run["requests"])
+
+
+def test_server_that_cannot_start_is_reported(workload_files: list[Path], tmp_path: Path) -> None:
+    done = sparsex_sgl("bench", "run", "--workload", str(workload_files[0]), "--systems", "stock",
+                       "--server-args=--no-such-flag", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert "server exited" in run["server_error"]
+    assert "did not start" in (tmp_path / "results.md").read_text()
