@@ -58,6 +58,27 @@ class Server:
                 self.process.wait()
 
 
+def flush_cache(url: str, timeout: float = 60.0) -> bool:
+    """``POST /flush_cache`` until it succeeds. SGLang refuses (400) while any request is running or
+    waiting, and a request's scheduler-side cleanup can lag its HTTP reply, so one refusal right after
+    a reply is normal. False if still refused after ``timeout`` s or unreachable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url + "/flush_cache", data=b"", method="POST"),
+                                        timeout=60) as resp:
+                if resp.status == 200:
+                    return True
+        except urllib.error.HTTPError as err:
+            if err.code != 400:
+                return False
+        except OSError:
+            return False
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
 def _decode(body: bytes) -> Any:
     """JSON replies as objects; SGLang answers some admin routes (``/flush_cache``) in plain text."""
     try:

@@ -2,7 +2,7 @@
 
 ``sparsex-sgl bench report RESULTS_DIR... [--sweep SWEEP.json] --out DIR`` writes ``report.md`` (every
 run's table, plus the sweep's) and the plots: TTFT CDF per system (one per workload and load),
-throughput against offered load (when a run swept ``--rate``), and F1 against recompute fraction per
+throughput against offered load (over every ``--rate`` run in the folders given), and F1 against recompute fraction per
 method (from the sweep).
 """
 
@@ -30,7 +30,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"device {report['machine']['device']}; model `{Path(report['model']).name}`"), ""]
     for run in report["runs"]:
         if "server_error" in run:
-            lines += [f"**{run['system']}: the server did not start.** `{run['server_error'][-300:]}`", ""]
+            message = run["server_error"].strip().splitlines() or ["(no message)"]
+            lines += [f"**{run['system']}: the server did not start** ({message[0].rstrip(':;')}): `{message[-1]}`", ""]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in report["runs"]:
         if "summary" in run:
@@ -177,10 +178,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     sections, plots = [], []
+    all_runs: list[dict[str, Any]] = []
     for folder in args.results:
         report = json.loads((folder / "results.json").read_text())
         sections += [f"## {folder}", "", markdown(report)]
-        plots += plot_ttft_cdf(report, args.out) + plot_throughput(report, args.out)
+        plots += plot_ttft_cdf(report, args.out)
+        all_runs += report["runs"]
+    plots += plot_throughput({"runs": all_runs}, args.out)  # one curve per system over every folder's loads
     if args.sweep:
         sweep = json.loads(args.sweep.read_text())
         sections += ["## Quality sweep", "", sweep_markdown(sweep)]

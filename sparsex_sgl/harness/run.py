@@ -128,7 +128,7 @@ class Harness:
                 wait_ready(server, timeout=self.args.start_timeout)
             except (RuntimeError, TimeoutError) as exc:
                 server.stop()
-                self.runs.append({**base, "server_error": str(exc)[-2000:]})
+                self.runs.append({**base, "server_error": _shorten(str(exc))})
                 self.write()
                 print(f"[bench] {system}: server did not start; see {server.log}", file=sys.stderr)
                 return
@@ -142,7 +142,11 @@ class Harness:
                 server.stop()
 
     def _run_one(self, system: str, url: str, workload: Workload, load: dict[str, Any], base: dict[str, Any]) -> None:
-        _post(url + "/flush_cache")
+        from sparsex_sgl.eval.server import flush_cache
+
+        if not flush_cache(url):
+            print(f"[bench] {url}: /flush_cache refused or unreachable; this run starts from a warm cache",
+                  file=sys.stderr)
         results: list[RequestResult] = []
         run: dict[str, Any] = {**base, "workload": workload.name, **load, "url": url}
         self.runs.append(run)
@@ -179,17 +183,17 @@ class Harness:
         (self.out / "results.md").write_text(markdown(self.report))
 
 
+def _shorten(message: str, tail: int = 1500) -> str:
+    """The first line (what happened) and the end (the log's last lines, where the cause is) of a long message."""
+    if len(message) <= tail + 200:
+        return message
+    return message.splitlines()[0] + "\n...\n" + message[-tail:]
+
+
 def _cpu_count() -> int:
     import os
 
     return len(os.sched_getaffinity(0))
-
-
-def _post(url: str) -> None:
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=60).read()
-    except OSError as exc:
-        print(f"[bench] {url}: {exc}", file=sys.stderr)
 
 
 def _get_json(url: str) -> Any:
