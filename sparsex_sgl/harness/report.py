@@ -87,11 +87,26 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_ttft_cdf(report: dict[str, Any], out: Path) -> list[Path]:
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend (no display on servers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig: Any, ax: Any, path: Path, legend_size: float | None = None) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def plot_ttft_cdf(report: dict[str, Any], out: Path) -> list[Path]:
+    plt = _pyplot()
 
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in report["runs"]:
@@ -104,20 +119,12 @@ def plot_ttft_cdf(report: dict[str, Any], out: Path) -> list[Path]:
             ttfts = sorted(q["ttft"] for q in run["requests"] if q["ok"])
             ax.step(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], where="post", label=run["system"])
         ax.set(xlabel="time to first token (s)", ylabel="share of requests", title=f"TTFT CDF: {workload}, {load}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = out / f"ttft-cdf-{workload}-{load.split()[0].replace('/', 'per')}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(fig, ax, out / f"ttft-cdf-{workload}-{load.split()[0].replace('/', 'per')}.png"))
     return written
 
 
 def plot_throughput(report: dict[str, Any], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     curves: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for run in report["runs"]:
@@ -130,23 +137,13 @@ def plot_throughput(report: dict[str, Any], out: Path) -> list[Path]:
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=system)
         ax.set(xlabel="offered load (requests/s)", ylabel="throughput (requests/s)", title=f"Throughput: {workload}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = out / f"throughput-{workload}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(fig, ax, out / f"throughput-{workload}.png"))
     return written
 
 
 def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
     """F1 against recompute fraction, one line per method and L_full; full prefill and naive as references."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for m in sweep["methods"].values():
         if m["method"] == "full":
@@ -161,11 +158,7 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
     ax.set(xlabel="recompute fraction (share of prompt tokens)", ylabel="F1 (HotpotQA)",
            title=f"F1 vs recompute fraction ({sweep['meta']['n']} questions)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, legend_size=7)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
