@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
-from sparsex_sgl.eval.hotpotqa import build_prompt, exact_match, f1_score, load_examples
+from sparsex_sgl.eval.hotpotqa import build_prompt, exact_match, f1_score, first_line, load_examples
 from sparsex_sgl.hybrid import METHODS, HybridConfig, method_config
 from sparsex_sgl.reference.cache import ReferenceSegmentCache
 from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor
@@ -79,8 +79,7 @@ def answer_text(tokenizer: Any, tokens: list[int]) -> str:
         if token in stops:
             tokens = tokens[:index]
             break
-    text = str(tokenizer.decode(tokens, skip_special_tokens=True)).strip()
-    return text.split("\n", 1)[0].strip()
+    return first_line(str(tokenizer.decode(tokens, skip_special_tokens=True)))
 
 
 def load_executor(model: str) -> tuple[ReferenceExecutor, Any]:

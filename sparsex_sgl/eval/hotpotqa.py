@@ -94,6 +94,11 @@ def build_prompt(tokenizer: Any, example: HotpotExample, seed: int) -> Segmented
     return SegmentedPrompt(tuple(ids), tuple(spans), head_len)
 
 
+def first_line(text: str) -> str:
+    """The answer a reader sees in a generated text: its first line (the prompts ask for a short answer)."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
 def normalize_answer(text: str) -> str:
     """SQuAD answer normalisation: lower case, no punctuation, no articles, single spaces."""
     text = text.lower()

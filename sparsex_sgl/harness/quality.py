@@ -10,16 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from sparsex_sgl.eval.hotpotqa import exact_match, f1_score
-
-
-def answer_of(text: str) -> str:
-    return text.strip().split("\n", 1)[0].strip()
+from sparsex_sgl.eval.hotpotqa import exact_match, f1_score, first_line
 
 
 def gold_scores(text: str, answers: Sequence[str]) -> tuple[float, float]:
     """(EM, F1) of a generated text against the best of ``answers``."""
-    answer = answer_of(text)
+    answer = first_line(text)
     return max(exact_match(answer, g) for g in answers), max(f1_score(answer, g) for g in answers)
 
 
@@ -29,7 +25,7 @@ def agreement(texts: Mapping[str, str], reference: Mapping[str, str]) -> dict[st
     if not common:
         return {"compared": 0}
     equal = sum(texts[rid] == reference[rid] for rid in common)
-    answer_f1 = sum(_answer_f1(answer_of(texts[rid]), answer_of(reference[rid])) for rid in common)
+    answer_f1 = sum(_answer_f1(first_line(texts[rid]), first_line(reference[rid])) for rid in common)
     return {"compared": len(common), "equal_to_full": equal / len(common), "answer_f1_vs_full": answer_f1 / len(common)}
 
 

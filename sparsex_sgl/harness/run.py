@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import platform
 import shlex
 import sys
@@ -191,8 +192,6 @@ def _shorten(message: str, tail: int = 1500) -> str:
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 

@@ -27,11 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsex_sgl.eval.hotpotqa import HotpotExample
+from sparsex_sgl.eval.hotpotqa import INSTRUCTION, HotpotExample
 from sparsex_sgl.protocol import TextPiece as Piece
 
 WORKLOADS = ("rag", "chat", "agents")
-RAG_INSTRUCTION = "Answer the question using the documents below. Reply with a short answer only.\n\n"
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ def rag(examples: Sequence[HotpotExample], n_requests: int, reuse: float, seed: 
         if kind == "new":
             asked.append(example)
         order = _new_order(example.paragraphs, rng, orders.setdefault(example.qid, set()))
-        content = (Piece(RAG_INSTRUCTION, False), *(Piece(p, True) for p in order),
+        content = (Piece(INSTRUCTION, False), *(Piece(p, True) for p in order),
                    Piece(f"Question: {example.question}", False))
         tags = {"reuse": "novel" if kind == "new" else "segments", "qid": example.qid,
                 "segments_seen": 0 if kind == "new" else len(order), "segments": len(order)}
