@@ -17,6 +17,10 @@ from typing import Any
 
 from sparsex_sgl.select import SELECTIONS, SIGNAL_SELECTIONS
 
+MASS_PRIOR = 4.0
+"""Prior weight of ``sparse_q``'s attention-mass factor (``select.sparse_q_signal``), in mean masses; chosen
+on development questions (HotpotQA offsets 500+), apart from the questions the README reports."""
+
 
 @dataclass(frozen=True)
 class HybridConfig:
@@ -26,14 +30,15 @@ class HybridConfig:
     recompute_ratio: float = 0.15
     selection: str = "sparse_q"
     min_tokens_per_segment: int = 1
+    mass_prior: float = MASS_PRIOR
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
-        if self.full_layers < 0 or self.min_tokens_per_segment < 0:
-            raise ValueError("full_layers and min_tokens_per_segment must be >= 0")
+        if self.full_layers < 0 or self.min_tokens_per_segment < 0 or self.mass_prior < 0:
+            raise ValueError("full_layers, min_tokens_per_segment and mass_prior must be >= 0")
         if self.selection in SIGNAL_SELECTIONS and self.full_layers < 1:
             raise ValueError(f"selection {self.selection!r} reads its signal from a full layer: full_layers >= 1")
 

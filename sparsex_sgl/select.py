@@ -3,12 +3,13 @@
 All policies score the reused tokens of one request and take the top ones within a budget; they differ
 only in the signal:
 
-- ``sparse_q`` (SparseX): attention mass the Sparse-Q rows (new tokens, computed anyway) put on each
-  reused token at the last full layer, times the distance between that token's fresh and re-aligned
-  cached value there. The product bounds, to first order, how much the token's stale KV moves the new
-  tokens' attention output: a token the question reads but whose cached value is already right needs
-  no recompute, nor does a stale token nobody reads. (Mass alone trailed CacheBlend on held-out
-  questions; see the fidelity table in README.md.)
+- ``sparse_q`` (SparseX): the distance between each reused token's fresh and re-aligned cached value at
+  the last full layer, weighted by the attention mass the Sparse-Q rows (new tokens, computed anyway)
+  put on it there, shrunk toward the mean mass (``sparse_q_signal``). Deviation says how stale a
+  token's KV is; mass says how much the new tokens read it. Mass is seen at one layer only, while the
+  stale KV is read in every sparse layer, whose attention differs, so one layer's mass is evidence,
+  not the answer: unshrunk, mass x deviation chased Qwen2.5's attention sinks and trailed CacheBlend
+  (README.md, "Choosing the SparseX signal").
 - ``kv_deviation`` (CacheBlend-style): distance between the fresh value vectors of the full layers and
   the re-aligned cached ones.
 - ``first_k`` (EPIC-style): the first tokens of every moved segment, which acted as attention sinks
@@ -77,6 +78,21 @@ def exact_length(reused: ReusedTokens, selected: torch.Tensor, n_tokens: int) ->
     """
     kept = reused.positions[~torch.isin(reused.positions, selected)]
     return int(kept.min()) if kept.numel() else n_tokens
+
+
+def sparse_q_signal(mass: torch.Tensor, deviation: torch.Tensor, mass_prior: float) -> torch.Tensor:
+    """SparseX's score per reused token: ``deviation * (mass / mean(mass) + mass_prior)``.
+
+    ``mass_prior`` is how many mean-masses of prior weight every token gets before the threshold layer's
+    attention is counted: 0 trusts that one layer fully (mass x deviation), a large value leaves
+    deviation alone (CacheBlend's signal). Both inputs are ``[r]``, float.
+    """
+    if mass.shape != deviation.shape:
+        raise ValueError(f"mass {tuple(mass.shape)} and deviation {tuple(deviation.shape)} differ in shape")
+    if mass_prior < 0:
+        raise ValueError(f"mass_prior must be >= 0, got {mass_prior}")
+    mean = mass.mean().clamp_min(torch.finfo(mass.dtype).tiny) if mass.numel() else mass.new_ones(())
+    return deviation * (mass / mean + mass_prior)
 
 
 def selection_budget(n_reused: int, ratio: float) -> int:

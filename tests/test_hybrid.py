@@ -27,6 +27,7 @@ def test_presets_exist() -> None:
         (dict(recompute_ratio=1.5), "recompute_ratio"),
         (dict(selection="random"), "selection must be one of"),
         (dict(full_layers=-1), "full_layers"),
+        (dict(mass_prior=-0.5), "mass_prior"),
         (dict(full_layers=0, selection="sparse_q"), "full_layers >= 1"),
     ],
 )
@@ -72,3 +73,28 @@ def test_sweep_pivot_has_one_row_per_method_and_ratio() -> None:
     assert lines[3].startswith("| naive | - | 0.100") and lines[3].count("0.100") == 2  # spans both L columns
     sparsex_low = next(line for line in lines if line.startswith("| sparsex | 0.05"))
     assert "0.400" in sparsex_low and "0.500 / 1.000" not in sparsex_low.split("|")[3]
+
+
+def test_paired_difference_interval_brackets_the_mean() -> None:
+    from sparsex_sgl.harness.report import paired_difference
+
+    base = [0.0, 1.0, 0.5, 0.25]
+    assert paired_difference([x + 0.1 for x in base], base) == pytest.approx((0.1, 0.1, 0.1))  # constant gap
+    mean, low, high = paired_difference([1.0, 0.0, 1.0, 1.0, 0.0, 1.0], [0.0] * 6)
+    assert mean == pytest.approx(4 / 6) and 0.0 <= low < mean < high <= 1.0
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def test_sparsex_pairs_compare_like_settings_only() -> None:
+    from sparsex_sgl.harness.report import sparsex_pairs
+
+    runs = method_runs(["full", "cacheblend", "epic", "sparsex"], [0.05, 0.3], [1, 4])
+    sweep = {"methods": {r.name: {"method": r.method, "ratio": r.ratio, "full_layers": r.full_layers} for r in runs},
+             "per_question": {r.name: {"f1": [0.5, 0.5], "kl": [0.1, 0.2]} for r in runs}}
+    pairs = sparsex_pairs(sweep)
+    # 4 SparseX settings, each against full, one CacheBlend-style (same ratio and L_full), one EPIC-style (same ratio)
+    assert len(pairs) == 4 * 3
+    assert sorted(other for setting, other, _, _ in pairs if setting == "ratio 0.30, L_full 4") == [
+        "cacheblend", "epic", "full"]
+    assert all(f1 == (0.0, 0.0, 0.0) for _, _, f1, _ in pairs)

@@ -7,7 +7,7 @@ import torch
 
 from sparsex_sgl.errors import InvalidSegmentsError
 from sparsex_sgl.segments import segment_hash, split_into_pieces
-from sparsex_sgl.select import ReusedTokens, select_tokens, selection_budget
+from sparsex_sgl.select import ReusedTokens, select_tokens, selection_budget, sparse_q_signal
 
 
 def test_hash_is_128_bit_and_namespaced() -> None:
@@ -90,3 +90,20 @@ def test_none_selects_nothing_and_bad_inputs_fail() -> None:
         select_tokens(reused_two_segments(), 5, "sparse_q", None)
     with pytest.raises(ValueError, match="unknown selection"):
         select_tokens(reused_two_segments(), 5, "magic")
+
+
+def test_sparse_q_signal_spans_mass_times_deviation_to_deviation_alone() -> None:
+    # Token 0 is read most but barely stale; token 2 is the most stale but hardly read.
+    mass = torch.tensor([6.0, 2.0, 0.5, 1.5])
+    deviation = torch.tensor([0.2, 1.0, 1.6, 0.1])
+    # prior 0: mass x deviation = [1.2, 2.0, 0.8, 0.15] (in mean-mass units: /2.5), token 1 first.
+    assert torch.argsort(sparse_q_signal(mass, deviation, 0.0), descending=True).tolist() == [1, 0, 2, 3]
+    # a prior far above every mass ratio leaves the deviation order.
+    assert torch.argsort(sparse_q_signal(mass, deviation, 1e6), descending=True).tolist() == [2, 1, 0, 3]
+    # prior 4: deviation x (mass / 2.5 + 4) = [1.28, 4.8, 6.72, 0.46]: the stale, little-read token 2 leads.
+    assert torch.allclose(sparse_q_signal(mass, deviation, 4.0), torch.tensor([1.28, 4.8, 6.72, 0.46]))
+    assert sparse_q_signal(torch.zeros(3), torch.ones(3), 1.0).tolist() == [1.0, 1.0, 1.0]  # no mass: no NaN
+    with pytest.raises(ValueError, match="differ in shape"):
+        sparse_q_signal(mass, deviation[:2], 1.0)
+    with pytest.raises(ValueError, match="mass_prior"):
+        sparse_q_signal(mass, deviation, -1.0)

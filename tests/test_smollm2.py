@@ -69,3 +69,18 @@ def test_sparsex_at_15_percent_beats_naive_reuse_on_kl(smollm2) -> None:  # type
     naive, sparsex = report["methods"]["naive"], report["methods"]["sparsex"]
     assert sparsex["kl_mean"] < naive["kl_mean"]
     assert sparsex["flops_frac"] < 0.5  # 2 of 30 layers full, ~15% of the rest
+
+
+def test_resumed_sweep_equals_one_run(smollm2) -> None:  # type: ignore[no-untyped-def]
+    """A sweep stopped after one question and resumed to two reports what one run over both reports: the
+    resumed run starts at the second question and averages it in with the first."""
+    model, tokenizer = smollm2
+    executor = ReferenceExecutor(model)
+    runs = method_runs(["naive"], [0.15], [2])
+    whole = evaluate(executor, tokenizer, n=2, offset=5, runs=runs, progress=False)
+    first = evaluate(executor, tokenizer, n=1, offset=5, runs=runs, progress=False)
+    resumed = evaluate(executor, tokenizer, n=2, offset=5, runs=runs, progress=False, resume=first)
+    assert resumed["meta"]["n"] == 2 and resumed["per_question"] == whole["per_question"]
+    for key, value in whole["methods"]["naive"].items():
+        assert resumed["methods"]["naive"][key] == pytest.approx(value), key
+    assert whole["per_question"]["naive"]["kl"][0] != whole["per_question"]["naive"]["kl"][1]  # two questions

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -35,6 +36,11 @@ from sparsex_sgl.reference.cache import ReferenceSegmentCache
 from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor
 
 ANSWER_TOKENS = 16
+METRICS = ("kl_mean", "top1_agree", "greedy_exact", "f1", "em", "recompute_frac", "flops_frac")
+"""Per-method figures, each a mean over questions."""
+PER_QUESTION = ("kl", "f1")
+"""Per-method figures also kept question by question (``report["per_question"]``), for medians and paired
+comparisons between methods: KL is heavy-tailed and F1 differences are small against their spread."""
 
 
 @dataclass(frozen=True)
@@ -100,16 +106,29 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every method on ``n`` questions from ``offset``; returns the report dict.
 
     ``checkpoint`` gets the report over the questions done so far after each question (``meta.n`` says
-    how many), so a long sweep that is stopped keeps its figures."""
+    how many), so a long sweep that is stopped keeps its figures. ``resume`` is such a report of the
+    same sweep: its questions are not run again, and the new ones are averaged in with them."""
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    examples = load_examples(hotpotqa_path(), n, offset)
-    started = time.perf_counter()
-    prompt_tokens = 0
-    for done, example in enumerate(tqdm(examples, desc="fidelity", unit="q", disable=not progress), start=1):
+    per_question: dict[str, dict[str, list[float]]] = {run.name: {key: [] for key in PER_QUESTION} for run in runs}
+    skip, prompt_tokens, earlier_seconds = 0, 0, 0.0
+    if resume is not None:
+        skip = int(resume["meta"]["n"])
+        for name, metrics in resume["methods"].items():
+            for key in METRICS:
+                totals[name][key] = metrics[key] * skip
+        per_question = {name: {key: list(values) for key, values in figures.items()}
+                        for name, figures in resume["per_question"].items()}
+        prompt_tokens = round(resume["meta"]["mean_prompt_tokens"] * skip)
+        earlier_seconds = float(resume["meta"]["seconds"])
+    examples = load_examples(hotpotqa_path(), n - skip, offset + skip) if n > skip else []
+    started = time.perf_counter() - earlier_seconds
+    report = _report(totals, per_question, runs, skip, offset, seed, prompt_tokens, executor, started) if skip else {}
+    for done, example in enumerate(tqdm(examples, desc="fidelity", unit="q", disable=not progress), start=skip + 1):
         prompt = build_prompt(tokenizer, example, seed)
         prompt_tokens += len(prompt.input_ids)
         full = executor.prefill_full(prompt.input_ids, extra_capacity=ANSWER_TOKENS)
@@ -128,25 +147,32 @@ def evaluate(
             forced = executor.teacher_forced_argmax(result, full_greedy)
             greedy = full_greedy if run.config is None else executor.greedy_decode(result, ANSWER_TOKENS)
             acc = totals[run.name]
-            acc["kl_mean"] += kl_divergence(full.logits, result.logits)
+            kl = kl_divergence(full.logits, result.logits)
+            acc["kl_mean"] += kl
             acc["top1_agree"] += sum(a == b for a, b in zip(forced, full_greedy)) / ANSWER_TOKENS
             acc["greedy_exact"] += float(greedy == full_greedy)
             answer = answer_text(tokenizer, greedy)
-            acc["f1"] += f1_score(answer, example.answer)
+            f1 = f1_score(answer, example.answer)
+            acc["f1"] += f1
+            per_question[run.name]["kl"].append(kl)
+            per_question[run.name]["f1"].append(f1)
             acc["em"] += exact_match(answer, example.answer)
             acc["recompute_frac"] += result.stats.recompute_frac
             acc["flops_frac"] += result.stats.flops / full_flops
-        report = _report(totals, runs, done, offset, seed, prompt_tokens, executor, started)
+        assert set(acc) == set(METRICS)
+        report = _report(totals, per_question, runs, done, offset, seed, prompt_tokens, executor, started)
         if checkpoint is not None:
             checkpoint(report)
     return report
 
 
-def _report(totals: dict[str, dict[str, float]], runs: list[MethodRun], n: int, offset: int, seed: int,
-            prompt_tokens: int, executor: ReferenceExecutor, started: float) -> dict[str, Any]:
-    report: dict[str, Any] = {"methods": {}}
+def _report(totals: dict[str, dict[str, float]], per_question: dict[str, dict[str, list[float]]],
+            runs: list[MethodRun], n: int, offset: int, seed: int, prompt_tokens: int, executor: ReferenceExecutor,
+            started: float) -> dict[str, Any]:
+    report: dict[str, Any] = {"methods": {}, "per_question": per_question}
     for run in runs:
         metrics: dict[str, Any] = {key: value / n for key, value in totals[run.name].items()}
+        metrics["kl_median"] = statistics.median(per_question[run.name]["kl"])
         metrics.update(method=run.method, ratio=run.ratio, full_layers=run.full_layers)
         report["methods"][run.name] = metrics
     report["meta"] = {
@@ -162,11 +188,12 @@ def _report(totals: dict[str, dict[str, float]], runs: list[MethodRun], n: int, 
 
 
 def format_table(report: dict[str, Any]) -> str:
-    header = "| method | KL(full‖m) | top-1 agree | greedy exact | F1 | EM | recompute frac | FLOPs frac |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header = ("| method | KL(full‖m) mean | KL median | top-1 agree | greedy exact | F1 | EM | recompute frac "
+              "| FLOPs frac |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for name, m in report["methods"].items():
         lines.append(
-            f"| {name} | {m['kl_mean']:.4f} | {m['top1_agree']:.3f} | {m['greedy_exact']:.2f} | {m['f1']:.3f} "
+            f"| {name} | {m['kl_mean']:.4f} | {m['kl_median']:.4f} | {m['top1_agree']:.3f} | {m['greedy_exact']:.2f} | {m['f1']:.3f} "
             f"| {m['em']:.3f} | {m['recompute_frac']:.3f} | {m['flops_frac']:.3f} |"
         )
     return "\n".join(lines)
@@ -191,7 +218,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the paragraph shuffles")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the report at --out (same settings, any --n): its questions are kept")
     parser.set_defaults(run=run)
+
+
+def _resumable(out: Path | None, grid: str) -> dict[str, Any] | None:
+    """The report at ``out`` if it is this sweep's (same settings); None if there is none yet."""
+    if out is None:
+        raise SystemExit("--resume needs --out")
+    if not out.exists():
+        return None
+    report: dict[str, Any] = json.loads(out.read_text())
+    if report.get("meta", {}).get("grid") != grid:
+        raise SystemExit(f"--resume: {out} was made with other settings ({report.get('meta', {}).get('grid')!r}); "
+                         f"this run has {grid!r}")
+    return report
 
 
 def run(args: argparse.Namespace) -> None:
@@ -203,20 +245,22 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     executor, tokenizer = load_executor(args.model)
     runs = method_runs(methods, args.ratio, args.full_layers)
-    command = (
-        f"sparsex-sgl eval fidelity --model {args.model} --data {args.data} --n {args.n} --offset {args.offset} "
-        f"--ratio {','.join(map(str, args.ratio))} --full-layers {','.join(map(str, args.full_layers))} "
-        f"--methods {args.methods} --seed {args.seed}"
+    grid = (
+        f"--model {args.model} --data {args.data} --offset {args.offset} --ratio {','.join(map(str, args.ratio))} "
+        f"--full-layers {','.join(map(str, args.full_layers))} --methods {args.methods} --seed {args.seed}"
     )
+    command = f"sparsex-sgl eval fidelity --n {args.n} {grid}"
+    resume = _resumable(args.out, grid) if args.resume else None
 
     def checkpoint(partial: dict[str, Any]) -> None:
         if args.out:
-            partial["meta"]["command"] = command
+            partial["meta"].update(command=command, grid=grid)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(partial, indent=2))
 
-    report = evaluate(executor, tokenizer, args.n, args.offset, runs, seed=args.seed, checkpoint=checkpoint)
-    report["meta"]["command"] = command
+    report = evaluate(executor, tokenizer, args.n, args.offset, runs, seed=args.seed, checkpoint=checkpoint,
+                      resume=resume)
+    report["meta"].update(command=command, grid=grid)
     print(format_table(report))
     meta = report["meta"]
     print(f"{meta['n']} questions, {meta['mean_prompt_tokens']:.0f} prompt tokens on average, {meta['seconds']} s")

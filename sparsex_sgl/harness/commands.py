@@ -69,4 +69,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--full-layers", type=fidelity.parse_ints, default=[1, 2, 4])
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--out", type=Path, required=True)
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep at --out (same grid, any --n)")
     sweep.set_defaults(run=_sweep)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +80,62 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
     meta = sweep["meta"]
     lines = [(f"Sweep: `{meta.get('command', '')}` ({meta['n']} questions, {meta['mean_prompt_tokens']:.0f} prompt "
               f"tokens on average, {meta['seconds']} s)"), "",
-             "| method | ratio | L_full | recompute frac | F1 | EM | KL(full‖m) | greedy equal to full |",
+             "| method | ratio | L_full | recompute frac | F1 | EM | KL(full‖m) mean / median | greedy equal to full |",
              "|---|---|---|---|---|---|---|---|"]
     for m in sweep["methods"].values():
         lines.append(f"| {m['method']} | {_f(m['ratio'])} | {m['full_layers'] if m['full_layers'] is not None else '-'} "
-                     f"| {m['recompute_frac']:.3f} | {m['f1']:.3f} | {m['em']:.3f} | {m['kl_mean']:.3f} "
-                     f"| {m['greedy_exact']:.2f} |")
+                     f"| {m['recompute_frac']:.3f} | {m['f1']:.3f} | {m['em']:.3f} "
+                     f"| {m['kl_mean']:.3f} / {_f(m.get('kl_median'), '.3f')} | {m['greedy_exact']:.2f} |")
+    pairs = sparsex_pairs(sweep)
+    if pairs:
+        lines += ["", "SparseX minus the other method on the same questions (mean, 95% bootstrap interval):", "",
+                  "| SparseX setting | vs | ΔF1 | ΔKL (lower is closer to full) |", "|---|---|---|---|"]
+        for setting, other, f1, kl in pairs:
+            lines.append(f"| {setting} | {other} | {_interval(f1, 100)} pt | {_interval(kl, 1)} |")
     return "\n".join(lines)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over paired questions and its 95% percentile-bootstrap interval.
+
+    Paired, because methods differ far less from each other on one question than questions differ
+    from each other: the unpaired spread would hide every difference that matters here."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need two equally long, non-empty series, got {len(a)} and {len(b)}")
+    diffs = [x - y for x, y in zip(a, b)]
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(resamples))
+    return sum(diffs) / n, means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def sparsex_pairs(sweep: dict[str, Any]) -> list[tuple[str, str, tuple[float, float, float],
+                                                       tuple[float, float, float]]]:
+    """Each SparseX setting against full prefill, CacheBlend-style at the same ratio and L_full, and
+    EPIC-style at the same ratio: (setting, other, ΔF1, ΔKL), from the per-question figures."""
+    per = sweep.get("per_question")
+    if not per:
+        return []
+    methods = sweep["methods"]
+    pairs = []
+    for name, m in methods.items():
+        if m["method"] != "sparsex":
+            continue
+        others = [o for o, om in methods.items() if om["method"] == "full" or (
+            om["method"] in ("cacheblend", "epic") and om["ratio"] == m["ratio"]
+            and om["full_layers"] in (None, m["full_layers"]))]
+        setting = f"ratio {_f(m['ratio'])}, L_full {m['full_layers']}"
+        for other in others:
+            pairs.append((setting, methods[other]["method"],
+                          paired_difference(per[name]["f1"], per[other]["f1"]),
+                          paired_difference(per[name]["kl"], per[other]["kl"])))
+    return pairs
+
+
+def _interval(stats: tuple[float, float, float], scale: float) -> str:
+    mean, low, high = (scale * x for x in stats)
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
 def _pyplot() -> Any:

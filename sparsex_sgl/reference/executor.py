@@ -29,6 +29,7 @@ from sparsex_sgl.select import (
     reused_tokens,
     select_tokens,
     selection_budget,
+    sparse_q_signal,
 )
 
 
@@ -270,10 +271,11 @@ class ReferenceExecutor:
             if signal is not None and config.selection == "sparse_q":
                 local = new_rows - plan.prefix_len
                 assert lse is not None
-                signal = signal * self._scores(
+                mass = self._scores(
                     q[local.to(self.device)], kv.k[threshold - 1], new_rows, lse[local.to(self.device)],
                     reused.positions, self._decoder.layers[threshold - 1].self_attn.scaling,
                 )
+                signal = sparse_q_signal(mass, signal, config.mass_prior)
             selected = select_tokens(reused, budget, config.selection, signal, config.min_tokens_per_segment)
             rows = torch.sort(torch.cat([new_rows, selected])).values
             h = h[(rows - plan.prefix_len).to(self.device)]

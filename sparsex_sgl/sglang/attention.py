@@ -14,7 +14,9 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from sparsex_sgl.hybrid import HybridConfig
 from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
+from sparsex_sgl.select import sparse_q_signal
 from sparsex_sgl.sglang.batch import RequestRows, SparseBatch
 
 
@@ -56,12 +58,12 @@ class SparseXAttnBackend(TorchNativeAttnBackend):
         q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         for req in state.requests:
             if req.has_reuse:
-                req.signal = self._request_signal(q_, keys, values, layer.scaling, req, state.selection)
+                req.signal = self._request_signal(q_, keys, values, layer.scaling, req, state.config)
 
     def _request_signal(self, q_: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
-                        req: RequestRows, selection: str) -> torch.Tensor:
+                        req: RequestRows, config: HybridConfig) -> torch.Tensor:
         deviation = (values[req.dst].float() - values[req.src].float()).norm(dim=(-2, -1))
-        if selection != "sparse_q":
+        if config.selection != "sparse_q":
             return deviation.cpu()
         device = q_.device
         new = req.new_rows.to(device)
@@ -70,7 +72,7 @@ class SparseXAttnBackend(TorchNativeAttnBackend):
         k_all, v_all = keys[slots], values[slots]
         _, lse = scattered_query_attention_ref(q_new, k_all, v_all, new, scale)
         mass = selection_scores_ref(q_new, k_all, new, lse, req.reused.positions.to(device), scale)
-        return (deviation * mass).cpu()
+        return sparse_q_signal(mass, deviation, config.mass_prior).cpu()
 
 
 def create(model_runner: object) -> SparseXAttnBackend:

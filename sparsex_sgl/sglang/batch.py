@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsex_sgl.hybrid import HybridConfig
 from sparsex_sgl.select import ReusedTokens
 from sparsex_sgl.sglang.runtime import RequestOutcome
 
@@ -49,11 +50,11 @@ class RequestRows:
 
 @dataclass
 class SparseBatch:
-    """``phase`` is "full" before the threshold layer and "sparse" after it."""
+    """``phase`` is "full" before the threshold layer and "sparse" after it; ``config`` is the server's plan."""
 
     requests: list[RequestRows]
     signal_layer: int | None
-    selection: str
+    config: HybridConfig
     phase: str = "full"
     positions: torch.Tensor | None = None
     out_cache_loc: torch.Tensor | None = None

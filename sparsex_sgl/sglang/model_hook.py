@@ -113,7 +113,7 @@ class SparseXForward:
             return None
         config = self.runtime.config
         signal_layer = self.runtime.threshold - 1 if config.selection in SIGNAL_SELECTIONS else None
-        return SparseBatch(requests, signal_layer, config.selection)
+        return SparseBatch(requests, signal_layer, config)
 
     def _select(self, state: SparseBatch) -> None:
         config = self.runtime.config
