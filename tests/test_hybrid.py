@@ -98,3 +98,10 @@ def test_sparsex_pairs_compare_like_settings_only() -> None:
     assert sorted(other for setting, other, _, _ in pairs if setting == "ratio 0.30, L_full 4") == [
         "cacheblend", "epic", "full"]
     assert all(f1 == (0.0, 0.0, 0.0) for _, _, f1, _ in pairs)
+
+
+def test_mass_priors_expand_sparsex_only() -> None:
+    runs = method_runs(["cacheblend", "sparsex"], [0.15], [2], mass_priors=[0.0, 4.0])
+    assert [r.name for r in runs] == ["cacheblend", "sparsex[prior=0.0]", "sparsex[prior=4.0]"]
+    assert [r.config.mass_prior for r in runs if r.method == "sparsex"] == [0.0, 4.0]  # type: ignore[union-attr]
+    assert method_runs(["sparsex"], [0.15], [2])[0].config == HybridConfig(full_layers=2, recompute_ratio=0.15)

@@ -17,6 +17,7 @@ reference; every method prefills the same prompt from the cache. Metrics per met
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
 from sparsex_sgl.eval.hotpotqa import build_prompt, exact_match, f1_score, first_line, load_examples
-from sparsex_sgl.hybrid import METHODS, HybridConfig, method_config
+from sparsex_sgl.hybrid import MASS_PRIOR, METHODS, HybridConfig, method_config
 from sparsex_sgl.reference.cache import ReferenceSegmentCache
 from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor
 
@@ -52,10 +53,15 @@ class MethodRun:
     config: HybridConfig | None
     ratio: float | None
     full_layers: int | None
+    mass_prior: float | None = None
 
 
-def method_runs(methods: list[str], ratios: list[float], full_layers: list[int]) -> list[MethodRun]:
-    """Expand methods over the settings they depend on; names carry the setting only when several are swept."""
+def method_runs(methods: list[str], ratios: list[float], full_layers: list[int],
+                mass_priors: list[float] | None = None) -> list[MethodRun]:
+    """Expand methods over the settings they depend on; names carry the setting only when several are swept.
+
+    ``mass_priors`` (SparseX's ``HybridConfig.mass_prior``; default: the shipped value) only expands SparseX."""
+    priors = mass_priors or [MASS_PRIOR]
     many = len(ratios) > 1 or len(full_layers) > 1
     runs: list[MethodRun] = []
     for method in methods:
@@ -63,11 +69,17 @@ def method_runs(methods: list[str], ratios: list[float], full_layers: list[int])
         uses_layers = method in ("cacheblend", "sparsex")
         for ratio in ratios if uses_ratio else [None]:
             for layers in full_layers if uses_layers else [None]:
-                cfg = method_config(method, ratio or 0.0, layers or 0)
-                suffix = ""
-                if many and uses_ratio:
-                    suffix = f"[r={ratio}" + (f",L={layers}]" if uses_layers else "]")
-                runs.append(MethodRun(method + suffix, method, cfg, ratio, layers))
+                for prior in priors if method == "sparsex" else [None]:
+                    cfg = method_config(method, ratio or 0.0, layers or 0)
+                    if cfg is not None and prior is not None:
+                        cfg = dataclasses.replace(cfg, mass_prior=prior)
+                    setting = []
+                    if many and uses_ratio:
+                        setting += [f"r={ratio}"] + ([f"L={layers}"] if uses_layers else [])
+                    if len(priors) > 1 and prior is not None:
+                        setting.append(f"prior={prior}")
+                    suffix = f"[{','.join(setting)}]" if setting else ""
+                    runs.append(MethodRun(method + suffix, method, cfg, ratio, layers, prior))
     return runs
 
 
@@ -173,7 +185,7 @@ def _report(totals: dict[str, dict[str, float]], per_question: dict[str, dict[st
     for run in runs:
         metrics: dict[str, Any] = {key: value / n for key, value in totals[run.name].items()}
         metrics["kl_median"] = statistics.median(per_question[run.name]["kl"])
-        metrics.update(method=run.method, ratio=run.ratio, full_layers=run.full_layers)
+        metrics.update(method=run.method, ratio=run.ratio, full_layers=run.full_layers, mass_prior=run.mass_prior)
         report["methods"][run.name] = metrics
     report["meta"] = {
         "n": n,
@@ -215,6 +227,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio", type=parse_floats, default=[0.15], help="recompute ratio(s), comma-separated")
     parser.add_argument("--full-layers", type=parse_ints, default=[2], help="L_full value(s), comma-separated")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    parser.add_argument("--mass-prior", type=parse_floats, default=[MASS_PRIOR],
+                        help="SparseX's mass_prior value(s), comma-separated (select.sparse_q_signal)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the paragraph shuffles")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
@@ -244,10 +258,11 @@ def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     executor, tokenizer = load_executor(args.model)
-    runs = method_runs(methods, args.ratio, args.full_layers)
+    runs = method_runs(methods, args.ratio, args.full_layers, args.mass_prior)
     grid = (
         f"--model {args.model} --data {args.data} --offset {args.offset} --ratio {','.join(map(str, args.ratio))} "
-        f"--full-layers {','.join(map(str, args.full_layers))} --methods {args.methods} --seed {args.seed}"
+        f"--full-layers {','.join(map(str, args.full_layers))} --methods {args.methods} "
+        f"--mass-prior {','.join(map(str, args.mass_prior))} --seed {args.seed}"
     )
     command = f"sparsex-sgl eval fidelity --n {args.n} {grid}"
     resume = _resumable(args.out, grid) if args.resume else None

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from sparsex_sgl.harness import report, run, workloads
+from sparsex_sgl.hybrid import MASS_PRIOR
 
 
 def _workload(args: argparse.Namespace) -> None:
@@ -35,7 +36,7 @@ def _sweep(args: argparse.Namespace) -> None:
     """The offline quality sweep: `eval fidelity` on the sweep grid, then the F1 plot next to the JSON."""
     from sparsex_sgl.eval import fidelity
 
-    args.data, args.methods, args.threads = "hotpotqa", ",".join(fidelity.METHODS), 0
+    args.data, args.methods, args.threads, args.mass_prior = "hotpotqa", ",".join(fidelity.METHODS), 0, [MASS_PRIOR]
     fidelity.run(args)
     sweep = json.loads(args.out.read_text())
     print(f"wrote {report.plot_sweep(sweep, args.out.with_suffix('.png'))}")

@@ -126,6 +126,8 @@ def sparsex_pairs(sweep: dict[str, Any]) -> list[tuple[str, str, tuple[float, fl
             om["method"] in ("cacheblend", "epic") and om["ratio"] == m["ratio"]
             and om["full_layers"] in (None, m["full_layers"]))]
         setting = f"ratio {_f(m['ratio'])}, L_full {m['full_layers']}"
+        if m.get("mass_prior") is not None and len({om.get("mass_prior") for om in methods.values()} - {None}) > 1:
+            setting += f", mass_prior {m['mass_prior']}"
         for other in others:
             pairs.append((setting, methods[other]["method"],
                           paired_difference(per[name]["f1"], per[other]["f1"]),
