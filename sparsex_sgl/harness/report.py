@@ -118,6 +118,7 @@ def sparsex_pairs(sweep: dict[str, Any]) -> list[tuple[str, str, tuple[float, fl
     if not per:
         return []
     methods = sweep["methods"]
+    several_priors = len({m.get("mass_prior") for m in methods.values()} - {None}) > 1
     pairs = []
     for name, m in methods.items():
         if m["method"] != "sparsex":
@@ -126,7 +127,7 @@ def sparsex_pairs(sweep: dict[str, Any]) -> list[tuple[str, str, tuple[float, fl
             om["method"] in ("cacheblend", "epic") and om["ratio"] == m["ratio"]
             and om["full_layers"] in (None, m["full_layers"]))]
         setting = f"ratio {_f(m['ratio'])}, L_full {m['full_layers']}"
-        if m.get("mass_prior") is not None and len({om.get("mass_prior") for om in methods.values()} - {None}) > 1:
+        if several_priors:
             setting += f", mass_prior {m['mass_prior']}"
         for other in others:
             pairs.append((setting, methods[other]["method"],
