@@ -151,13 +151,18 @@ def evaluate(
         cache.store(head, [], executor.prefill_full(head))
         for index in range(len(prompt.spans)):
             cache.fill_segment(prompt.segment_ids(index))
-        for run in runs:
-            if run.config is None:
-                result: PrefillResult = full
-            else:
-                result = cache.prefill(prompt.input_ids, prompt.spans, run.config, extra_capacity=ANSWER_TOKENS)
-            forced = executor.teacher_forced_argmax(result, full_greedy)
-            greedy = full_greedy if run.config is None else executor.greedy_decode(result, ANSWER_TOKENS)
+        # Every method's prefill from one lookup, then one batched decode of all of them (same figures as
+        # one method at a time; the full layers and the decode weight reads are shared).
+        approximate = [index for index, run in enumerate(runs) if run.config is not None]
+        configs = [run.config for run in runs if run.config is not None]
+        reuse_results = cache.prefill_many(prompt.input_ids, prompt.spans, configs, extra_capacity=ANSWER_TOKENS)
+        results: list[PrefillResult] = [full] * len(runs)
+        greedy_all = [full_greedy] * len(runs)
+        for index, result, tokens in zip(approximate, reuse_results,
+                                         executor.greedy_decode_many(reuse_results, ANSWER_TOKENS), strict=True):
+            results[index], greedy_all[index] = result, tokens
+        forced_all = executor.teacher_forced_argmax_many(results, full_greedy)
+        for run, result, forced, greedy in zip(runs, results, forced_all, greedy_all, strict=True):
             acc = totals[run.name]
             kl = kl_divergence(full.logits, result.logits)
             acc["kl_mean"] += kl

@@ -61,9 +61,14 @@ class ReferenceSegmentCache:
     def prefill(self, input_ids: Sequence[int], spans: object, config: HybridConfig,
                 extra_capacity: int = 0) -> PrefillResult:
         """SparseX (or baseline) prefill of a request whose reusable segments are ``spans``."""
+        return self.prefill_many(input_ids, spans, [config], extra_capacity)[0]
+
+    def prefill_many(self, input_ids: Sequence[int], spans: object, configs: Sequence[HybridConfig],
+                     extra_capacity: int = 0) -> list[PrefillResult]:
+        """``prefill`` under each of ``configs`` from one lookup (``ReferenceExecutor.prefill_reuse_many``)."""
         plan = self.plan(input_ids, spans)
         self.graph.lock(plan.node_ids)
         try:
-            return self.executor.prefill_reuse(input_ids, plan, self.pool, config, extra_capacity)
+            return self.executor.prefill_reuse_many(input_ids, plan, self.pool, configs, extra_capacity)
         finally:
             self.graph.unlock(plan.node_ids)

@@ -9,6 +9,7 @@ computes every row, and must equal the HF model's own forward.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,9 @@ class RequestKV:
         d = spec.dims
         k = torch.zeros(d.num_layers, capacity, d.n_kv_heads, d.head_dim, dtype=dtype, device=device)
         return cls(k, torch.zeros_like(k))
+
+    def clone(self) -> RequestKV:
+        return RequestKV(self.k.clone(), self.v.clone())
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,26 @@ class _Rows:
     kv_len: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One reuse prefill's inputs, shared by every config it runs under."""
+
+    ids: torch.Tensor
+    plan: LookupPlan
+    reused: ReusedTokens
+    new_rows: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _FullLayersState:
+    """The full layers' output at a threshold: hidden rows and the threshold layer's rotated queries (rows
+    above the prefix), and the reused tokens' values before the refresh (None when nothing is reused)."""
+
+    h: torch.Tensor
+    q: torch.Tensor
+    cached_v: torch.Tensor | None
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -144,12 +168,20 @@ class ReferenceExecutor:
         return _Rows(positions, cos[0][:, None, :], sin[0][:, None, :], visible, end, slot_row, pool_index, kv_len)
 
     def _layer(
-        self, i: int, h: torch.Tensor, rows: _Rows, kv: RequestKV, need_lse: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Layer ``i`` for ``rows``; writes their K/V. Returns (hidden, q, lse or None).
+        self, i: int, h: torch.Tensor, rows: _Rows, kv: RequestKV
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i`` for one request's ``rows``; writes their K/V. Returns (hidden, rotated q)."""
+        return self._layer_many(i, h, [(rows, kv)])
 
-        Only the threshold layer needs the log-sum-exp (for the selection scores); every other layer uses
-        SDPA with the same mask by position, which is several times faster on the CPU.
+    def _layer_many(
+        self, i: int, h: torch.Tensor, parts: Sequence[tuple[_Rows, RequestKV]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i`` for the rows of several requests stacked in ``h`` (``parts`` in order, each its rows
+        and its own K/V); writes their K/V. Returns (hidden, rotated q), rows in ``h``'s order.
+
+        The norms, projections and MLP take every row at once: a decode step is one weight read per layer
+        for all requests instead of one each, which is what decoding costs on the CPU. Attention runs per
+        request over its own K/V.
         """
         layer = self._decoder.layers[i]
         attn = layer.self_attn
@@ -161,14 +193,24 @@ class ReferenceExecutor:
         v = attn.v_proj(x).view(m, dims.n_kv_heads, dims.head_dim)
         if self.spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q = q * rows.cos + _rotate_half(q) * rows.sin
-        k = k * rows.cos + _rotate_half(k) * rows.sin
-        kv.k[i, rows.positions] = k
-        kv.v[i, rows.positions] = v
-        out, lse = self._attend(q, kv.k[i], kv.v[i], rows, attn.scaling, need_lse)
+        if len(parts) == 1:
+            cos, sin = parts[0][0].cos, parts[0][0].sin
+        else:
+            cos, sin = torch.cat([rows.cos for rows, _ in parts]), torch.cat([rows.sin for rows, _ in parts])
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        outs, start = [], 0
+        for rows, kv in parts:
+            end = start + rows.positions.numel()
+            kv.k[i, rows.positions] = k[start:end]
+            kv.v[i, rows.positions] = v[start:end]
+            out, _ = self._attend(q[start:end], kv.k[i], kv.v[i], rows, attn.scaling, need_lse=False)
+            outs.append(out)
+            start = end
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         h = h + attn.o_proj(out.reshape(m, dims.n_heads * dims.head_dim))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return h, q, lse
+        return h, q
 
     def _attend(self, q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, rows: _Rows, scale: float,
                 need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -219,7 +261,7 @@ class ReferenceExecutor:
         all_rows = self._rows(torch.arange(n))
         h = self._decoder.embed_tokens(torch.as_tensor(list(input_ids), device=self.device))
         for i in range(self.spec.dims.num_layers):
-            h, _, _ = self._layer(i, h, all_rows, kv)
+            h, _ = self._layer(i, h, all_rows, kv)
         stats = PrefillStats(n, 0, 0, 0, n, self.full_flops(n))
         return PrefillResult(self._logits(h[-1]), kv, n, stats, exact=True)
 
@@ -239,51 +281,89 @@ class ReferenceExecutor:
         extra_capacity: int = 0,
     ) -> PrefillResult:
         """Prefill that takes the plan's prefix and re-aligned segments from ``pool`` and recomputes per ``config``."""
+        return self.prefill_reuse_many(input_ids, plan, pool, [config], extra_capacity)[0]
+
+    @torch.no_grad()
+    def prefill_reuse_many(
+        self,
+        input_ids: Sequence[int],
+        plan: LookupPlan,
+        pool: TensorKVPool,
+        configs: Sequence[HybridConfig],
+        extra_capacity: int = 0,
+    ) -> list[PrefillResult]:
+        """``prefill_reuse`` of one request under each of ``configs``, equal to running them one by one.
+
+        The full layers do the same work under every config (every row above the prefix, over the same
+        re-aligned KV), so they run once, as deep as the deepest threshold; each config goes on from its
+        own threshold with a copy of the request's KV at that point. A quality sweep of many ratios and
+        methods pays the full layers once per ``L_full`` instead of once per setting.
+        """
         n = len(input_ids)
         if plan.n_tokens != n:
             raise ValueError(f"plan covers {plan.n_tokens} tokens, the prompt has {n}")
         num_layers = self.spec.dims.num_layers
-        threshold = config.threshold(num_layers)
         kv = RequestKV.empty(self.spec, n + extra_capacity, self.dtype, self.device)
         reused = self._load_cached(plan, pool, kv)
-        new_rows = torch.as_tensor(plan.new_rows, dtype=torch.int64)
-        ids = torch.as_tensor(list(input_ids), device=self.device)
-        budget = selection_budget(len(reused), config.recompute_ratio)
+        request = _Request(torch.as_tensor(list(input_ids), device=self.device), plan, reused,
+                           torch.as_tensor(plan.new_rows, dtype=torch.int64))
+        by_threshold: dict[int, list[int]] = defaultdict(list)
+        for index, config in enumerate(configs):
+            by_threshold[config.threshold(num_layers)].append(index)
+        results: dict[int, PrefillResult] = {}
+        at_zero = by_threshold.pop(0, [])
+        for index in at_zero:
+            last = not by_threshold and index == at_zero[-1]  # nothing runs on this KV after it
+            results[index] = self._sparse_layers(request, configs[index], 0, None, kv if last else kv.clone(), None)
+        if by_threshold:
+            deepest = max(by_threshold)
+            full_rows = torch.arange(plan.prefix_len, n)
+            h = self._decoder.embed_tokens(request.ids[full_rows.to(self.device)])
+            # The re-aligned values before the full layers refresh them: the deviation signal's baseline.
+            cached_v = {t: kv.v[t - 1, reused.positions].clone() for t in by_threshold} if len(reused) else {}
+            full_pass = self._rows(full_rows)
+            for i in range(deepest):
+                at = by_threshold.get(i + 1, [])
+                h, q = self._layer(i, h, full_pass, kv)
+                for index in at:
+                    last = i + 1 == deepest and index == at[-1]  # nothing runs on this KV after it
+                    state = _FullLayersState(h, q, cached_v.get(i + 1))
+                    results[index] = self._sparse_layers(request, configs[index], i + 1, state,
+                                                         kv if last else kv.clone(), full_rows)
+        return [results[index] for index in range(len(configs))]
 
-        if threshold == 0:
-            selected = select_tokens(reused, budget, config.selection, None, config.min_tokens_per_segment)
-            rows = torch.sort(torch.cat([new_rows, selected])).values
-            h = self._decoder.embed_tokens(ids[rows.to(self.device)])
+    def _sparse_layers(self, request: _Request, config: HybridConfig, threshold: int, state: _FullLayersState | None,
+                       kv: RequestKV, full_rows: torch.Tensor | None) -> PrefillResult:
+        """Select the reused tokens to recompute (by the signal at ``threshold`` where the policy has one)
+        and run layers ``threshold..`` on the new and selected rows; ``state`` is the full layers' output
+        (None when ``threshold`` is 0)."""
+        plan, reused, new_rows = request.plan, request.reused, request.new_rows
+        n, num_layers = plan.n_tokens, self.spec.dims.num_layers
+        budget = selection_budget(len(reused), config.recompute_ratio)
+        signal = None
+        if state is not None and state.cached_v is not None and config.selection in SIGNAL_SELECTIONS:
+            signal = (kv.v[threshold - 1, reused.positions] - state.cached_v).float().norm(dim=(-2, -1))
+            if config.selection == "sparse_q":
+                q_new = state.q[(new_rows - plan.prefix_len).to(self.device)]
+                scale = self._decoder.layers[threshold - 1].self_attn.scaling
+                # The new rows' log-sum-exp at the threshold layer, the normaliser of their attention mass.
+                _, lse = self._attend(q_new, kv.k[threshold - 1], kv.v[threshold - 1], self._rows(new_rows), scale,
+                                      need_lse=True)
+                assert lse is not None
+                mass = self._scores(q_new, kv.k[threshold - 1], new_rows, lse, reused.positions, scale)
+                signal = sparse_q_signal(mass, signal, config.mass_prior)
+        selected = select_tokens(reused, budget, config.selection, signal, config.min_tokens_per_segment)
+        rows = torch.sort(torch.cat([new_rows, selected])).values
+        if state is None:
+            h = self._decoder.embed_tokens(request.ids[rows.to(self.device)])
             rows_per_layer = [rows.tolist()] * num_layers
         else:
-            full_rows = torch.arange(plan.prefix_len, n)
-            h = self._decoder.embed_tokens(ids[full_rows.to(self.device)])
-            wants_signal = len(reused) > 0 and config.selection in SIGNAL_SELECTIONS
-            if wants_signal:
-                cached_v = kv.v[threshold - 1, reused.positions].clone()  # the re-aligned values, before refresh
-            full_pass = self._rows(full_rows)
-            for i in range(threshold):
-                need_lse = i == threshold - 1 and config.selection == "sparse_q"
-                h, q, lse = self._layer(i, h, full_pass, kv, need_lse=need_lse)
-            signal = None
-            if wants_signal:
-                signal = (kv.v[threshold - 1, reused.positions] - cached_v).float().norm(dim=(-2, -1))
-            if signal is not None and config.selection == "sparse_q":
-                local = new_rows - plan.prefix_len
-                assert lse is not None
-                mass = self._scores(
-                    q[local.to(self.device)], kv.k[threshold - 1], new_rows, lse[local.to(self.device)],
-                    reused.positions, self._decoder.layers[threshold - 1].self_attn.scaling,
-                )
-                signal = sparse_q_signal(mass, signal, config.mass_prior)
-            selected = select_tokens(reused, budget, config.selection, signal, config.min_tokens_per_segment)
-            rows = torch.sort(torch.cat([new_rows, selected])).values
-            h = h[(rows - plan.prefix_len).to(self.device)]
+            assert full_rows is not None
+            h = state.h[(rows - plan.prefix_len).to(self.device)]
             rows_per_layer = [full_rows.tolist()] * threshold + [rows.tolist()] * (num_layers - threshold)
-
         sparse_pass = self._rows(rows)
         for i in range(threshold, num_layers):
-            h, _, _ = self._layer(i, h, sparse_pass, kv)
+            h, _ = self._layer(i, h, sparse_pass, kv)
         assert int(rows[-1]) == n - 1, "the last prompt token must be computed"
         stats = PrefillStats(
             n_tokens=n,
@@ -320,28 +400,46 @@ class ReferenceExecutor:
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
-    def _extend(self, result: PrefillResult, token_ids: Sequence[int], start: int) -> torch.Tensor:
-        """Run ``token_ids`` at positions ``start..`` over the result's KV; logits per row."""
-        if start + len(token_ids) > result.kv.k.shape[1]:
-            raise ValueError("the prefill was not given enough extra_capacity for these tokens")
-        new_rows = self._rows(torch.arange(start, start + len(token_ids)))
-        h = self._decoder.embed_tokens(torch.as_tensor(list(token_ids), device=self.device))
+    def _extend_many(self, results: Sequence[PrefillResult], token_lists: Sequence[Sequence[int]],
+                     starts: Sequence[int]) -> list[torch.Tensor]:
+        """Run ``token_lists[j]`` at positions ``starts[j]..`` over ``results[j]``'s KV, every request in
+        one pass (``_layer_many``); logits per row, per request."""
+        parts = []
+        for result, tokens, start in zip(results, token_lists, starts, strict=True):
+            if start + len(tokens) > result.kv.k.shape[1]:
+                raise ValueError("the prefill was not given enough extra_capacity for these tokens")
+            parts.append((self._rows(torch.arange(start, start + len(tokens))), result.kv))
+        ids = [token for tokens in token_lists for token in tokens]
+        h = self._decoder.embed_tokens(torch.as_tensor(ids, device=self.device))
         for i in range(self.spec.dims.num_layers):
-            h, _, _ = self._layer(i, h, new_rows, result.kv)
-        return self._logits(h)
+            h, _ = self._layer_many(i, h, parts)
+        logits = self._logits(h)
+        return list(logits.split([len(tokens) for tokens in token_lists]))
 
     def greedy_decode(self, result: PrefillResult, n_new: int) -> list[int]:
         """Greedy tokens after a prefill (exact decoding over whatever KV the prefill left)."""
-        tokens = [int(result.logits.argmax())]
+        return self.greedy_decode_many([result], n_new)[0]
+
+    def greedy_decode_many(self, results: Sequence[PrefillResult], n_new: int) -> list[list[int]]:
+        """``greedy_decode`` of several prefills, one step for all of them at a time."""
+        if not results:
+            return []
+        tokens = [[int(result.logits.argmax())] for result in results]
         for step in range(1, n_new):
-            logits = self._extend(result, tokens[-1:], result.n_tokens + step - 1)
-            tokens.append(int(logits[-1].argmax()))
+            starts = [result.n_tokens + step - 1 for result in results]
+            logits = self._extend_many(results, [own[-1:] for own in tokens], starts)
+            for own, rows in zip(tokens, logits, strict=True):
+                own.append(int(rows[-1].argmax()))
         return tokens
 
     def teacher_forced_argmax(self, result: PrefillResult, forced: Sequence[int]) -> list[int]:
         """The model's top-1 token at each of ``len(forced)`` answer steps when fed ``forced`` as history."""
-        first = int(result.logits.argmax())
+        return self.teacher_forced_argmax_many([result], forced)[0]
+
+    def teacher_forced_argmax_many(self, results: Sequence[PrefillResult], forced: Sequence[int]) -> list[list[int]]:
+        """``teacher_forced_argmax`` of several prefills with the same forced history, in one pass."""
+        firsts = [[int(result.logits.argmax())] for result in results]
         if len(forced) <= 1:
-            return [first][: len(forced)]
-        logits = self._extend(result, forced[:-1], result.n_tokens)
-        return [first] + logits.argmax(dim=-1).tolist()
+            return [first[: len(forced)] for first in firsts]
+        logits = self._extend_many(results, [forced[:-1]] * len(results), [result.n_tokens for result in results])
+        return [first + rows.argmax(dim=-1).tolist() for first, rows in zip(firsts, logits, strict=True)]
