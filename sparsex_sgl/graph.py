@@ -92,6 +92,19 @@ class LookupPlan:
         return self.prefix_node_ids + tuple(r.node_id for r in self.reused)
 
 
+def segments_it_caches(pieces: Sequence[Piece], plan: LookupPlan) -> frozenset[SegmentHash]:
+    """Keys of the segments a request will compute exactly, and so cache, under ``plan``.
+
+    Those are the reusable pieces after its exact prefix and before its first reused segment: a row
+    before any reused token attends only to exact KV. (Pieces after a reused segment are computed over
+    approximate KV and are not cached; see ``select.exact_length``.) A second request carrying one of
+    these segments gains nothing from running in the same batch, where it computes the segment again;
+    one batch later it reuses it.
+    """
+    first_reused = min((r.target_start for r in plan.reused), default=plan.n_tokens)
+    return frozenset(p.key for p in pieces if p.reusable and p.start >= plan.prefix_len and p.end <= first_reused)
+
+
 @dataclass(frozen=True)
 class InsertResult:
     """Per piece: the node now holding it, and whether the caller's slots were adopted.

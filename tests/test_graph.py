@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sparsex_sgl.errors import SegmentHashCollisionError
-from sparsex_sgl.graph import SegmentGraph
+from sparsex_sgl.graph import SegmentGraph, segments_it_caches
 from sparsex_sgl.reference.pool import FreeListAllocator
 from sparsex_sgl.segments import Piece, SegmentHash, split_into_pieces
 
@@ -54,6 +54,25 @@ def test_exact_path_is_a_prefix_hit_and_other_orders_are_non_prefix_hits() -> No
     assert (a.source_start, a.target_start, a.length, a.slots, a.delta) == (0, 3, 4, (1, 2, 3, 4), 3)
     assert plan.new_rows == (7,)
     assert graph.check_invariants() is None
+
+
+def test_segments_it_caches_stop_at_the_first_reused_segment() -> None:
+    """A request caches the segments it computes before its first reused one (exact KV there), never its
+    prefix (already cached) nor what follows a reused segment (computed over approximate KV)."""
+    graph = SegmentGraph(FreeListAllocator(64), max_tokens=63)
+    d, e = [4] * 3, [5] * 2
+    ids, spans = prompt(A, B, Q1)
+    graph.insert(split_into_pieces(ids, spans), graph.alloc(len(ids)) or [])
+    cache_alone(graph, C)
+    key = {piece.token_ids: piece.key for piece in split_into_pieces(*prompt(A, B, d, C, e, Q2)) if piece.reusable}
+
+    pieces = split_into_pieces(*prompt(A, B, d, C, e, Q2))  # A B: prefix, d: new, C: reused, e: after it
+    plan = graph.lookup(pieces)
+    assert plan.prefix_len == 7 and [r.target_start for r in plan.reused] == [10]
+    assert segments_it_caches(pieces, plan) == {key[tuple(d)]}
+
+    novel = split_into_pieces(*prompt(d, e, Q2))  # nothing cached: every segment is computed exactly
+    assert segments_it_caches(novel, graph.lookup(novel)) == {key[tuple(d)], key[tuple(e)]}
 
 
 def test_segment_cached_after_the_same_predecessor_is_preferred() -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,38 @@ def test_spans_out_of_range_fall_back_and_count(servers: tuple[Server, Server], 
     assert status == 200
     assert reply["output_ids"] == generate(stock, prompt, segments=False)["output_ids"]
     assert stats(sparsex)["fallbacks"]["invalid_segments"] == before + 1
+
+
+def test_burst_defers_a_repeated_segment_to_the_next_batch(servers: tuple[Server, Server], prompts: list) -> None:
+    """Two orders of one question queue up together behind a running prefill. Batched together, both would
+    compute every paragraph (nothing is cached yet); SparseX admits one and defers the other by one batch,
+    where it reuses the paragraphs the first one cached. Without the deferral both report 0 reused tokens."""
+    _, sparsex = servers
+    assert flush_cache(sparsex.url)
+    before = stats(sparsex)
+    blocker, orders = prompts[4][0], prompts[3]
+    replies: dict[int, dict[str, Any]] = {}
+
+    def send(index: int, prompt: SegmentedPrompt, segments: bool) -> None:
+        replies[index] = generate(sparsex, prompt, segments=segments)
+
+    # The blocker is a ~1.5k-token prefill without segments (about 3 s on this CPU, measured in the
+    # harness); the pair arrives 0.5 s into it and waits in the queue for the next batch.
+    threads = [threading.Thread(target=send, args=(0, blocker, False))]
+    threads[0].start()
+    time.sleep(0.5)
+    threads += [threading.Thread(target=send, args=(i + 1, orders[i], True)) for i in range(2)]
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join()
+    counts = [reuse_counts(replies[i + 1]["meta_info"]) for i in range(2)]
+    later = max(range(2), key=lambda i: counts[i]["reused"])
+    assert counts[1 - later]["reused"] == 0
+    spans = orders[later].spans
+    assert counts[later]["reused"] > 0
+    assert counts[later]["prefix"] + counts[later]["reused"] == spans[0][0] + sum(e - s for s, e in spans)
+    assert stats(sparsex)["deferred_admissions"] - before["deferred_admissions"] >= 1
 
 
 def test_memory_is_accounted_evicted_and_returned(servers: tuple[Server, Server], prompts: list) -> None:

@@ -31,7 +31,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 
 from sparsex_sgl.errors import InvalidSegmentsError, SegmentHashCollisionError
-from sparsex_sgl.graph import LookupPlan, NodeId, SegmentGraph
+from sparsex_sgl.graph import LookupPlan, NodeId, SegmentGraph, segments_it_caches
 from sparsex_sgl.protocol import NAMESPACE_KEY, RATIO_KEY, SPANS_KEY, parse_ratio, parse_spans
 from sparsex_sgl.segments import Piece, split_into_pieces, validate_spans
 from sparsex_sgl.sglang.runtime import GAP_BLOCK, RequestOutcome, RequestPlan, SparseXRuntime
@@ -110,8 +110,9 @@ class SegmentGraphCache(BasePrefixCache):
             self.runtime.fallback("invalid_segments", str(exc))
             spans, namespace, ratio = [], "", self.runtime.config.recompute_ratio
         reason = self._no_reuse_reason(req)
+        pieces = self._pieces(req, token_ids, spans, namespace)
         try:
-            plan = self.graph.lookup(self._pieces(req, token_ids, spans, namespace))
+            plan = self.graph.lookup(pieces)
         except SegmentHashCollisionError as exc:
             self.runtime.fallback("hash_collision", str(exc))
             self.runtime.plans.pop(rid, None)
@@ -120,7 +121,7 @@ class SegmentGraphCache(BasePrefixCache):
             self.runtime.fallback(reason)
         if (plan.reused and (reason or len(token_ids) != n_prompt)) or plan.prefix_len > limit:
             plan = _prefix_only(plan, min(plan.prefix_len, limit))
-        self.runtime.plans[rid] = RequestPlan(plan, tuple(spans), namespace, ratio)
+        self.runtime.plans[rid] = RequestPlan(plan, tuple(spans), namespace, ratio, segments_it_caches(pieces, plan))
         n = plan.n_tokens
         outcome = RequestOutcome(prompt=n, prefix=plan.prefix_len, computed=n - plan.prefix_len, exact_len=n)
         self.runtime.outcomes[rid] = outcome

@@ -56,6 +56,7 @@ def register() -> None:
          _add_details, HookType.AFTER),
         ("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
          _add_internal_state, HookType.AFTER),
+        ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", _admit, HookType.AROUND),
     ]
     for target, hook, kind in hooks:
         HookRegistry.register(target, hook, kind)
@@ -220,6 +221,23 @@ def _segment_text(self: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
     obj.sampling_params = {**params, "custom_params": custom}
     obj.text = "".join(p.text for p in pieces)
     obj.input_ids = ids
+
+
+def _admit(original: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+    """Defer a request whose segments a request already in this prefill batch will cache
+    (``SparseXRuntime.should_defer``): the SparseX counterpart of SGLang's in-batch prefix caching.
+
+    ``CONTINUE`` without adding the request is what SGLang's admission loop already does for a request it
+    skips (LoRA): the loop goes on with the next waiting request, and this one stays queued, in order.
+    """
+    from sparsex_sgl.sglang.runtime import current
+
+    runtime = current()
+    if runtime is not None and runtime.should_defer(req.rid, [r.rid for r in self.can_run_list]):
+        from sglang.srt.managers.schedule_policy import AddReqResult
+
+        return AddReqResult.CONTINUE
+    return original(self, req, *args, **kwargs)
 
 
 def _add_details(result: Any, self: Any, req: Any) -> Any:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from sparsex_sgl.graph import LookupPlan
 from sparsex_sgl.hybrid import HybridConfig
 from sparsex_sgl.rope import RopeConfig
+from sparsex_sgl.segments import SegmentHash
 
 logger = logging.getLogger("sparsex_sgl")
 
@@ -34,6 +35,8 @@ class RequestPlan:
     spans: tuple[tuple[int, int], ...]
     namespace: str
     recompute_ratio: float
+    caches: frozenset[SegmentHash] = frozenset()
+    """The segments this request will compute exactly and cache (``graph.segments_it_caches``)."""
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Counters:
     computed_tokens: int = 0
     sparse_batches: int = 0
     evicted_tokens: int = 0
+    deferred_admissions: int = 0
     fallbacks: Counter[str] = field(default_factory=Counter)
 
 
@@ -100,6 +104,24 @@ class SparseXRuntime:
         if first:
             logger.warning("SparseX falls back to exact full prefill (%s)%s; further cases are only counted",
                            reason, f": {detail}" if detail else "")
+
+    def should_defer(self, rid: str, admitted: list[str]) -> bool:
+        """Whether request ``rid`` should wait for the next prefill batch: a request already admitted to
+        this one computes, and will cache, a segment that ``rid`` would otherwise compute again.
+
+        Under a burst (many requests queued while a forward runs) the repeats of a segment otherwise land in
+        the batch of its first appearance and all compute it in full; waiting one batch turns them into
+        reuse. The first request of a batch is never deferred, so every batch makes progress."""
+        entry = self.plans.get(rid)
+        if entry is None or not entry.caches or not admitted:
+            return False
+        for other in admitted:
+            earlier = self.plans.get(other)
+            if earlier is not None and not entry.caches.isdisjoint(earlier.caches):
+                with self._lock:
+                    self.counters.deferred_admissions += 1
+                return True
+        return False
 
     def record(self, outcome: RequestOutcome, had_segments: bool) -> None:
         c = self.counters
