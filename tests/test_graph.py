@@ -75,6 +75,24 @@ def test_segments_it_caches_stop_at_the_first_reused_segment() -> None:
     assert segments_it_caches(novel, graph.lookup(novel)) == {key[tuple(d)], key[tuple(e)]}
 
 
+def test_a_request_waits_only_for_segments_an_admitted_request_caches() -> None:
+    """The in-batch deferral rule: wait when a request already in the batch caches one of your segments;
+    never when nothing is shared, when nothing is admitted yet, or when you have no plan."""
+    from sparsex_sgl.hybrid import HybridConfig
+    from sparsex_sgl.sglang.runtime import RequestPlan, SparseXRuntime
+
+    runtime = SparseXRuntime(HybridConfig(), None, num_layers=4)
+    graph = SegmentGraph(FreeListAllocator(64), max_tokens=63)
+    for rid, parts in (("ab", (A, B, Q1)), ("ba", (B, A, Q2)), ("c", (C, Q1))):
+        pieces = split_into_pieces(*prompt(*parts))
+        plan = graph.lookup(pieces)
+        runtime.plans[rid] = RequestPlan(plan, (), "", 0.15, segments_it_caches(pieces, plan))
+    assert not runtime.should_defer("ab", [])  # the first request of a batch
+    assert runtime.should_defer("ba", ["ab"]) and runtime.should_defer("ba", ["c", "ab"])
+    assert not runtime.should_defer("c", ["ab", "ba"]) and not runtime.should_defer("unplanned", ["ab"])
+    assert runtime.counters.deferred_admissions == 2
+
+
 def test_segment_cached_after_the_same_predecessor_is_preferred() -> None:
     graph = SegmentGraph(FreeListAllocator(64), max_tokens=63)
     alone = cache_alone(graph, C)
