@@ -196,20 +196,25 @@ def plot_throughput(report: dict[str, Any], out: Path) -> list[Path]:
 
 
 def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
-    """F1 against recompute fraction, one line per method and L_full; full prefill and naive as references."""
+    """F1 against recompute fraction, one line per method and L_full (colour: method; line style: L_full);
+    full prefill and naive as references."""
     fig, ax = _pyplot().subplots(figsize=(7, 4.5))
-    lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    lines: dict[tuple[str, int | None], list[tuple[float, float]]] = defaultdict(list)
     for m in sweep["methods"].values():
         if m["method"] == "full":
             ax.axhline(m["f1"], color="black", linestyle="--", label="full prefill")
         elif m["method"] == "naive":
             ax.axhline(m["f1"], color="grey", linestyle=":", label="naive reuse")
         else:
-            key = m["method"] + (f", L_full {m['full_layers']}" if m["full_layers"] is not None else "")
-            lines[key].append((m["recompute_frac"], m["f1"]))
-    for key, points in sorted(lines.items()):
+            lines[(m["method"], m["full_layers"])].append((m["recompute_frac"], m["f1"]))
+    colours = {"cacheblend": "tab:blue", "epic": "tab:green", "sparsex": "tab:red"}
+    depths = sorted({layers for _, layers in lines if layers is not None})
+    styles = dict(zip(depths, ["-", "--", "-.", ":"] * len(depths)))
+    for (method, layers), points in sorted(lines.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
+        label = method + (f", L_full {layers}" if layers is not None else "")
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
+                color=colours.get(method), linestyle=styles.get(layers, "-"))
     ax.set(xlabel="recompute fraction (share of prompt tokens)", ylabel="F1 (HotpotQA)",
            title=f"F1 vs recompute fraction ({sweep['meta']['n']} questions)")
     return _finish(fig, ax, path, legend_size=7)
