@@ -209,7 +209,7 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
             lines[(m["method"], m["full_layers"])].append((m["recompute_frac"], m["f1"]))
     colours = {"cacheblend": "tab:blue", "epic": "tab:green", "sparsex": "tab:red"}
     depths = sorted({layers for _, layers in lines if layers is not None})
-    styles = dict(zip(depths, ["-", "--", "-.", ":"] * len(depths)))
+    styles: dict[int | None, str] = dict(zip(depths, ["-", "--", "-.", ":"] * len(depths)))
     for (method, layers), points in sorted(lines.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
         points.sort()
         label = method + (f", L_full {layers}" if layers is not None else "")
