@@ -314,7 +314,7 @@ class ReferenceExecutor:
         at_zero = by_threshold.pop(0, [])
         for index in at_zero:
             last = not by_threshold and index == at_zero[-1]  # nothing runs on this KV after it
-            results[index] = self._sparse_layers(request, configs[index], 0, None, kv if last else kv.clone(), None)
+            results[index] = self._sparse_layers(request, configs[index], 0, None, kv if last else kv.clone())
         if by_threshold:
             deepest = max(by_threshold)
             full_rows = torch.arange(plan.prefix_len, n)
@@ -329,11 +329,11 @@ class ReferenceExecutor:
                     last = i + 1 == deepest and index == at[-1]  # nothing runs on this KV after it
                     state = _FullLayersState(h, q, cached_v.get(i + 1))
                     results[index] = self._sparse_layers(request, configs[index], i + 1, state,
-                                                         kv if last else kv.clone(), full_rows)
+                                                         kv if last else kv.clone())
         return [results[index] for index in range(len(configs))]
 
     def _sparse_layers(self, request: _Request, config: HybridConfig, threshold: int, state: _FullLayersState | None,
-                       kv: RequestKV, full_rows: torch.Tensor | None) -> PrefillResult:
+                       kv: RequestKV) -> PrefillResult:
         """Select the reused tokens to recompute (by the signal at ``threshold`` where the policy has one)
         and run layers ``threshold..`` on the new and selected rows; ``state`` is the full layers' output
         (None when ``threshold`` is 0)."""
@@ -358,9 +358,8 @@ class ReferenceExecutor:
             h = self._decoder.embed_tokens(request.ids[rows.to(self.device)])
             rows_per_layer = [rows.tolist()] * num_layers
         else:
-            assert full_rows is not None
             h = state.h[(rows - plan.prefix_len).to(self.device)]
-            rows_per_layer = [full_rows.tolist()] * threshold + [rows.tolist()] * (num_layers - threshold)
+            rows_per_layer = [list(range(plan.prefix_len, n))] * threshold + [rows.tolist()] * (num_layers - threshold)
         sparse_pass = self._rows(rows)
         for i in range(threshold, num_layers):
             h, _ = self._layer(i, h, sparse_pass, kv)
