@@ -2,9 +2,14 @@
 
 A node is one piece's KV computed under one context: the path of pieces from the root to it. Its
 children are the pieces observed to follow it, so a root path equal to the request's leading pieces
-is an exact prefix hit (exact KV, nothing to repair), as in a radix tree. A reusable piece found
-anywhere else in the graph is a *non-prefix hit*: its KV was computed at ``source_start`` and must be
-re-rotated to the request's position and partly recomputed.
+is a prefix hit (nothing to repair), as in a radix tree. A reusable piece found anywhere else in the
+graph is a *non-prefix hit*: its KV was computed at ``source_start`` and must be re-rotated to the
+request's position and partly recomputed.
+
+A node is *exact* when its KV equals a full prefill of its root path, and *blended* when it was computed
+over reused, partly recomputed KV. Blended nodes serve only as prefix hits, to requests that resend the
+very same pieces (a chat's next round after an edit), never as non-prefix sources: the KV is then the
+one the earlier request already answered with, and nothing is approximated twice.
 
 The graph stores no tensors. It owns KV *slots* in an engine pool, obtained through an injected
 allocator, so the same bookkeeping serves SGLang's pool and the reference executor's pool, and is
@@ -43,6 +48,7 @@ class _Node:
     slots: tuple[int, ...]
     start_pos: int
     children: dict[SegmentHash, _Node] = field(default_factory=dict)
+    exact: bool = True
     lock_ref: int = 0
     last_access: int = 0
 
@@ -70,9 +76,10 @@ class ReusedSegment:
 class LookupPlan:
     """What a request can take from the cache.
 
-    Positions ``[0, prefix_len)`` are an exact prefix hit, each ``reused`` span is a non-prefix hit,
-    and ``new_rows`` (the Sparse-Q rows) must be computed. The three cover the prompt without overlap;
-    the last token is always in ``new_rows`` because its logits start decoding.
+    Positions ``[0, prefix_len)`` are a prefix hit, each ``reused`` span is a non-prefix hit, and
+    ``new_rows`` (the Sparse-Q rows) must be computed. The three cover the prompt without overlap; the
+    last token is always in ``new_rows`` because its logits start decoding. The prefix hit's KV equals a
+    full prefill's up to ``exact_prefix_len``, and is blended after it.
     """
 
     n_tokens: int
@@ -81,6 +88,7 @@ class LookupPlan:
     prefix_slots: tuple[int, ...]
     reused: tuple[ReusedSegment, ...]
     new_rows: tuple[int, ...]
+    exact_prefix_len: int
 
     @property
     def n_reused_tokens(self) -> int:
@@ -110,7 +118,7 @@ class InsertResult:
     """Per piece: the node now holding it, and whether the caller's slots were adopted.
 
     Slots of pieces that were not adopted (already cached, or no room) stay the caller's to free.
-    ``node_ids[i]`` is None where a piece could not be cached.
+    ``node_ids[i]`` is None where a piece could not be cached, and then for every later piece.
     """
 
     node_ids: tuple[NodeId | None, ...]
@@ -151,6 +159,8 @@ class SegmentGraph:
             node = child
         covered = sum(p.length for p in pieces[: len(prefix_nodes)])
         prefix_len = min(covered, n - 1)
+        blended = next((i for i, nd in enumerate(prefix_nodes) if not nd.exact), len(prefix_nodes))
+        exact_prefix_len = min(sum(nd.length for nd in prefix_nodes[:blended]), prefix_len)
         prefix_slots = tuple(s for nd in prefix_nodes for s in nd.slots)[:prefix_len]
 
         reused: list[ReusedSegment] = []
@@ -177,26 +187,38 @@ class SegmentGraph:
             prefix_slots=prefix_slots,
             reused=tuple(reused),
             new_rows=tuple(new_rows),
+            exact_prefix_len=exact_prefix_len,
         )
 
+    def prefix_only(self, plan: LookupPlan, prefix_len: int) -> LookupPlan:
+        """``plan`` with its non-prefix hits dropped and its prefix cut to ``prefix_len`` (an engine's cap,
+        or the exact part for a request that must be exact): everything after is computed. Only the
+        nodes the cut prefix still reads stay in it, so a blended node past the cut is not locked and
+        the request's exact KV can replace it (``insert``)."""
+        kept = tuple(nid for nid in plan.prefix_node_ids if self._nodes[nid].start_pos < prefix_len)
+        return LookupPlan(plan.n_tokens, prefix_len, kept, plan.prefix_slots[:prefix_len], (),
+                          tuple(range(prefix_len, plan.n_tokens)), min(plan.exact_prefix_len, prefix_len))
+
     def _best_candidate(self, piece: Piece, previous_key: SegmentHash | None) -> _Node | None:
-        """Among nodes holding this piece, prefer one cached after the same predecessor, then the newest."""
-        candidates = self._by_key.get(piece.key)
+        """Among exact nodes holding this piece, prefer one cached after the same predecessor, then the newest."""
+        candidates = [nd for nd in self._by_key.get(piece.key, {}).values() if nd.exact]
         if not candidates:
             return None
         best = max(
-            candidates.values(),
+            candidates,
             key=lambda nd: (nd.parent is not None and nd.parent.key == previous_key, nd.last_access, nd.id),
         )
         _confirm(best, piece)
         return best
 
     # ------------------------------------------------------------------ insert
-    def insert(self, pieces: Sequence[Piece], slots: Sequence[int]) -> InsertResult:
+    def insert(self, pieces: Sequence[Piece], slots: Sequence[int], exact_len: int | None = None) -> InsertResult:
         """Record a request's pieces as a root path, adopting the caller's slots for new nodes.
 
         ``slots[i]`` holds the KV of prompt position ``pieces[0].start + i``; the pieces must start at 0
-        and be contiguous, because a node's context is its whole root path.
+        and be contiguous, because a node's context is its whole root path. The caller's KV equals a full
+        prefill's up to ``exact_len`` (default: everywhere); pieces that end after it become blended
+        nodes. An unlocked blended node is upgraded in place when the caller has the piece exactly.
         """
         if pieces and pieces[0].start != 0:
             raise ValueError("a graph path starts at position 0")
@@ -210,16 +232,20 @@ class SegmentGraph:
         try:
             for piece in pieces:
                 child = node.children.get(piece.key)
+                exact = exact_len is None or piece.end <= exact_len
                 if child is not None:
                     _confirm(child, piece)
-                    took = False
-                else:
-                    if not self._make_room(piece.length):
-                        node_ids.extend([None] * (len(pieces) - len(node_ids)))
-                        adopted.extend([False] * (len(pieces) - len(adopted)))
+                    took = exact and not child.exact
+                    if took and child.lock_ref > 0:  # a running request reads the blended KV: keep it
                         break
-                    child = self._add_node(node, piece, tuple(slots[piece.start : piece.end]))
+                    if took:
+                        self._allocator.free(child.slots)
+                        child.slots, child.exact = tuple(slots[piece.start : piece.end]), True
+                elif self._make_room(piece.length):
+                    child = self._add_node(node, piece, tuple(slots[piece.start : piece.end]), exact)
                     took = True
+                else:
+                    break
                 child.last_access = now
                 self._inc(child)  # the path under construction must not be evicted by later pieces
                 path.append(child)
@@ -229,11 +255,12 @@ class SegmentGraph:
         finally:
             for nd in path:
                 self._dec(nd)
-        return InsertResult(tuple(node_ids), tuple(adopted))
+        missing = len(pieces) - len(node_ids)
+        return InsertResult(tuple(node_ids) + (None,) * missing, tuple(adopted) + (False,) * missing)
 
-    def _add_node(self, parent: _Node, piece: Piece, slots: tuple[int, ...]) -> _Node:
+    def _add_node(self, parent: _Node, piece: Piece, slots: tuple[int, ...], exact: bool) -> _Node:
         assert len(slots) == piece.length, (len(slots), piece.length)
-        node = _Node(NodeId(next(self._ids)), parent, piece.key, piece.token_ids, slots, piece.start)
+        node = _Node(NodeId(next(self._ids)), parent, piece.key, piece.token_ids, slots, piece.start, exact=exact)
         parent.children[piece.key] = node
         self._nodes[node.id] = node
         self._by_key.setdefault(piece.key, {})[node.id] = node
@@ -322,6 +349,9 @@ class SegmentGraph:
 
     def node_slots(self, node_id: NodeId) -> tuple[int, ...]:
         return self._nodes[node_id].slots
+
+    def is_exact(self, node_id: NodeId) -> bool:
+        return self._nodes[node_id].exact
 
     def lock_ref(self, node_id: NodeId) -> int:
         return self._nodes[node_id].lock_ref

@@ -144,6 +144,41 @@ def test_lru_eviction_frees_slots_and_spares_locked_nodes() -> None:
     assert graph.evict(100) == 4 and allocator.free_size == 11
 
 
+def test_blended_nodes_serve_only_prefix_hits_and_are_upgraded_when_computed_exactly() -> None:
+    """A request exact up to position 4 (it reused B at 4..7) caches A exact and B, Q1 blended. The same
+    pieces again are a prefix hit with exact part 4; B elsewhere is not reused from the blended copy;
+    an exact computation of B after A replaces the blended copy unless a request still reads it."""
+    allocator = FreeListAllocator(64)
+    graph = SegmentGraph(allocator, max_tokens=63)
+    ids, spans = prompt(A, B, Q1)
+    pieces = split_into_pieces(ids, spans)
+    blended = graph.alloc(len(ids)) or []
+    result = graph.insert(pieces, blended, exact_len=4)
+    assert result.adopted == (True, True, True)
+    assert [graph.is_exact(nid) for nid in result.node_ids if nid is not None] == [True, False, False]
+
+    again = graph.lookup(pieces)
+    assert (again.prefix_len, again.exact_prefix_len, again.reused) == (8, 4, ())
+    assert graph.lookup(split_into_pieces(*prompt(B, Q2))).reused == ()  # only a blended B is cached
+
+    graph.lock(again.node_ids)  # a running request reads the blended B: an exact B must not free it
+    exact = graph.alloc(len(ids)) or []
+    held = graph.insert(pieces, exact)
+    assert held.adopted == (False, False, False) and held.node_ids[1:] == (None, None)
+    assert graph.node_slots(result.node_ids[1]) == tuple(blended[4:7])  # type: ignore[arg-type]
+    graph.unlock(again.node_ids)
+
+    upgraded = graph.insert(pieces, exact)
+    assert upgraded.adopted == (False, True, True)
+    assert graph.node_slots(result.node_ids[1]) == tuple(exact[4:7])  # type: ignore[arg-type]
+    assert graph.lookup(pieces).exact_prefix_len == 8  # all of the prefix hit (the last token is computed)
+    moved = graph.lookup(split_into_pieces(*prompt(B, Q2)))
+    assert [r.slots for r in moved.reused] == [tuple(exact[4:7])]
+    allocator.free(exact[:4])  # A was cached already: those slots stayed the caller's
+    assert allocator.free_size + graph.total_tokens == 63  # the blended slots went back to the pool
+    graph.check_invariants()
+
+
 def test_segment_larger_than_budget_is_not_cached() -> None:
     graph = SegmentGraph(FreeListAllocator(64), max_tokens=4)
     slots = graph.alloc(5)
@@ -173,16 +208,20 @@ class GraphMachine(RuleBasedStateMachine):
             ids += SEGMENTS[index]
         return split_into_pieces(ids + [100 + tail], spans)
 
-    @rule(order=st.lists(st.integers(0, 5), min_size=1, max_size=4, unique=True), tail=st.integers(0, 2))
-    def insert(self, order: list[int], tail: int) -> None:
+    @rule(order=st.lists(st.integers(0, 5), min_size=1, max_size=4, unique=True), tail=st.integers(0, 2),
+          exact_len=st.none() | st.integers(0, 20))
+    def insert(self, order: list[int], tail: int, exact_len: int | None) -> None:
         pieces = self._pieces(order, tail)
         slots = self.graph.alloc(pieces[-1].end)
         if slots is None:
             return
-        result = self.graph.insert(pieces, slots)
+        locked_before = {nid: self.graph.node_slots(nid) for ids in self.held for nid in ids}
+        result = self.graph.insert(pieces, slots, exact_len)
         for piece, took in zip(pieces, result.adopted):
             if not took:
                 self.allocator.free(slots[piece.start : piece.end])
+        for nid, old in locked_before.items():  # what a running request reads never moves
+            assert self.graph.node_slots(nid) == old
 
     @rule(order=st.lists(st.integers(0, 5), min_size=1, max_size=4, unique=True), tail=st.integers(0, 2),
           keep=st.booleans())
@@ -196,6 +235,13 @@ class GraphMachine(RuleBasedStateMachine):
                 ids[r.target_start : r.target_start + r.length])
             covered |= set(range(r.target_start, r.target_start + r.length))
         assert covered == set(range(len(ids))) and plan.new_rows[-1] == len(ids) - 1
+        assert all(self.graph.is_exact(r.node_id) for r in plan.reused)  # blended KV is never moved
+        exact_len = 0
+        for piece, nid in zip(pieces, plan.prefix_node_ids):
+            if not self.graph.is_exact(nid):
+                break
+            exact_len = piece.end
+        assert plan.exact_prefix_len == min(exact_len, plan.prefix_len)
         if keep:
             self.graph.lock(plan.node_ids)
             self.held.append(plan.node_ids)

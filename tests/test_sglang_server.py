@@ -226,6 +226,45 @@ def test_burst_defers_a_repeated_segment_to_the_next_batch(servers: tuple[Server
     assert stats(sparsex)["deferred_admissions"] - before["deferred_admissions"] >= 1
 
 
+def test_next_round_is_a_blended_prefix_hit_and_an_exact_request_replaces_it(
+        servers: tuple[Server, Server], prompts: list) -> None:
+    """A chat's next round resends the previous prompt plus new tokens. When the previous prompt reused
+    segments, its KV after the first reused one is blended: SparseX serves it again as a prefix hit (as
+    stock SGLang serves its own exact KV) instead of re-blending it every round. A request that must be
+    exact (here: one asking for logprobs) gets only the exact part, equals stock, and its exact KV
+    replaces the blended copy, so the next round after it is an exact hit. Without blended caching the
+    first next round would re-blend (``reused`` > 0, ``blended_prefix`` 0)."""
+    stock, sparsex = servers
+    assert flush_cache(sparsex.url)
+    first, reordered = prompts[2][0], prompts[2][1]
+    generate(sparsex, first)  # caches the paragraphs in one order
+    blended = generate(sparsex, reordered)
+    assert reuse_counts(blended["meta_info"])["reused"] > 0
+    n = len(reordered.input_ids)
+    follow_up = tuple(blended["output_ids"]) + first.input_ids[:24]  # the answer and more text, all new
+    next_round = SegmentedPrompt(reordered.input_ids + follow_up, reordered.spans, reordered.head_len)
+
+    hit = reuse_counts(generate(sparsex, next_round)["meta_info"])
+    exact_part = int(hit["prefix"]) - int(hit["blended_prefix"])
+    # The trailing question is cached in 16-token blocks, so at least n - 16 tokens hit, as in
+    # test_repeated_request_is_a_prefix_hit; the exact part ends where the first paragraph moved.
+    assert int(hit["prefix"]) >= n - 16 and hit["reused"] == 0
+    assert int(hit["blended_prefix"]) > 0 and exact_part <= reordered.spans[-1][0]
+
+    payload = {"input_ids": list(next_round.input_ids), "return_logprob": True,
+               "sampling_params": {"temperature": 0, "max_new_tokens": NEW_TOKENS,
+                                   "custom_params": {"sparsex_spans": flatten_spans(next_round.spans)}}}
+    status, exact = sparsex.post("/generate", payload)
+    assert status == 200, exact
+    counts = reuse_counts(exact["meta_info"])
+    assert counts["blended_prefix"] == 0 and int(counts["prefix"]) <= exact_part
+    assert exact["output_ids"] == generate(stock, next_round, segments=False)["output_ids"]
+
+    again = reuse_counts(generate(sparsex, next_round)["meta_info"])
+    assert int(again["prefix"]) >= n - 16 and again["blended_prefix"] == 0
+    assert stats(sparsex)["blended_prefix_tokens"] >= int(hit["blended_prefix"])
+
+
 def test_memory_is_accounted_evicted_and_returned(servers: tuple[Server, Server], prompts: list) -> None:
     _, sparsex = servers
     start = stats(sparsex)

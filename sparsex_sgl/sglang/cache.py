@@ -7,9 +7,10 @@ slots. What it adds is the *plan*: for a request that marks segments, ``match_pr
 segments cached at other positions; the model hook (``model_hook.py``) fills and recomputes them in
 the extend step, since SGLang's scheduler can only place reused KV at the front of a request.
 
-Only KV equal to a full prefill's enters the graph as a path: a request that reused segments
-without recomputing them all is cached up to its first approximate position (see
-``select.exact_length``), so an exact prefix hit never serves approximate KV.
+A request that reused segments without recomputing them all has KV equal to a full prefill's up to
+its first approximate position (``select.exact_length``); its prompt is cached exact up to there and
+blended after. Blended prefix hits go only to requests that mark segments and may be approximated:
+a request without segments, or one that needs exact prefill (logprobs, ...), gets the exact part only.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 
 from sparsex_sgl.errors import InvalidSegmentsError, SegmentHashCollisionError
-from sparsex_sgl.graph import LookupPlan, NodeId, SegmentGraph, segments_it_caches
+from sparsex_sgl.graph import NodeId, SegmentGraph, segments_it_caches
 from sparsex_sgl.protocol import NAMESPACE_KEY, RATIO_KEY, SPANS_KEY, parse_ratio, parse_spans
 from sparsex_sgl.segments import Piece, split_into_pieces, validate_spans
 from sparsex_sgl.sglang.runtime import GAP_BLOCK, RequestOutcome, RequestPlan, SparseXRuntime
@@ -119,11 +120,15 @@ class SegmentGraphCache(BasePrefixCache):
             return self._result(MatchHandle(), 0)
         if plan.reused and reason:
             self.runtime.fallback(reason)
+        if reason or not spans:
+            limit = min(limit, plan.exact_prefix_len)
         if (plan.reused and (reason or len(token_ids) != n_prompt)) or plan.prefix_len > limit:
-            plan = _prefix_only(plan, min(plan.prefix_len, limit))
+            plan = self.graph.prefix_only(plan, min(plan.prefix_len, limit))
         self.runtime.plans[rid] = RequestPlan(plan, tuple(spans), namespace, ratio, segments_it_caches(pieces, plan))
         n = plan.n_tokens
-        outcome = RequestOutcome(prompt=n, prefix=plan.prefix_len, computed=n - plan.prefix_len, exact_len=n)
+        outcome = RequestOutcome(prompt=n, prefix=plan.prefix_len, blended_prefix=plan.prefix_len - plan.exact_prefix_len,
+                                 computed=n - plan.prefix_len)
+        outcome.exact_len = outcome.exact_bound
         self.runtime.outcomes[rid] = outcome
         req.sparsex_outcome = outcome  # read by the meta_info hook; the model hook updates it in place
         node_ids = plan.prefix_node_ids[-1:] + tuple(r.node_id for r in plan.reused)
@@ -171,14 +176,15 @@ class SegmentGraphCache(BasePrefixCache):
             return
         entry = self.runtime.plans.get(rid)
         outcome = self.runtime.outcomes.get(rid)
-        exact_len = outcome.exact_len if outcome is not None else len(token_ids)
+        # Decoded tokens are not cached: the trailing gap's blocks are re-cut once tokens follow them.
+        cached_len = outcome.prompt if outcome is not None else len(token_ids)
         spans, namespace = (list(entry.spans), entry.namespace) if entry else ([], "")
-        pieces = [p for p in self._pieces(req, token_ids, spans, namespace) if p.end <= exact_len]
+        pieces = [p for p in self._pieces(req, token_ids, spans, namespace) if p.end <= cached_len]
         if not pieces:
             return
         row = self.req_to_token_pool.req_to_token[kv.req_pool_idx, : pieces[-1].end]
         row_slots = row.tolist()
-        result = self.graph.insert(pieces, row_slots)
+        result = self.graph.insert(pieces, row_slots, outcome.exact_len if outcome is not None else None)
         old_protected = kv.cache_protected_len
         placed_end, last_node = 0, None
         duplicates: list[tuple[int, int]] = []  # (position, the graph's slot) where the row holds a second copy
@@ -253,9 +259,3 @@ class SegmentGraphCache(BasePrefixCache):
                    allocator_size=int(self.token_to_kv_pool_allocator.size))
         return out
 
-
-def _prefix_only(plan: LookupPlan, prefix_len: int) -> LookupPlan:
-    """The plan with its non-prefix hits dropped and its prefix cut to ``prefix_len`` (SGLang's cap, e.g.
-    where input logprobs start): everything after the prefix is computed."""
-    return LookupPlan(plan.n_tokens, prefix_len, plan.prefix_node_ids, plan.prefix_slots[:prefix_len], (),
-                      tuple(range(prefix_len, plan.n_tokens)))

@@ -128,13 +128,13 @@ class SparseXForward:
                 req.outcome.reused = len(req.reused)
                 req.outcome.recomputed = int(selected.numel())
                 req.outcome.computed = int(req.rows.numel())
-                req.outcome.exact_len = exact_length(req.reused, selected, req.n_tokens)
+                req.outcome.exact_len = min(req.outcome.exact_bound, exact_length(req.reused, selected, req.n_tokens))
 
     def _mark_exact(self, req: RequestRows) -> None:
         if req.outcome is not None:
             req.outcome.reused = req.outcome.recomputed = 0
             req.outcome.computed = req.n_tokens - req.prefix_len
-            req.outcome.exact_len = req.n_tokens
+            req.outcome.exact_len = req.outcome.exact_bound
             req.outcome.fallback = "sparse_forward_error"
 
     # ------------------------------------------------------------------ KV

@@ -43,16 +43,24 @@ class RequestPlan:
 class RequestOutcome:
     """What the prefill of one request did; returned to the client and summed into the counters.
 
-    ``exact_len``: leading positions whose KV equals a full prefill's (only those may be cached).
+    ``exact_len``: leading positions whose KV equals a full prefill's (the rest is cached as blended).
+    ``blended_prefix``: prefix-hit tokens served from blended nodes (``graph`` explains them).
     """
 
     prompt: int
     prefix: int = 0
+    blended_prefix: int = 0
     reused: int = 0
     recomputed: int = 0
     computed: int = 0
     exact_len: int = 0
     fallback: str = ""
+
+    @property
+    def exact_bound(self) -> int:
+        """The most ``exact_len`` can be: the whole prompt, or the prefix hit's exact part if it has a
+        blended one (everything computed after blended KV is blended)."""
+        return self.prefix - self.blended_prefix if self.blended_prefix else self.prompt
 
     def as_details(self) -> dict[str, int | str]:
         """The ``meta_info.cached_tokens_details`` entries (ints and strings only, as SGLang types them)."""
@@ -68,6 +76,7 @@ class Counters:
     requests_with_reuse: int = 0
     prompt_tokens: int = 0
     prefix_tokens: int = 0
+    blended_prefix_tokens: int = 0
     reused_tokens: int = 0
     recomputed_tokens: int = 0
     computed_tokens: int = 0
@@ -131,6 +140,7 @@ class SparseXRuntime:
             c.requests_with_reuse += int(outcome.reused > 0)
             c.prompt_tokens += outcome.prompt
             c.prefix_tokens += outcome.prefix
+            c.blended_prefix_tokens += outcome.blended_prefix
             c.reused_tokens += outcome.reused
             c.recomputed_tokens += outcome.recomputed
             c.computed_tokens += outcome.computed
