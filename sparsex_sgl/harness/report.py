@@ -21,6 +21,13 @@ def _f(value: Any, spec: str = ".2f", scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
 
 
+def _prefix_hit(summary: dict[str, Any]) -> str:
+    """Mean prefix-hit tokens, with the blended part where there is one (older results lack the key)."""
+    blended = summary.get("sparsex_blended_prefix_mean") or 0
+    hit = f"{summary['prefix_hit_tokens_mean']:.0f}"
+    return f"{hit} ({blended:.0f} blended)" if blended >= 0.5 else hit
+
+
 def _load_label(run: dict[str, Any]) -> str:
     return f"{run['rate']}/s Poisson" if run.get("rate") else f"concurrency {run.get('concurrency')}"
 
@@ -52,7 +59,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_f(s['ttft_p50'])} / {_f(s['ttft_p90'])} / {_f(s['ttft_p99'])} "
                 f"| {_f(s['ttft_p50_novel'])} / {_f(s['ttft_p50_reuse'])} | {_f(s['itl_p50'], '.0f', 1000)} "
                 f"| {_f(s['req_per_s'], '.3f')} | {_f(s['output_tok_per_s'], '.1f')} | {s['prompt_tokens_mean']:.0f} "
-                f"| {s['prefix_hit_tokens_mean']:.0f} | {s['sparsex_reused_mean']:.0f} | {s['sparsex_recomputed_mean']:.0f} "
+                f"| {_prefix_hit(s)} | {s['sparsex_reused_mean']:.0f} | {s['sparsex_recomputed_mean']:.0f} "
                 f"| {_f(s.get('em'))} / {_f(s.get('f1'))} | {_f(s.get('equal_to_full'))} |")
         by_system = {run["system"]: run["summary"] for run in runs}
         if "stock" in by_system and "sparsex" in by_system:

@@ -69,7 +69,7 @@ def summarize(results: list[RequestResult], makespan: float, workload: Workload)
     n = max(1, len(ok))
     summary["prompt_tokens_mean"] = sum(r.prompt_tokens for r in ok) / n
     summary["prefix_hit_tokens_mean"] = sum(r.cached_tokens for r in ok) / n
-    for key in ("prefix", "reused", "recomputed", "computed"):
+    for key in ("prefix", "blended_prefix", "reused", "recomputed", "computed"):
         summary[f"sparsex_{key}_mean"] = sum(int(r.reuse.get(key, 0)) for r in ok) / n
     summary["fallbacks"] = sum(bool(r.reuse.get("fallback")) for r in ok)
     graded = [quality.gold_scores(r.text, answers[r.id]) for r in ok if answers[r.id]]
