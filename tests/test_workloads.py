@@ -50,6 +50,22 @@ def test_workload_jsonl_round_trip(tmp_path: Path) -> None:
         workloads.Workload.read(path)
 
 
+def test_two_workloads_of_one_kind_keep_their_own_requests() -> None:
+    """``bench run --workload rag-r80.jsonl rag-r0.jsonl``: both are named "rag"; the report keys runs by
+    name, so without distinct names the second workload's requests would be sent twice."""
+    from sparsex_sgl.harness.run import distinct_names
+
+    examples = load_examples(hotpotqa_path(), 6)
+    reuse, novel = workloads.rag(examples, 6, 0.8, seed=0), workloads.rag(examples, 6, 0.0, seed=0)
+    named = distinct_names([reuse, novel], [Path("w/rag-r80.jsonl"), Path("w/rag-r0.jsonl")])
+    assert [w.name for w in named] == ["rag:rag-r80", "rag:rag-r0"]
+    assert named[0].requests == reuse.requests and named[1].requests == novel.requests
+    chat_like = workloads.Workload("chat", {}, ())
+    assert distinct_names([reuse, chat_like], [Path("a.jsonl"), Path("b.jsonl")])[0].name == "rag"
+    with pytest.raises(SystemExit, match="appear twice"):
+        distinct_names([reuse, novel], [Path("a/rag.jsonl"), Path("b/rag.jsonl")])
+
+
 def test_agents_share_documents_at_different_positions() -> None:
     built = workloads.agents(load_examples(hotpotqa_path(), 3, offset=10), n_agents=4, seed=1)
     assert len(built.requests) == 12

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import shlex
 import sys
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,18 @@ def summarize(results: list[RequestResult], makespan: float, workload: Workload)
     return summary
 
 
+def distinct_names(workloads: list[Workload], paths: list[Path]) -> list[Workload]:
+    """Workloads keyed by name in the report: two of one kind (say RAG at two reuse rates) are told apart
+    by their file names, ``rag:rag-n30-r80``; otherwise the second would replace the first."""
+    counts = Counter(w.name for w in workloads)
+    named = [dataclasses.replace(w, name=f"{w.name}:{p.stem}") if counts[w.name] > 1 else w
+             for w, p in zip(workloads, paths, strict=True)]
+    clashes = sorted(name for name, n in Counter(w.name for w in named).items() if n > 1)
+    if clashes:
+        raise SystemExit(f"bench run: workloads {clashes} appear twice; give each file its own name")
+    return named
+
+
 class Harness:
     """One invocation: prepares the workloads, runs the systems in turn, keeps ``results.json`` current."""
 
@@ -90,7 +104,7 @@ class Harness:
         self.args = args
         self.model = resolve_model(args.model)
         tokenizer = AutoTokenizer.from_pretrained(self.model)
-        self.workloads = [Workload.read(path) for path in args.workload]
+        self.workloads = distinct_names([Workload.read(path) for path in args.workload], args.workload)
         self.prepared = {w.name: [PreparedRequest(r.id, *render(r, tokenizer), r.max_new_tokens) for r in w.requests]
                          for w in self.workloads}
         self.out: Path = args.out
