@@ -9,6 +9,7 @@ harness's surroundings (nothing listening, a server that cannot start) must be r
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,12 +96,15 @@ def test_quality_against_full_prefill(results: tuple[Path, dict[str, Any]]) -> N
 
 def test_report_renders_tables_and_plots(results: tuple[Path, dict[str, Any]]) -> None:
     out, _ = results
-    done = sparsex_sgl("bench", "report", str(out), "--out", str(out / "report"))
+    again = out.parent / f"{out.name}-again"  # a second run of the same workloads: its plots must not overwrite
+    again.mkdir(exist_ok=True)
+    shutil.copy(out / "results.json", again / "results.json")
+    done = sparsex_sgl("bench", "report", str(out), str(again), "--out", str(out / "report"))
     assert done.returncode == 0, done.stderr
     text = (out / "report" / "report.md").read_text()
     assert "### rag, concurrency 1" in text and "### chat, concurrency 1" in text and "SparseX vs stock" in text
-    assert sorted(p.name for p in (out / "report").glob("*.png")) == ["ttft-cdf-chat-concurrency.png",
-                                                                      "ttft-cdf-rag-concurrency.png"]
+    assert sorted(p.name for p in (out / "report").glob("*.png")) == sorted(
+        f"ttft-cdf-{folder.name}-{workload}-concurrency.png" for folder in (out, again) for workload in ("chat", "rag"))
 
 
 def test_unreachable_server_is_reported_per_request(workload_files: list[Path], tmp_path: Path) -> None:

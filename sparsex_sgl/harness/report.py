@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,11 @@ from typing import Any
 
 def _f(value: Any, spec: str = ".2f", scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
+
+
+def _file_part(name: str) -> str:
+    """A workload name as part of a file name: ``rag:rag-n30-r80`` -> ``rag-rag-n30-r80``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
 
 
 def _prefix_hit(summary: dict[str, Any]) -> str:
@@ -166,7 +172,9 @@ def _finish(fig: Any, ax: Any, path: Path, legend_size: float | None = None) -> 
     return path
 
 
-def plot_ttft_cdf(report: dict[str, Any], out: Path) -> list[Path]:
+def plot_ttft_cdf(report: dict[str, Any], out: Path, source: str) -> list[Path]:
+    """One CDF per workload and load of one results folder; ``source`` (the folder's name) keeps the files
+    of several folders with the same workload and load apart."""
     plt = _pyplot()
 
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -180,7 +188,7 @@ def plot_ttft_cdf(report: dict[str, Any], out: Path) -> list[Path]:
             ttfts = sorted(q["ttft"] for q in run["requests"] if q["ok"])
             ax.step(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], where="post", label=run["system"])
         ax.set(xlabel="time to first token (s)", ylabel="share of requests", title=f"TTFT CDF: {workload}, {load}")
-        written.append(_finish(fig, ax, out / f"ttft-cdf-{workload}-{load.split()[0].replace('/', 'per')}.png"))
+        written.append(_finish(fig, ax, out / f"ttft-cdf-{_file_part(source)}-{_file_part(workload)}-{load.split()[0].replace('/', 'per')}.png"))
     return written
 
 
@@ -198,7 +206,7 @@ def plot_throughput(report: dict[str, Any], out: Path) -> list[Path]:
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=system)
         ax.set(xlabel="offered load (requests/s)", ylabel="throughput (requests/s)", title=f"Throughput: {workload}")
-        written.append(_finish(fig, ax, out / f"throughput-{workload}.png"))
+        written.append(_finish(fig, ax, out / f"throughput-{_file_part(workload)}.png"))
     return written
 
 
@@ -241,7 +249,7 @@ def main(args: argparse.Namespace) -> None:
     for folder in args.results:
         report = json.loads((folder / "results.json").read_text())
         sections += [f"## {folder}", "", markdown(report)]
-        plots += plot_ttft_cdf(report, args.out)
+        plots += plot_ttft_cdf(report, args.out, folder.name)
         all_runs += report["runs"]
     plots += plot_throughput({"runs": all_runs}, args.out)  # one curve per system over every folder's loads
     if args.sweep:
