@@ -2,7 +2,8 @@
 
 A node is one piece's KV computed under one context: the path of pieces from the root to it. Its
 children are the pieces observed to follow it, so a root path equal to the request's leading pieces
-is a prefix hit (nothing to repair), as in a radix tree. A reusable piece found anywhere else in the
+is a prefix hit (nothing to repair), as in a radix tree; ``align`` lets a request follow gap cuts that
+earlier requests cached (a prompt's last block, the tokens decoded after it). A reusable piece found anywhere else in the
 graph is a *non-prefix hit*: its KV was computed at ``source_start`` and must be re-rotated to the
 request's position and partly recomputed.
 
@@ -19,7 +20,8 @@ tested on the CPU with exact slot ids. Eviction is LRU over unlocked leaves, wit
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NewType, Protocol
 
@@ -48,6 +50,8 @@ class _Node:
     slots: tuple[int, ...]
     start_pos: int
     children: dict[SegmentHash, _Node] = field(default_factory=dict)
+    child_lengths: Counter[int] = field(default_factory=Counter)
+    """How many children have each length: the cuts ``SegmentGraph.align`` tries."""
     exact: bool = True
     lock_ref: int = 0
     last_access: int = 0
@@ -141,6 +145,59 @@ class SegmentGraph:
         self.total_tokens = 0
 
     # ------------------------------------------------------------------ lookup
+    def align(self, pieces: Sequence[Piece], make_gap: Callable[[int, int], Piece]) -> list[Piece]:
+        """Re-cut the gaps of ``pieces`` along the cached exact path, so that the prefix hit follows it.
+
+        Gaps are cut in blocks counted from their start, but a cached path may cut a gap elsewhere: a
+        prompt that ended inside a block, followed by the tokens decoded after it (a chat's next round
+        resends both). Along the path, each gap takes the longest cached child its next tokens equal, as a
+        radix tree would at piece granularity; where no child continues it, the rest of the current block
+        becomes one piece and the later pieces stay as they were. Segments are never re-cut, and the
+        result covers the same positions. ``make_gap(start, end)`` makes the gap piece ``[start, end)``
+        of the request (its namespace decides the key, so tenants never share a cut).
+        """
+        out: list[Piece] = []
+        node = self._root
+        i = 0
+        while i < len(pieces):
+            piece = pieces[i]
+            if piece.reusable:
+                child = node.children.get(piece.key)
+                if child is None:
+                    return out + list(pieces[i:])
+                out.append(piece)
+                node = child
+                i += 1
+                continue
+            j = next((k for k in range(i, len(pieces)) if pieces[k].reusable), len(pieces))
+            region_end = pieces[j - 1].end
+            cursor = piece.start
+            while cursor < region_end:
+                step = self._cached_gap(node, cursor, region_end, make_gap)
+                if step is None:
+                    k = next(k for k in range(i, j) if pieces[k].end > cursor)
+                    if pieces[k].start == cursor:
+                        return out + list(pieces[k:])
+                    return out + [make_gap(cursor, pieces[k].end)] + list(pieces[k + 1 :])
+                gap, node = step
+                out.append(gap)
+                cursor = gap.end
+            i = j
+        return out
+
+    def _cached_gap(self, node: _Node, start: int, region_end: int,
+                    make_gap: Callable[[int, int], Piece]) -> tuple[Piece, _Node] | None:
+        """The longest child of ``node`` that the gap's tokens from ``start`` equal, within the gap."""
+        for length in sorted(node.child_lengths, reverse=True):
+            if start + length > region_end:
+                continue
+            gap = make_gap(start, start + length)
+            child = node.children.get(gap.key)
+            if child is not None:
+                _confirm(child, gap)
+                return gap, child
+        return None
+
     def lookup(self, pieces: Sequence[Piece]) -> LookupPlan:
         """Plan a request: exact prefix path first, then reusable pieces found anywhere."""
         if not pieces:
@@ -262,6 +319,7 @@ class SegmentGraph:
         assert len(slots) == piece.length, (len(slots), piece.length)
         node = _Node(NodeId(next(self._ids)), parent, piece.key, piece.token_ids, slots, piece.start, exact=exact)
         parent.children[piece.key] = node
+        parent.child_lengths[node.length] += 1
         self._nodes[node.id] = node
         self._by_key.setdefault(piece.key, {})[node.id] = node
         self.total_tokens += node.length
@@ -323,6 +381,10 @@ class SegmentGraph:
     def _remove(self, node: _Node) -> None:
         assert node.parent is not None and not node.children and node.lock_ref == 0
         del node.parent.children[node.key]
+        lengths = node.parent.child_lengths
+        lengths[node.length] -= 1
+        if not lengths[node.length]:
+            del lengths[node.length]
         del self._nodes[node.id]
         same_key = self._by_key[node.key]
         del same_key[node.id]
@@ -368,6 +430,7 @@ class SegmentGraph:
             assert nd.parent is not None and nd.parent.children.get(nd.key) is nd
             assert self._by_key[nd.key][nd.id] is nd
             assert nd.start_pos == (nd.parent.start_pos + nd.parent.length)
+            assert nd.child_lengths == Counter(c.length for c in nd.children.values()), nd.id
             child_locks = sum(c.lock_ref for c in nd.children.values())
             assert nd.lock_ref >= child_locks, (nd.id, nd.lock_ref, child_locks)
         assert sum(len(v) for v in self._by_key.values()) == len(self._nodes)

@@ -79,6 +79,21 @@ def validate_spans(spans: object, n_tokens: int) -> list[tuple[int, int]]:
     return checked
 
 
+def make_piece(token_ids: Sequence[int], start: int, end: int, namespace: str, reusable: bool) -> Piece:
+    """The piece ``[start, end)`` of ``token_ids``, with its identity in ``namespace``."""
+    ids = tuple(int(t) for t in token_ids[start:end])
+    return Piece(start, end, ids, segment_hash(ids, namespace), reusable)
+
+
+def cut_gap(token_ids: Sequence[int], start: int, end: int, namespace: str = "",
+            gap_block: int | None = None) -> list[Piece]:
+    """The gap ``[start, end)`` as pieces: one, or blocks of ``gap_block`` tokens counted from ``start``."""
+    if gap_block is not None and gap_block < 1:
+        raise ValueError(f"gap_block must be >= 1, got {gap_block}")
+    step = gap_block or (end - start)
+    return [make_piece(token_ids, s, min(s + step, end), namespace, reusable=False) for s in range(start, end, step)]
+
+
 def split_into_pieces(
     token_ids: Sequence[int], spans: object, namespace: str = "", gap_block: int | None = None
 ) -> list[Piece]:
@@ -86,7 +101,7 @@ def split_into_pieces(
 
     With ``gap_block``, gaps are cut into blocks of that many tokens counted from the gap's start, so
     two prompts that share only the beginning of a gap (a system prompt, an earlier chat turn) still
-    share its leading blocks as an exact prefix, as a token-level radix tree would up to one block.
+    share its leading blocks as an exact prefix (``SegmentGraph.align`` follows cached cuts elsewhere).
     """
     if gap_block is not None and gap_block < 1:
         raise ValueError(f"gap_block must be >= 1, got {gap_block}")
@@ -94,22 +109,12 @@ def split_into_pieces(
     if n == 0:
         raise InvalidSegmentsError("the prompt is empty")
     pieces: list[Piece] = []
-
-    def add(start: int, end: int, reusable: bool) -> None:
-        ids = tuple(int(t) for t in token_ids[start:end])
-        pieces.append(Piece(start, end, ids, segment_hash(ids, namespace), reusable))
-
-    def add_gap(start: int, end: int) -> None:
-        step = gap_block or (end - start)
-        for block_start in range(start, end, step):
-            add(block_start, min(block_start + step, end), reusable=False)
-
     cursor = 0
     for start, end in validate_spans(spans, n):
         if start > cursor:
-            add_gap(cursor, start)
-        add(start, end, reusable=True)
+            pieces += cut_gap(token_ids, cursor, start, namespace, gap_block)
+        pieces.append(make_piece(token_ids, start, end, namespace, reusable=True))
         cursor = end
     if cursor < n:
-        add_gap(cursor, n)
+        pieces += cut_gap(token_ids, cursor, n, namespace, gap_block)
     return pieces

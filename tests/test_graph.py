@@ -3,6 +3,8 @@ token budget, and invariants under random insert / lookup / lock / evict sequenc
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -11,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from sparsex_sgl.errors import SegmentHashCollisionError
 from sparsex_sgl.graph import SegmentGraph, segments_it_caches
 from sparsex_sgl.reference.pool import FreeListAllocator
-from sparsex_sgl.segments import Piece, SegmentHash, split_into_pieces
+from sparsex_sgl.segments import Piece, SegmentHash, cut_gap, make_piece, split_into_pieces
 
 A, B, C, Q1, Q2 = [1] * 4, [2] * 3, [3] * 5, [7, 8], [9]
 
@@ -86,7 +88,7 @@ def test_a_request_waits_only_for_segments_an_admitted_request_caches() -> None:
     for rid, parts in (("ab", (A, B, Q1)), ("ba", (B, A, Q2)), ("c", (C, Q1))):
         pieces = split_into_pieces(*prompt(*parts))
         plan = graph.lookup(pieces)
-        runtime.plans[rid] = RequestPlan(plan, (), "", 0.15, segments_it_caches(pieces, plan))
+        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), "", 0.15, segments_it_caches(pieces, plan))
     assert not runtime.should_defer("ab", [])  # the first request of a batch
     assert runtime.should_defer("ba", ["ab"]) and runtime.should_defer("ba", ["c", "ab"])
     assert not runtime.should_defer("c", ["ab", "ba"]) and not runtime.should_defer("unplanned", ["ab"])
@@ -179,6 +181,53 @@ def test_blended_nodes_serve_only_prefix_hits_and_are_upgraded_when_computed_exa
     graph.check_invariants()
 
 
+def aligned(graph: SegmentGraph, ids: list[int], spans: list[list[int]], namespace: str = "",
+            block: int = 16) -> list[Piece]:
+    """A request's pieces as the SGLang cache cuts them: gap blocks, re-cut along the cached path."""
+    pieces = split_into_pieces(ids, spans, namespace, gap_block=block)
+    return graph.align(pieces, lambda start, end: make_piece(ids, start, end, namespace, reusable=False))
+
+
+def test_next_round_hits_through_a_prompt_cut_short_and_the_tokens_decoded_after_it() -> None:
+    """A chat's next round resends the previous prompt and the reply decoded after it. The prompt's last
+    gap block ended early (21 = 16 + 5 tokens) and the reply is cached in blocks from there, so the
+    next round's fixed blocks ([16, 32), ...) would miss from 16 on; aligned, it hits through the reply
+    (30 tokens), as stock SGLang's radix tree does. Another namespace hits nothing."""
+    graph = SegmentGraph(FreeListAllocator(128), max_tokens=127)
+    prompt_ids, reply = list(range(10, 31)), list(range(50, 59))
+    first = aligned(graph, prompt_ids, [])
+    assert [(p.start, p.end) for p in first] == [(0, 16), (16, 21)]
+    slots = graph.alloc(30) or []
+    graph.insert(first, slots)
+    finished = first + cut_gap(prompt_ids + reply, 21, 30, "", 16)
+    assert graph.insert(finished, slots).adopted == (False, False, True)
+
+    next_round = prompt_ids + reply + list(range(70, 80))
+    assert graph.lookup(split_into_pieces(next_round, [], gap_block=16)).prefix_len == 16  # fixed blocks
+    pieces = aligned(graph, next_round, [])
+    assert [(p.start, p.end) for p in pieces] == [(0, 16), (16, 21), (21, 30), (30, 32), (32, 40)]
+    plan = graph.lookup(pieces)
+    assert plan.prefix_len == 30 and plan.prefix_slots == tuple(slots)
+    assert graph.lookup(aligned(graph, next_round, [], namespace="tenant-b")).prefix_len == 0
+
+    longer = graph.alloc(32) or []  # another request cached the same start in whole blocks: the longest wins
+    graph.insert(split_into_pieces(next_round[:32], [], gap_block=16), longer)
+    assert [(p.start, p.end) for p in aligned(graph, next_round, [])][:2] == [(0, 16), (16, 32)]
+    graph.check_invariants()
+
+
+def test_alignment_stops_at_a_segment_and_never_recuts_one() -> None:
+    """A cached gap child that runs into the request's next segment is not followed: segments keep their
+    spans, and the gap before one is cut up to its start."""
+    graph = SegmentGraph(FreeListAllocator(64), max_tokens=63)
+    ids = [7] * 6 + A  # a 6-token gap, then segment A
+    cached = graph.alloc(10) or []
+    graph.insert(split_into_pieces(ids, [], gap_block=8), cached)  # one gap block [0, 8) over A's start
+    pieces = aligned(graph, ids, [[6, 10]], block=8)
+    assert [(p.start, p.end, p.reusable) for p in pieces] == [(0, 6, False), (6, 10, True)]
+    assert graph.lookup(pieces).prefix_len == 0
+
+
 def test_segment_larger_than_budget_is_not_cached() -> None:
     graph = SegmentGraph(FreeListAllocator(64), max_tokens=4)
     slots = graph.alloc(5)
@@ -200,18 +249,30 @@ class GraphMachine(RuleBasedStateMachine):
         self.graph = SegmentGraph(self.allocator, max_tokens=16)
         self.held: list[tuple] = []  # locked node-id tuples  # type: ignore[type-arg]
 
-    def _pieces(self, order: list[int], tail: int) -> list[Piece]:
+    def _pieces(self, order: list[int], tail: list[int]) -> list[Piece]:
+        """Segments in ``order``, then a gap (cut in blocks of 3, aligned along the cached path)."""
         ids: list[int] = []
         spans = []
         for index in order:
             spans.append([len(ids), len(ids) + len(SEGMENTS[index])])
             ids += SEGMENTS[index]
-        return split_into_pieces(ids + [100 + tail], spans)
+        pieces = aligned(self.graph, ids + tail, spans, block=3)
+        assert [(p.start, p.end, p.token_ids) for p in pieces if p.reusable] == [
+            (s, e, SEGMENTS[i]) for (s, e), i in zip(spans, order)]  # segments are never re-cut
+        assert [t for p in pieces for t in p.token_ids] == ids + tail
+        assert all(a.end == b.start for a, b in itertools.pairwise(pieces))
+        return pieces
 
-    @rule(order=st.lists(st.integers(0, 5), min_size=1, max_size=4, unique=True), tail=st.integers(0, 2),
+    @rule(order=st.lists(st.integers(0, 5), min_size=0, max_size=4, unique=True),
+          tail=st.lists(st.integers(100, 101), min_size=1, max_size=5), decoded=st.integers(0, 4),
           exact_len=st.none() | st.integers(0, 20))
-    def insert(self, order: list[int], tail: int, exact_len: int | None) -> None:
+    def insert(self, order: list[int], tail: list[int], decoded: int, exact_len: int | None) -> None:
+        """A request caches its prompt along its aligned cut, then the tokens it decoded, in blocks from
+        the prompt's end (as ``SegmentGraphCache.checkpoint`` does)."""
         pieces = self._pieces(order, tail)
+        n = pieces[-1].end
+        ids = [t for p in pieces for t in p.token_ids] + [100] * decoded
+        pieces += cut_gap(ids, n, n + decoded, "", 3)
         slots = self.graph.alloc(pieces[-1].end)
         if slots is None:
             return
@@ -223,9 +284,9 @@ class GraphMachine(RuleBasedStateMachine):
         for nid, old in locked_before.items():  # what a running request reads never moves
             assert self.graph.node_slots(nid) == old
 
-    @rule(order=st.lists(st.integers(0, 5), min_size=1, max_size=4, unique=True), tail=st.integers(0, 2),
-          keep=st.booleans())
-    def lookup(self, order: list[int], tail: int, keep: bool) -> None:
+    @rule(order=st.lists(st.integers(0, 5), min_size=0, max_size=4, unique=True),
+          tail=st.lists(st.integers(100, 101), min_size=1, max_size=8), keep=st.booleans())
+    def lookup(self, order: list[int], tail: list[int], keep: bool) -> None:
         pieces = self._pieces(order, tail)
         plan = self.graph.lookup(pieces)
         ids = [t for p in pieces for t in p.token_ids]

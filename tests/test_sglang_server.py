@@ -100,6 +100,25 @@ def test_repeated_request_is_a_prefix_hit(servers: tuple[Server, Server], prompt
     assert again["output_ids"] == first["output_ids"]
 
 
+def test_next_chat_round_hits_through_the_generated_reply_as_stock_does(
+        servers: tuple[Server, Server], prompts: list) -> None:
+    """Multi-round chat, no segments: the next round resends the prompt, the reply the server generated
+    and a new turn. Stock SGLang's radix tree hits through the reply (all of it that has KV); SparseX
+    caches decoded tokens too and must hit exactly as far, with the same output. Without decoded tokens
+    cached, its hit stopped at the prompt's last whole 16-token block (n - n % 16)."""
+    stock, sparsex = servers
+    prompt = prompts[4][0]
+    first = generate(stock, prompt, segments=False)
+    assert generate(sparsex, prompt, segments=False)["output_ids"] == first["output_ids"]
+    n, reply = len(prompt.input_ids), tuple(first["output_ids"])
+    next_round = SegmentedPrompt(prompt.input_ids + reply + prompts[0][0].input_ids[-20:], (), prompt.head_len)
+    expected = generate(stock, next_round, segments=False)
+    got = generate(sparsex, next_round, segments=False)
+    assert expected["meta_info"]["cached_tokens"] >= n + len(reply) - 1
+    assert got["meta_info"]["cached_tokens"] == expected["meta_info"]["cached_tokens"]
+    assert got["output_ids"] == expected["output_ids"]
+
+
 def test_reordered_paragraphs_reuse_and_ratio_one_is_exact(servers: tuple[Server, Server], prompts: list) -> None:
     stock, sparsex = servers
     before = stats(sparsex)

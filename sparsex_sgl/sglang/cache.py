@@ -34,7 +34,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sparsex_sgl.errors import InvalidSegmentsError, SegmentHashCollisionError
 from sparsex_sgl.graph import NodeId, SegmentGraph, segments_it_caches
 from sparsex_sgl.protocol import NAMESPACE_KEY, RATIO_KEY, SPANS_KEY, parse_ratio, parse_spans
-from sparsex_sgl.segments import Piece, split_into_pieces, validate_spans
+from sparsex_sgl.segments import Piece, cut_gap, make_piece, split_into_pieces, validate_spans
 from sparsex_sgl.sglang.runtime import GAP_BLOCK, RequestOutcome, RequestPlan, SparseXRuntime
 
 logger = logging.getLogger("sparsex_sgl")
@@ -92,10 +92,15 @@ class SegmentGraphCache(BasePrefixCache):
         ratio = parse_ratio(custom.get(RATIO_KEY))
         return spans, namespace, self.runtime.config.recompute_ratio if ratio is None else ratio
 
-    def _pieces(self, req: object, token_ids: Sequence[int], spans: Sequence[tuple[int, int]], namespace: str) -> list[Piece]:
-        key_ns = f"{getattr(req, 'extra_key', None) or ''}|{getattr(req, 'cache_salt', None) or ''}|{namespace}"
-        kept = [s for s in spans if s[1] <= len(token_ids)]
-        return split_into_pieces(token_ids, kept, key_ns, gap_block=GAP_BLOCK)
+    @staticmethod
+    def _key_namespace(req: object, namespace: str) -> str:
+        """What keys a request's pieces: SGLang's cache isolation (extra key, salt) and the client's namespace."""
+        return f"{getattr(req, 'extra_key', None) or ''}|{getattr(req, 'cache_salt', None) or ''}|{namespace}"
+
+    def _pieces(self, token_ids: Sequence[int], spans: Sequence[tuple[int, int]], key_ns: str) -> list[Piece]:
+        """The request's pieces, with its gaps cut along the cached path (``SegmentGraph.align``)."""
+        pieces = split_into_pieces(token_ids, spans, key_ns, gap_block=GAP_BLOCK)
+        return self.graph.align(pieces, lambda start, end: make_piece(token_ids, start, end, key_ns, reusable=False))
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         req = params.req
@@ -111,8 +116,8 @@ class SegmentGraphCache(BasePrefixCache):
             self.runtime.fallback("invalid_segments", str(exc))
             spans, namespace, ratio = [], "", self.runtime.config.recompute_ratio
         reason = self._no_reuse_reason(req)
-        pieces = self._pieces(req, token_ids, spans, namespace)
         try:
+            pieces = self._pieces(token_ids, spans, self._key_namespace(req, namespace))
             plan = self.graph.lookup(pieces)
         except SegmentHashCollisionError as exc:
             self.runtime.fallback("hash_collision", str(exc))
@@ -124,7 +129,8 @@ class SegmentGraphCache(BasePrefixCache):
             limit = min(limit, plan.exact_prefix_len)
         if (plan.reused and (reason or len(token_ids) != n_prompt)) or plan.prefix_len > limit:
             plan = self.graph.prefix_only(plan, min(plan.prefix_len, limit))
-        self.runtime.plans[rid] = RequestPlan(plan, tuple(spans), namespace, ratio, segments_it_caches(pieces, plan))
+        self.runtime.plans[rid] = RequestPlan(plan, tuple(pieces), tuple(spans), namespace, ratio,
+                                              segments_it_caches(pieces, plan))
         n = plan.n_tokens
         outcome = RequestOutcome(prompt=n, prefix=plan.prefix_len, blended_prefix=plan.prefix_len - plan.exact_prefix_len,
                                  computed=n - plan.prefix_len)
@@ -176,15 +182,14 @@ class SegmentGraphCache(BasePrefixCache):
             return
         entry = self.runtime.plans.get(rid)
         outcome = self.runtime.outcomes.get(rid)
-        # Decoded tokens are not cached: the trailing gap's blocks are re-cut once tokens follow them.
-        cached_len = outcome.prompt if outcome is not None else len(token_ids)
-        spans, namespace = (list(entry.spans), entry.namespace) if entry else ([], "")
-        pieces = [p for p in self._pieces(req, token_ids, spans, namespace) if p.end <= cached_len]
+        pieces = self._cut_to_cache(req, token_ids, entry)
         if not pieces:
             return
+        # Decoded tokens attend to the prompt's KV: exact after an exact prompt, blended otherwise.
+        exact_len = None if outcome is None or outcome.exact_len >= outcome.prompt else outcome.exact_len
         row = self.req_to_token_pool.req_to_token[kv.req_pool_idx, : pieces[-1].end]
         row_slots = row.tolist()
-        result = self.graph.insert(pieces, row_slots, outcome.exact_len if outcome is not None else None)
+        result = self.graph.insert(pieces, row_slots, exact_len)
         old_protected = kv.cache_protected_len
         placed_end, last_node = 0, None
         duplicates: list[tuple[int, int]] = []  # (position, the graph's slot) where the row holds a second copy
@@ -212,6 +217,23 @@ class SegmentGraphCache(BasePrefixCache):
         self.unlock(req.lock)  # type: ignore[attr-defined]
         req.lock = new_lock  # type: ignore[attr-defined]
         req.last_node = handle  # type: ignore[attr-defined]
+
+    def _cut_to_cache(self, req: object, token_ids: list[int], entry: RequestPlan | None) -> list[Piece]:
+        """The pieces to cache: the prompt along the cut it was planned with (its prefix nodes, locked
+        since then, are on it whatever was cached meanwhile), then the decoded tokens in blocks counted
+        from the prompt's end (where the prompt's last block may have been cut short). Every checkpoint of
+        a request cuts the same way, so no two of its nodes hold one slot."""
+        key_ns = self._key_namespace(req, entry.namespace if entry is not None else "")
+        if entry is not None:
+            planned, n_prompt = list(entry.pieces), entry.plan.n_tokens
+        else:  # planned without the graph (nothing to match): the plain cut of the prompt
+            n_prompt = len(req.origin_input_ids)  # type: ignore[attr-defined]
+            planned = split_into_pieces(token_ids[:n_prompt], [], key_ns, gap_block=GAP_BLOCK)
+        prompt = [p for p in planned if p.end <= len(token_ids)]
+        end = prompt[-1].end if prompt else 0
+        if end < n_prompt:  # a partial checkpoint: the next one continues the planned cut
+            return prompt
+        return prompt + cut_gap(token_ids, end, len(token_ids), key_ns, GAP_BLOCK)
 
     def on_release(self, req: object, *, checkpointed: bool) -> None:
         rid = req.rid  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from sparsex_sgl.graph import LookupPlan
 from sparsex_sgl.hybrid import HybridConfig
 from sparsex_sgl.rope import RopeConfig
-from sparsex_sgl.segments import SegmentHash
+from sparsex_sgl.segments import Piece, SegmentHash
 
 logger = logging.getLogger("sparsex_sgl")
 
@@ -24,14 +24,17 @@ CONFIG_ENV = "SPARSEX_SGL_CONFIG"
 """JSON of the HybridConfig, exported by the launcher; its scheduler processes inherit it."""
 
 GAP_BLOCK = 16
-"""Gap pieces are cached in blocks of this many tokens (see ``segments.split_into_pieces``)."""
+"""Gap pieces, and the tokens a request decodes, are cached in blocks of this many tokens
+(``segments.split_into_pieces``)."""
 
 
 @dataclass(frozen=True)
 class RequestPlan:
-    """A request's lookup plan, the spans and namespace it was made from, and its recompute ratio."""
+    """A request's lookup plan, the pieces, spans and namespace it was made from, and its recompute ratio."""
 
     plan: LookupPlan
+    pieces: tuple[Piece, ...]
+    """The prompt's cut (``SegmentGraph.align``): the request caches its KV along this same cut."""
     spans: tuple[tuple[int, int], ...]
     namespace: str
     recompute_ratio: float
