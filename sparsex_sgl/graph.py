@@ -185,6 +185,17 @@ class SegmentGraph:
             i = j
         return out
 
+    def cached_path_length(self, pieces: Sequence[Piece]) -> int:
+        """How many leading tokens of ``pieces`` lie on a cached root path (their prefix hit, uncapped)."""
+        node, end = self._root, 0
+        for piece in pieces:
+            child = node.children.get(piece.key)
+            if child is None:
+                break
+            _confirm(child, piece)
+            node, end = child, piece.end
+        return end
+
     def _cached_gap(self, node: _Node, start: int, region_end: int,
                     make_gap: Callable[[int, int], Piece]) -> tuple[Piece, _Node] | None:
         """The longest child of ``node`` that the gap's tokens from ``start`` equal, within the gap."""

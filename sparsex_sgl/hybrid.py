@@ -31,6 +31,9 @@ class HybridConfig:
     selection: str = "sparse_q"
     min_tokens_per_segment: int = 1
     mass_prior: float = MASS_PRIOR
+    auto_segment_tokens: int = 0
+    """Average length of the segments found in requests without segment data (``segments.auto_spans``),
+    after their prefix hit; 0 (the default): such requests get exact prefix reuse only, as on stock SGLang."""
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
@@ -39,6 +42,8 @@ class HybridConfig:
             raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
         if self.full_layers < 0 or self.min_tokens_per_segment < 0 or self.mass_prior < 0:
             raise ValueError("full_layers, min_tokens_per_segment and mass_prior must be >= 0")
+        if self.auto_segment_tokens != 0 and self.auto_segment_tokens < 4:
+            raise ValueError(f"auto_segment_tokens must be 0 (off) or >= 4, got {self.auto_segment_tokens}")
         if self.selection in SIGNAL_SELECTIONS and self.full_layers < 1:
             raise ValueError(f"selection {self.selection!r} reads its signal from a full layer: full_layers >= 1")
 

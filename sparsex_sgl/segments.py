@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from hashlib import blake2b
 from typing import NewType
 
+import numpy as np
+
 from sparsex_sgl.errors import InvalidSegmentsError
 
 SegmentHash = NewType("SegmentHash", bytes)
@@ -118,3 +120,46 @@ def split_into_pieces(
     if cursor < n:
         pieces += cut_gap(token_ids, cursor, n, namespace, gap_block)
     return pieces
+
+
+AUTO_WINDOW = 8
+"""Tokens that decide an automatic boundary: the same 8 tokens give the same boundary in any context."""
+_WINDOW_MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+                                0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9],
+                               dtype=np.uint64)
+
+
+def auto_spans(token_ids: Sequence[int], average: int) -> list[tuple[int, int]]:
+    """Segments found without client markers, by content-defined chunking of the token ids.
+
+    A boundary follows position ``i`` when a hash of the ``AUTO_WINDOW`` tokens ending at ``i`` is 0 mod
+    ``average``, so a passage that recurs in another prompt, at another offset and after other text, is
+    cut at the same places from its first boundary on, and those chunks are found in the graph like
+    client-marked segments. Chunks are at least ``average // 4`` and at most ``4 * average`` tokens (about
+    ``average`` plus the minimum on random text). What follows the last boundary (typically the question)
+    is not a segment. This is the rolling-hash detection of LMCache's blending, on tokens.
+    """
+    if average < 4:
+        raise ValueError(f"the average automatic segment must be >= 4 tokens, got {average}")
+    ids = np.asarray(token_ids, dtype=np.int64).astype(np.uint64)
+    n = len(ids)
+    if n < AUTO_WINDOW:
+        return []
+    windows = np.lib.stride_tricks.sliding_window_view(ids, AUTO_WINDOW)  # [n - W + 1, W]
+    with np.errstate(over="ignore"):
+        h = (windows * _WINDOW_MULTIPLIERS).sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(31)
+        h *= np.uint64(0x7FB5D329728EA185)
+        h ^= h >> np.uint64(27)
+    candidates = (np.flatnonzero(h % np.uint64(average) == 0) + AUTO_WINDOW).tolist()  # boundary after the window
+    minimum, maximum = average // 4, 4 * average
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for end in candidates:
+        while end - start > maximum:
+            spans.append((start, start + maximum))
+            start += maximum
+        if end - start >= minimum:
+            spans.append((start, end))
+            start = end
+    return spans

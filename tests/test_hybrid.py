@@ -29,6 +29,7 @@ def test_presets_exist() -> None:
         (dict(full_layers=-1), "full_layers"),
         (dict(mass_prior=-0.5), "mass_prior"),
         (dict(full_layers=0, selection="sparse_q"), "full_layers >= 1"),
+        (dict(auto_segment_tokens=3), "auto_segment_tokens"),
     ],
 )
 def test_invalid_configs_are_rejected(kwargs: dict, message: str) -> None:  # type: ignore[type-arg]

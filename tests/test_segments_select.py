@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from sparsex_sgl.errors import InvalidSegmentsError
-from sparsex_sgl.segments import segment_hash, split_into_pieces
+from sparsex_sgl.segments import AUTO_WINDOW, auto_spans, segment_hash, split_into_pieces
 from sparsex_sgl.select import ReusedTokens, select_tokens, selection_budget, sparse_q_signal
 
 
@@ -45,6 +47,30 @@ def test_pieces_cover_the_prompt_with_gaps() -> None:
 def test_malformed_spans_raise_invalid_segments(spans: object, message: str) -> None:
     with pytest.raises(InvalidSegmentsError, match=message):
         split_into_pieces(list(range(20)), spans)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_automatic_segments_of_a_recurring_passage_agree_in_any_context(seed: int) -> None:
+    """A 600-token passage after two different preambles (137 and 311 tokens): from the first boundary
+    both cuts share, every later boundary is the same (they depend only on the 8 tokens before them), so
+    the passage's chunks from there are found as segments. Chunks tile the prompt from 0, within the length
+    bounds. With a mean spacing of 64 + 16 tokens, a 600-token passage has a common boundary (no candidate
+    at all in 600 tokens has probability (63/64)^592 < 1e-4 per seed), expected one or two spacings in;
+    on these fixed seeds it comes before token 300."""
+    gen = torch.Generator().manual_seed(seed)
+    passage, a, b = (torch.randint(0, 50_000, (n,), generator=gen).tolist() for n in (600, 137, 311))
+    boundaries = []
+    for preamble in (a, b):
+        spans = auto_spans(preamble + passage, 64)
+        assert spans[0][0] == 0 and all(e0 == s1 for (_, e0), (s1, _) in itertools.pairwise(spans))
+        assert all(16 <= e - s <= 256 for s, e in spans)
+        boundaries.append([e - len(preamble) for _, e in spans if e - len(preamble) >= AUTO_WINDOW])
+    common = min(set(boundaries[0]) & set(boundaries[1]))
+    assert common < 300
+    assert [x for x in boundaries[0] if x >= common] == [x for x in boundaries[1] if x >= common]
+    assert auto_spans(passage[:AUTO_WINDOW - 1], 64) == []
+    with pytest.raises(ValueError):
+        auto_spans(passage, 3)
 
 
 def test_empty_prompt_is_rejected() -> None:

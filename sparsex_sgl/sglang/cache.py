@@ -34,7 +34,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sparsex_sgl.errors import InvalidSegmentsError, SegmentHashCollisionError
 from sparsex_sgl.graph import NodeId, SegmentGraph, segments_it_caches
 from sparsex_sgl.protocol import NAMESPACE_KEY, RATIO_KEY, SPANS_KEY, parse_ratio, parse_spans
-from sparsex_sgl.segments import Piece, cut_gap, make_piece, split_into_pieces, validate_spans
+from sparsex_sgl.segments import Piece, auto_spans, cut_gap, make_piece, split_into_pieces, validate_spans
 from sparsex_sgl.sglang.runtime import GAP_BLOCK, RequestOutcome, RequestPlan, SparseXRuntime
 
 logger = logging.getLogger("sparsex_sgl")
@@ -116,8 +116,15 @@ class SegmentGraphCache(BasePrefixCache):
             self.runtime.fallback("invalid_segments", str(exc))
             spans, namespace, ratio = [], "", self.runtime.config.recompute_ratio
         reason = self._no_reuse_reason(req)
+        key_ns = self._key_namespace(req, namespace)
+        auto_segmented = False
         try:
-            pieces = self._pieces(token_ids, spans, self._key_namespace(req, namespace))
+            pieces = self._pieces(token_ids, spans, key_ns)
+            if not spans and not reason and self.runtime.config.auto_segment_tokens:
+                spans = self._auto_spans(token_ids[:n_prompt], pieces)
+                auto_segmented = bool(spans)
+                if spans:
+                    pieces = self._pieces(token_ids, spans, key_ns)
             plan = self.graph.lookup(pieces)
         except SegmentHashCollisionError as exc:
             self.runtime.fallback("hash_collision", str(exc))
@@ -130,7 +137,7 @@ class SegmentGraphCache(BasePrefixCache):
         if (plan.reused and (reason or len(token_ids) != n_prompt)) or plan.prefix_len > limit:
             plan = self.graph.prefix_only(plan, min(plan.prefix_len, limit))
         self.runtime.plans[rid] = RequestPlan(plan, tuple(pieces), tuple(spans), namespace, ratio,
-                                              segments_it_caches(pieces, plan))
+                                              segments_it_caches(pieces, plan), auto_segmented)
         n = plan.n_tokens
         outcome = RequestOutcome(prompt=n, prefix=plan.prefix_len, blended_prefix=plan.prefix_len - plan.exact_prefix_len,
                                  computed=n - plan.prefix_len)
@@ -140,6 +147,12 @@ class SegmentGraphCache(BasePrefixCache):
         node_ids = plan.prefix_node_ids[-1:] + tuple(r.node_id for r in plan.reused)
         slots = torch.tensor(plan.prefix_slots, dtype=torch.int64, device=self.device)
         return self._result(MatchHandle(node_ids, slots), plan.prefix_len)
+
+    def _auto_spans(self, prompt_ids: Sequence[int], pieces: Sequence[Piece]) -> list[tuple[int, int]]:
+        """Content-defined segments (``segments.auto_spans``) that start after the request's prefix hit,
+        which stays exact and follows the cached cuts (a chat's reply included)."""
+        hit = self.graph.cached_path_length(pieces)
+        return [s for s in auto_spans(prompt_ids, self.runtime.config.auto_segment_tokens) if s[0] >= hit]
 
     def _no_reuse_reason(self, req: object) -> str:
         if self.runtime.disabled_reason:
@@ -240,7 +253,8 @@ class SegmentGraphCache(BasePrefixCache):
         entry = self.runtime.plans.pop(rid, None)
         outcome = self.runtime.outcomes.pop(rid, None)
         if outcome is not None:
-            self.runtime.record(outcome, had_segments=bool(entry and entry.spans))
+            self.runtime.record(outcome, had_segments=bool(entry and entry.spans),
+                                auto_segmented=bool(entry and entry.auto_segmented))
             logger.debug("SparseX request %s: %s", rid, outcome)
 
     # ------------------------------------------------------------------ memory

@@ -10,7 +10,7 @@ Flags: ``--enable-sparsex`` expands to ``--radix-cache-backend sparsex
 --prefill-attention-backend sparsex`` with chunked prefill and the overlap scheduler off (the sparse
 path needs each prompt in one extend step, planned and run in order). ``--sparsex-config PATH`` reads a
 YAML preset (configs/), and ``--sparsex-recompute-ratio`` / ``--sparsex-full-layers`` /
-``--sparsex-selection`` override it.
+``--sparsex-selection`` / ``--sparsex-auto-segment`` override it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ logger = logging.getLogger("sparsex_sgl")
 
 NAME = "sparsex"
 CPU_SHIM_ENV = "SPARSEX_SGL_CPU_SHIM"
-OPTIONS = ("enable_sparsex", "sparsex_config", "sparsex_recompute_ratio", "sparsex_full_layers", "sparsex_selection")
+OPTIONS = ("enable_sparsex", "sparsex_config", "sparsex_recompute_ratio", "sparsex_full_layers", "sparsex_selection",
+           "sparsex_auto_segment")
 STATS_ROUTE = "/sparsex/stats"
 
 
@@ -103,6 +104,9 @@ def _add_cli_args(original: Any, parser: argparse.ArgumentParser) -> None:
                        help="Layers computed over every token before the selection (default 2).")
     group.add_argument("--sparsex-selection", type=str, default=None,
                        help="sparse_q (SparseX), kv_deviation (CacheBlend-style), first_k (EPIC-style) or none.")
+    group.add_argument("--sparsex-auto-segment", type=int, default=None, metavar="TOKENS",
+                       help="Find segments of about TOKENS tokens in requests without segment data (content-"
+                            "defined chunking after the prefix hit); 0 (default): such requests are exact.")
 
 
 def resolve_config(options: dict[str, Any]) -> HybridConfig:
@@ -110,7 +114,7 @@ def resolve_config(options: dict[str, Any]) -> HybridConfig:
     base = HybridConfig.from_yaml(options["sparsex_config"]) if options.get("sparsex_config") else HybridConfig()
     values = asdict(base)
     for key, field_name in (("sparsex_recompute_ratio", "recompute_ratio"), ("sparsex_full_layers", "full_layers"),
-                            ("sparsex_selection", "selection")):
+                            ("sparsex_selection", "selection"), ("sparsex_auto_segment", "auto_segment_tokens")):
         if options.get(key) is not None:
             values[field_name] = options[key]
     return HybridConfig.from_mapping(values)

@@ -40,6 +40,8 @@ class RequestPlan:
     recompute_ratio: float
     caches: frozenset[SegmentHash] = frozenset()
     """The segments this request will compute exactly and cache (``graph.segments_it_caches``)."""
+    auto_segmented: bool = False
+    """Its spans were found by ``segments.auto_spans``, not sent by the client."""
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Counters:
 
     requests: int = 0
     requests_with_segments: int = 0
+    requests_auto_segmented: int = 0
     requests_with_reuse: int = 0
     prompt_tokens: int = 0
     prefix_tokens: int = 0
@@ -135,11 +138,12 @@ class SparseXRuntime:
                 return True
         return False
 
-    def record(self, outcome: RequestOutcome, had_segments: bool) -> None:
+    def record(self, outcome: RequestOutcome, had_segments: bool, auto_segmented: bool = False) -> None:
         c = self.counters
         with self._lock:
             c.requests += 1
             c.requests_with_segments += int(had_segments)
+            c.requests_auto_segmented += int(auto_segmented)
             c.requests_with_reuse += int(outcome.reused > 0)
             c.prompt_tokens += outcome.prompt
             c.prefix_tokens += outcome.prefix
