@@ -132,3 +132,13 @@ def test_poisson_arrivals_have_the_asked_rate() -> None:
     # mean gap 1/rate = 0.5 s; over 3,999 exponential gaps the standard error is 0.5/sqrt(3999) = 0.008
     assert (times[-1] / 3999) == pytest.approx(0.5, abs=0.03)
     assert arrival_times(3, None, 0) == [0.0, 0.0, 0.0]
+
+
+def test_plain_requests_carry_no_segment_data() -> None:
+    """``bench run --plain`` sends the same token ids as a client that marks no segments."""
+    from sparsex_sgl.harness.run import _prepare
+
+    marked = _prepare("r", [5, 6, 7], [(0, 2)], 4, plain=False).body()
+    plain = _prepare("r", [5, 6, 7], [(0, 2)], 4, plain=True).body()
+    assert marked["sampling_params"]["custom_params"] == {"sparsex_spans": [0, 2]}
+    assert "custom_params" not in plain["sampling_params"] and plain["input_ids"] == marked["input_ids"]

@@ -33,8 +33,9 @@ class PreparedRequest:
     max_new_tokens: int
 
     def body(self) -> dict[str, Any]:
-        params = {"temperature": 0.0, "max_new_tokens": self.max_new_tokens,
-                  "custom_params": {SPANS_KEY: flatten_spans(self.spans)}}
+        params: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": self.max_new_tokens}
+        if self.spans:
+            params["custom_params"] = {SPANS_KEY: flatten_spans(self.spans)}
         return {"input_ids": self.input_ids, "sampling_params": params, "stream": True}
 
 

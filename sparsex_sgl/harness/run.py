@@ -105,8 +105,8 @@ class Harness:
         self.model = resolve_model(args.model)
         tokenizer = AutoTokenizer.from_pretrained(self.model)
         self.workloads = distinct_names([Workload.read(path) for path in args.workload], args.workload)
-        self.prepared = {w.name: [PreparedRequest(r.id, *render(r, tokenizer), r.max_new_tokens) for r in w.requests]
-                         for w in self.workloads}
+        self.prepared = {w.name: [_prepare(r.id, *render(r, tokenizer), r.max_new_tokens, plain=args.plain)
+                                  for r in w.requests] for w in self.workloads}
         self.out: Path = args.out
         self.out.mkdir(parents=True, exist_ok=True)
         self.runs: list[dict[str, Any]] = []
@@ -224,6 +224,12 @@ def _url(text: str) -> tuple[str, str]:
     return system, url.rstrip("/")
 
 
+def _prepare(rid: str, input_ids: list[int], spans: list[tuple[int, int]], max_new_tokens: int,
+             plain: bool) -> PreparedRequest:
+    """The request as sent; ``plain`` drops its segment spans (same token ids)."""
+    return PreparedRequest(rid, input_ids, [] if plain else spans, max_new_tokens)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", type=Path, nargs="+", required=True, help="workload JSONL file(s)")
     parser.add_argument("--model", default="smollm2", help="alias or HF folder (also the tokenizer)")
@@ -240,6 +246,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="per-request timeout (s)")
     parser.add_argument("--start-timeout", type=float, default=600.0, help="server start timeout (s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    parser.add_argument("--plain", action="store_true",
+                        help="send no segment data, as a client that marks none (pair with --sparsex-args "
+                             "'--sparsex-auto-segment 64')")
     parser.add_argument("--out", type=Path, required=True, help="folder for results.json, results.md, server logs")
     parser.set_defaults(run=main)
 
