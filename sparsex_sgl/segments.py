@@ -136,8 +136,10 @@ def auto_spans(token_ids: Sequence[int], average: int) -> list[tuple[int, int]]:
     ``average``, so a passage that recurs in another prompt, at another offset and after other text, is
     cut at the same places from its first boundary on, and those chunks are found in the graph like
     client-marked segments. Chunks are at least ``average // 4`` and at most ``4 * average`` tokens (about
-    ``average`` plus the minimum on random text). What follows the last boundary (typically the question)
-    is not a segment. This is the rolling-hash detection of LMCache's blending, on tokens.
+    ``average`` plus the minimum on random text). The text before the first boundary (a chunk there would
+    start at an arbitrary point, the prompt's start) and after the last one (typically the question) is
+    not a segment: it stays a gap, cut in blocks, so a prefix hit there keeps a gap's block granularity.
+    This is the rolling-hash detection of LMCache's blending, on tokens.
     """
     if average < 4:
         raise ValueError(f"the average automatic segment must be >= 4 tokens, got {average}")
@@ -154,8 +156,11 @@ def auto_spans(token_ids: Sequence[int], average: int) -> list[tuple[int, int]]:
     candidates = (np.flatnonzero(h % np.uint64(average) == 0) + AUTO_WINDOW).tolist()  # boundary after the window
     minimum, maximum = average // 4, 4 * average
     spans: list[tuple[int, int]] = []
-    start = 0
+    start: int | None = None
     for end in candidates:
+        if start is None:
+            start = end
+            continue
         while end - start > maximum:
             spans.append((start, start + maximum))
             start += maximum

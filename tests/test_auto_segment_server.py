@@ -19,8 +19,8 @@ from sparsex_sgl.frontend import reuse_counts
 
 pytestmark = pytest.mark.slow
 
-AVERAGE = 64
-"""Automatic segments of about 64 tokens: HotpotQA paragraphs (about 100-200 tokens) hold one or more."""
+AVERAGE = 32
+"""Automatic segments of about 32 tokens: HotpotQA paragraphs (about 100-200 tokens) hold several."""
 
 
 @pytest.fixture(scope="module")
