@@ -3,9 +3,9 @@
 A node is one piece's KV computed under one context: the path of pieces from the root to it. Its
 children are the pieces observed to follow it, so a root path equal to the request's leading pieces
 is a prefix hit (nothing to repair), as in a radix tree; ``align`` lets a request follow gap cuts that
-earlier requests cached (a prompt's last block, the tokens decoded after it). A reusable piece found anywhere else in the
-graph is a *non-prefix hit*: its KV was computed at ``source_start`` and must be re-rotated to the
-request's position and partly recomputed.
+earlier requests cached (a prompt's last block, the tokens decoded after it). A reusable piece found
+anywhere else in the graph is a *non-prefix hit*: its KV was computed at ``source_start`` and must be
+re-rotated to the request's position and partly recomputed.
 
 A node is *exact* when its KV equals a full prefill of its root path, and *blended* when it was computed
 over reused, partly recomputed KV. Blended nodes serve only as prefix hits, to requests that resend the

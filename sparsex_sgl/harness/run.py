@@ -248,7 +248,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
     parser.add_argument("--plain", action="store_true",
                         help="send no segment data, as a client that marks none (pair with --sparsex-args "
-                             "'--sparsex-auto-segment 64')")
+                             "'--sparsex-auto-segment 32')")
     parser.add_argument("--out", type=Path, required=True, help="folder for results.json, results.md, server logs")
     parser.set_defaults(run=main)
 
