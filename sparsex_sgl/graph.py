@@ -187,14 +187,20 @@ class SegmentGraph:
 
     def cached_path_length(self, pieces: Sequence[Piece]) -> int:
         """How many leading tokens of ``pieces`` lie on a cached root path (their prefix hit, uncapped)."""
-        node, end = self._root, 0
+        return sum(nd.length for nd in self._cached_path(pieces))
+
+    def _cached_path(self, pieces: Sequence[Piece]) -> list[_Node]:
+        """The nodes of the root path that the leading pieces follow, each confirmed on its token ids."""
+        path: list[_Node] = []
+        node = self._root
         for piece in pieces:
             child = node.children.get(piece.key)
             if child is None:
                 break
             _confirm(child, piece)
-            node, end = child, piece.end
-        return end
+            path.append(child)
+            node = child
+        return path
 
     def _cached_gap(self, node: _Node, start: int, region_end: int,
                     make_gap: Callable[[int, int], Piece]) -> tuple[Piece, _Node] | None:
@@ -215,16 +221,9 @@ class SegmentGraph:
             raise ValueError("lookup needs at least one piece")
         n = pieces[-1].end
         now = next(self._clock)
-        node = self._root
-        prefix_nodes: list[_Node] = []
-        for piece in pieces:
-            child = node.children.get(piece.key)
-            if child is None:
-                break
-            _confirm(child, piece)
-            child.last_access = now
-            prefix_nodes.append(child)
-            node = child
+        prefix_nodes = self._cached_path(pieces)
+        for nd in prefix_nodes:
+            nd.last_access = now
         covered = sum(p.length for p in pieces[: len(prefix_nodes)])
         prefix_len = min(covered, n - 1)
         blended = next((i for i, nd in enumerate(prefix_nodes) if not nd.exact), len(prefix_nodes))
