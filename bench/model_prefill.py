@@ -2,9 +2,14 @@
 
 A randomly initialised model of a real shape (the architecture's config, no weights needed) processes a
 RAG-shaped prompt: a 64-token instruction, segments of ``--segment`` tokens cached alone beforehand, and
-a 64-token question. Full prefill runs dense causal attention (FlashInfer when installed, else SDPA); SparseX runs the hybrid plan
-(``--full-layers``, ``--ratio``, Sparse-Q selection) on the Triton kernels. Times are medians of
-``--repeats`` runs after one warm-up, measured side by side in one process.
+a 64-token question. Full prefill runs dense causal attention in every layer (FlashInfer when installed,
+else SDPA); SparseX runs the hybrid plan (``--full-layers``, ``--ratio``, Sparse-Q selection): its full
+layers on the same dense attention, then the shared sparse-extend pipeline (``sparse_extend.py``, the one
+the SGLang adapter runs) on the Triton kernels. KV is laid out as SGLang's pool lays it out, per layer
+``[slots, kv_heads, head_dim]``, the cached segments in allocator slots of their own. Times are medians of
+``--repeats`` runs after one warm-up, measured side by side in one process (the segment graph's lookup,
+host work, is timed apart); peak memory is the most the
+prefill allocates above what was allocated before it (weights and the segment cache excluded).
 
     python bench/model_prefill.py --model qwen2.5-1.5b --lengths 8192,16384,32768 --out results/model_prefill.json
 """
@@ -44,6 +49,18 @@ def build_model(name: str, max_len: int, dtype: torch.dtype, device: str) -> tor
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def peak_bytes(device: str, fn: Any, *args: Any) -> int | None:
+    """Most bytes ``fn(*args)`` holds above what was allocated before it (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(*args)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def timed(repeats: int, device: str, fn: Any, *args: Any) -> float:
@@ -96,18 +113,28 @@ def main() -> None:
         cache = ReferenceSegmentCache(sparse_exec, num_slots=n + 1)
         for seg in segs:
             assert cache.fill_segment(seg)
+        lookup_s = timed(args.repeats, "cpu", cache.plan, ids, spans)  # host work: the segment graph's lookup
+        plan = cache.plan(ids, spans)
         full_s = timed(args.repeats, device, full_exec.prefill_full, ids)
-        sparse_s = timed(args.repeats, device, cache.prefill, ids, spans, config)
-        stats = cache.prefill(ids, spans, config).stats
-        row = {"n": n, "segments": n_segments, "full_s": full_s, "sparsex_s": sparse_s, "speedup": full_s / sparse_s,
-               "computed_rows": stats.computed_rows, "modeled_flops_ratio": full_exec.full_flops(n) / stats.flops}
+        sparse_s = timed(args.repeats, device, sparse_exec.prefill_reuse, ids, plan, cache.pool, config)
+        stats = sparse_exec.prefill_reuse(ids, plan, cache.pool, config).stats
+        full_peak = peak_bytes(device, full_exec.prefill_full, ids)
+        sparse_peak = peak_bytes(device, sparse_exec.prefill_reuse, ids, plan, cache.pool, config)
+        row = {"n": n, "segments": n_segments, "full_s": full_s, "sparsex_s": sparse_s, "lookup_s": lookup_s,
+               "speedup": full_s / sparse_s, "speedup_with_lookup": full_s / (sparse_s + lookup_s),
+               "computed_rows": stats.computed_rows, "modeled_flops_ratio": full_exec.full_flops(n) / stats.flops,
+               "full_peak_bytes": full_peak, "sparsex_peak_bytes": sparse_peak,
+               "peak_ratio": sparse_peak / full_peak if full_peak and sparse_peak else None}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n| tokens | full prefill (s) | SparseX prefill (s) | speedup | modeled FLOPs ratio |  ({args.model}, "
-          f"{device}, ratio {args.ratio}, L_full {args.full_layers})")
-    print("|---|---|---|---|---|")
+    print(f"\n| tokens | full prefill (s) | SparseX prefill (s) | speedup | graph lookup (s) | modeled FLOPs ratio | peak GiB full / "
+          f"SparseX (ratio) |  ({args.model}, {device}, ratio {args.ratio}, L_full {args.full_layers})")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']} | {r['full_s']:.3f} | {r['sparsex_s']:.3f} | {r['speedup']:.2f}x | {r['modeled_flops_ratio']:.2f}x |")
+        peak = "not measured" if r["peak_ratio"] is None else (
+            f"{r['full_peak_bytes'] / 2**30:.2f} / {r['sparsex_peak_bytes'] / 2**30:.2f} ({r['peak_ratio']:.2f})")
+        print(f"| {r['n']} | {r['full_s']:.3f} | {r['sparsex_s']:.3f} | {r['speedup']:.2f}x | {r['lookup_s']:.4f} | "
+              f"{r['modeled_flops_ratio']:.2f}x | {peak} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                     "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",

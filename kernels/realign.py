@@ -3,9 +3,9 @@
 A reused segment's cached keys sit in their source slots, rotated for the positions they were cached
 at; the request needs them in its own slots, rotated for their new positions. One pass reads K and V
 from the source slots, rotates K by the delta in every rotary pair, and writes both to the destination
-slots. The rotation angles (delta x frequency) are computed on the host in float64, once per distinct
-delta (a segment moves as a whole, so there are few), because in float32 a delta of thousands of
-positions times the highest frequency loses the fraction that matters. ``rope.realign_keys`` is the
+slots. The rotation angles (delta x frequency) come from ``rope.delta_rotation_table``: float64 on the
+host, once per distinct delta and batch, because in float32 a delta of thousands of positions times the
+highest frequency loses the fraction that matters. ``rope.realign_keys`` is the
 reference; every scaling the core supports (default, linear, llama3, yarn) only changes the frequencies.
 """
 
@@ -53,13 +53,6 @@ def _realign_copy_kernel(
         tl.store(V_DST + dst[:, None] * stride_vds + h * stride_vdh + dims[None, :], v, mask=ok[:, None])
 
 
-def rotation_table(deltas: torch.Tensor, cfg: RopeConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """cos/sin ``[distinct deltas, rotary_dim/2]`` (float32, from float64 angles) and each token's row."""
-    distinct, index = torch.unique(deltas.cpu(), return_inverse=True)
-    angles = distinct.to(torch.float64)[:, None] * cfg.inv_freq()[None, :].to(torch.float64)
-    return torch.cos(angles).float(), torch.sin(angles).float(), index
-
-
 def realign_copy(
     k_src: torch.Tensor,
     v_src: torch.Tensor,
@@ -67,14 +60,17 @@ def realign_copy(
     v_dst: torch.Tensor,
     src_slots: torch.Tensor,
     dst_slots: torch.Tensor,
-    deltas: torch.Tensor,
+    delta_index: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     cfg: RopeConfig,
     block_t: int = 32,
 ) -> None:
     """``k_dst[dst] = rotate(k_src[src], delta)`` and ``v_dst[dst] = v_src[src]`` for one layer's buffers.
 
     Buffers are ``[slots, kv_heads, head_dim]`` (source and destination may be the same tensors);
-    ``src_slots, dst_slots, deltas [n]``.
+    ``src_slots, dst_slots [n]`` and ``delta_index [n]`` (int32, on the buffers' device) name each token's
+    row of ``cos, sin [deltas, rotary_dim/2]`` (``rope.delta_rotation_table``, float32 on the device).
     """
     n = src_slots.numel()
     if n == 0:
@@ -82,11 +78,8 @@ def realign_copy(
     _, heads, d = k_src.shape
     if d != cfg.head_dim or cfg.rotary_dim % 2 or cfg.rotary_dim & (cfg.rotary_dim - 1) or d & (d - 1):
         raise ValueError(f"head_dim {d} / rotary_dim {cfg.rotary_dim} must be powers of two matching the rope config")
-    cos, sin, index = rotation_table(deltas, cfg)
-    dev = k_src.device
     _realign_copy_kernel[(triton.cdiv(n, block_t),)](
-        k_src, v_src, k_dst, v_dst, src_slots.to(dev, torch.int32), dst_slots.to(dev, torch.int32),
-        index.to(dev, torch.int32), cos.to(dev), sin.to(dev), n,
+        k_src, v_src, k_dst, v_dst, src_slots, dst_slots, delta_index, cos, sin, n,
         k_src.stride(0), k_src.stride(1), v_src.stride(0), v_src.stride(1), k_dst.stride(0), k_dst.stride(1),
         v_dst.stride(0), v_dst.stride(1), cos.stride(0),
         HEADS=heads, HEAD_DIM=d, HALF=cfg.rotary_dim // 2, NEOX=cfg.style == "neox", BLOCK_T=block_t,

@@ -109,8 +109,16 @@ class ModelDims:
 
 
 def modeled_prefill_flops(dims: ModelDims, rows_per_layer: Sequence[Sequence[int]]) -> int:
-    """FLOPs of a prefill that computes ``rows_per_layer[i]`` (prompt positions) in layer i, plus one logits row."""
+    """FLOPs of a prefill that computes ``rows_per_layer[i]`` (prompt positions) in layer i, plus one logits row.
+
+    Layers usually share a few row sets (full layers, sparse layers): each distinct sequence object is
+    summed once, so a 32k-token prefill's accounting costs two passes over its rows, not one per layer.
+    """
     assert len(rows_per_layer) == dims.num_layers, (len(rows_per_layer), dims.num_layers)
     per_token = dims.linear_flops_per_token()
-    total = sum(len(rows) * per_token + dims.attention_flops(rows) for rows in rows_per_layer)
+    per_rows: dict[int, int] = {}
+    for rows in rows_per_layer:
+        if id(rows) not in per_rows:
+            per_rows[id(rows)] = len(rows) * per_token + dims.attention_flops(rows)
+    total = sum(per_rows[id(rows)] for rows in rows_per_layer)
     return total + 2 * dims.hidden * dims.vocab

@@ -164,10 +164,19 @@ def _rotate(x: torch.Tensor, angles: torch.Tensor, cfg: RopeConfig, scale: float
     if x.shape[-1] != cfg.head_dim:
         raise ValueError(f"last dim {x.shape[-1]} is not head_dim {cfg.head_dim}")
     work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cos = (torch.cos(angles) * scale).to(work_dtype).unsqueeze(-2)
-    sin = (torch.sin(angles) * scale).to(work_dtype).unsqueeze(-2)
+    cos = (torch.cos(angles) * scale).to(work_dtype)
+    sin = (torch.sin(angles) * scale).to(work_dtype)
+    return rotate_pairs(x, cos, sin, cfg)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
+    """Rotate the rotary pairs of ``x [n, heads, head_dim]`` by per-row ``cos, sin [n, rotary_dim/2]``.
+
+    Runs in cos's dtype; the dims past ``rotary_dim`` pass through unrotated.
+    """
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     r = cfg.rotary_dim
-    work = x[..., :r].to(work_dtype)
+    work = x[..., :r].to(cos.dtype)
     if cfg.style == "neox":
         x1, x2 = work[..., : r // 2], work[..., r // 2 :]
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -177,6 +186,17 @@ def _rotate(x: torch.Tensor, angles: torch.Tensor, cfg: RopeConfig, scale: float
     if x.shape[-1] == r:
         return rotated.to(x.dtype)
     return torch.cat([rotated.to(x.dtype), x[..., r:]], dim=-1)
+
+
+def delta_rotation_table(deltas: torch.Tensor, cfg: RopeConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cos/sin ``[distinct deltas, rotary_dim/2]`` (float32, from float64 angles) and each token's row.
+
+    A segment moves as a whole, so a batch has few distinct deltas: the table is built on the host once
+    per batch and every sparse layer's re-alignment reads it (``sparse_extend``).
+    """
+    distinct, index = torch.unique(deltas.cpu(), return_inverse=True)
+    angles = distinct.to(torch.float64)[:, None] * cfg.inv_freq()[None, :]
+    return torch.cos(angles).float(), torch.sin(angles).float(), index
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:

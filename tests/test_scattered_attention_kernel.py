@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sparsex_sgl.kernels import scattered_query_attention_ref
-from sparsex_sgl.kernels.scattered_attention import scattered_query_attention
+from sparsex_sgl.kernels.scattered_attention import KernelConfig, heaviest_first, query_tiles, scattered_query_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -44,11 +44,11 @@ def _case(seq_lens: list[int], n_queries: list[int], hq: int, hkv: int, d: int, 
 
 
 def _check(seq_lens: list[int], n_queries: list[int], hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0,
-           **blocks: int) -> None:
+           config: KernelConfig = KernelConfig(block_t=32, block_n=32, num_warps=4)) -> None:
     q, k, v, pos, offsets, r2t, pool, lens = _case(seq_lens, n_queries, hq, hkv, d, dtype, seed)
     dev = [t.to(DEVICE) for t in (q, k, v, pos, r2t, pool, lens)]
     out, lse = scattered_query_attention(dev[0], dev[1], dev[2], dev[3], offsets, dev[4], dev[5], dev[6],
-                                         scale=d**-0.5, **blocks)
+                                         scale=d**-0.5, config=config)
     tol = {"atol": 2e-2, "rtol": 2e-2} if dtype != torch.float32 else {"atol": 2e-3, "rtol": 2e-3}
     for i, (a, b) in enumerate(itertools.pairwise(offsets)):
         slots = r2t[pool[i], : seq_lens[i]].long()
@@ -58,9 +58,24 @@ def _check(seq_lens: list[int], n_queries: list[int], hq: int, hkv: int, d: int,
         torch.testing.assert_close(lse[a:b].cpu(), ref_lse, **tol)
 
 
-@pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (7, 1)])
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (7, 1), (12, 2)])
 def test_gqa_ratios_ragged_batch(hq: int, hkv: int) -> None:
+    """Groups of 1, 4, 7 and 6 heads packed into tiles of 32 (row, head) pairs: tiles end mid-row and
+    mid-request, and a request of one row shares nothing with its neighbours."""
     _check([70, 33, 129], [20, 1, 40], hq, hkv, 32, torch.float32)
+
+
+def test_tiles_cover_every_pair_once_and_heaviest_run_first() -> None:
+    offsets, group = [0, 5, 5, 12], 3
+    tiles = query_tiles(offsets, group, 4)
+    covered = [f for _, a, b in tiles for f in range(a, b)]
+    assert covered == list(range(12 * group))  # each (row, head) pair once, in order
+    for r, a, b in tiles.tolist():  # a tile stays inside its request's pairs
+        assert offsets[r] * group <= a < b <= offsets[r + 1] * group
+    positions = torch.tensor([1, 2, 3, 4, 900, 10, 11, 12, 13, 14, 15, 600])
+    ordered = heaviest_first(torch.from_numpy(tiles), positions, group)
+    last = [int(positions[(b - 1) // group]) for _, _, b in ordered.tolist()]
+    assert last == sorted(last, reverse=True) and sorted(map(tuple, ordered.tolist())) == sorted(map(tuple, tiles.tolist()))
 
 
 def test_block_borders_and_position_zero() -> None:
@@ -70,7 +85,7 @@ def test_block_borders_and_position_zero() -> None:
     q = torch.randn(len(positions), 2, 16)
     dev = [t.to(DEVICE) for t in (q, k, v, positions, r2t, pool, lens)]
     out, lse = scattered_query_attention(dev[0], dev[1], dev[2], dev[3], [0, len(positions)], dev[4], dev[5], dev[6],
-                                         scale=0.25, block_m=16, block_n=16)
+                                         scale=0.25, config=KernelConfig(block_t=16, block_n=16))
     slots = r2t[pool[0], :80].long()
     ref_out, ref_lse = scattered_query_attention_ref(q, k[slots], v[slots], positions, 0.25)
     torch.testing.assert_close(out.cpu(), ref_out, atol=2e-3, rtol=2e-3)

@@ -17,21 +17,10 @@ import torch
 
 from sparsex_sgl.graph import LookupPlan
 from sparsex_sgl.hybrid import HybridConfig, modeled_prefill_flops
-from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
 from sparsex_sgl.kernels.dense import dense_causal_attention
 from sparsex_sgl.reference.model import ModelSpec
 from sparsex_sgl.reference.pool import TensorKVPool
-from sparsex_sgl.rope import realign_keys
-from sparsex_sgl.select import (
-    SIGNAL_SELECTIONS,
-    ReusedTokens,
-    exact_length,
-    reused_sources,
-    reused_tokens,
-    select_tokens,
-    selection_budget,
-    sparse_q_signal,
-)
+from sparsex_sgl.sparse_extend import ExtendRequest, Kernels, RowLayout, SparseExtendPlan, attend_rows
 
 
 @dataclass
@@ -90,19 +79,16 @@ class PrefillResult:
 @dataclass(frozen=True)
 class _Rows:
     """The rows one pass computes, with what every layer of that pass shares: their rotary cos/sin
-    (``[m, 1, head_dim]``), their attention mask by position (``[m, end]``, True = visible; None when
-    the rows are every position ``0..end-1``, which is plain causal attention), and how the Triton
-    kernels read the dense per-position KV as a pool: ``slot_row [1, end]`` (slot = position), request
-    ``pool_index [1]`` (0) and ``kv_len [1]`` (end)."""
+    (``[m, 1, head_dim]``), whether they are every position ``0..end-1`` (plain causal attention, the dense
+    path), and how attention reads the request's dense per-position KV as a pool (``slot_row [1, end]``,
+    slot = position) for ``sparse_extend.attend_rows``."""
 
     positions: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
-    visible: torch.Tensor | None
-    end: int
+    every: bool
     slot_row: torch.Tensor
-    pool_index: torch.Tensor
-    kv_len: torch.Tensor
+    layout: RowLayout
 
 
 @dataclass(frozen=True)
@@ -111,18 +97,16 @@ class _Request:
 
     ids: torch.Tensor
     plan: LookupPlan
-    reused: ReusedTokens
-    new_rows: torch.Tensor
+    pool: TensorKVPool
 
 
 @dataclass(frozen=True)
 class _FullLayersState:
     """The full layers' output at a threshold: hidden rows and the threshold layer's rotated queries (rows
-    above the prefix), and the reused tokens' values before the refresh (None when nothing is reused)."""
+    above the prefix)."""
 
     h: torch.Tensor
     q: torch.Tensor
-    cached_v: torch.Tensor | None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +123,7 @@ class ReferenceExecutor:
     ``kernels.dense`` (FlashInfer when installed on CUDA, else SDPA).
     """
 
-    def __init__(self, model: torch.nn.Module, kernels: str = "torch") -> None:
+    def __init__(self, model: torch.nn.Module, kernels: Kernels = "torch") -> None:
         if kernels not in ("torch", "triton"):
             raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
         self.spec = ModelSpec.from_hf(model)
@@ -147,11 +131,7 @@ class ReferenceExecutor:
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device
         self._decoder = model.model
-        self.kernels = kernels
-        if kernels == "triton":
-            from sparsex_sgl.kernels import realign, scattered_attention, selection
-
-            self._triton = (scattered_attention, selection, realign)
+        self.kernels: Kernels = kernels
 
     # ------------------------------------------------------------------ building blocks
     def _rows(self, positions: torch.Tensor) -> _Rows:
@@ -161,20 +141,30 @@ class ReferenceExecutor:
         cos, sin = self._decoder.rotary_emb(probe, positions[None])
         end = int(positions.max()) + 1
         every = positions.numel() == end  # sorted and distinct, so these are all of 0..end-1
-        visible = None if every else torch.arange(end, device=self.device)[None, :] <= positions[:, None]
         slot_row = torch.arange(end, dtype=torch.int32, device=self.device)[None, :]
-        pool_index = torch.zeros(1, dtype=torch.int32, device=self.device)
-        kv_len = torch.full((1,), end, dtype=torch.int32, device=self.device)
-        return _Rows(positions, cos[0][:, None, :], sin[0][:, None, :], visible, end, slot_row, pool_index, kv_len)
+        layout = self._layout(positions, end)
+        return _Rows(positions, cos[0][:, None, :], sin[0][:, None, :], every, slot_row, layout)
+
+    def _layout(self, positions: torch.Tensor, end: int) -> RowLayout:
+        """One request's rows over slot row 0 (slot = position), for ``attend_rows``."""
+        tiles = None
+        if self.kernels == "triton":
+            from sparsex_sgl.kernels.scattered_attention import DEFAULT_CONFIG, query_tiles
+
+            group = self.spec.dims.n_heads // self.spec.dims.n_kv_heads
+            tiles = torch.from_numpy(query_tiles([0, positions.numel()], group, DEFAULT_CONFIG.block_t)).to(self.device)
+        one = torch.zeros(1, dtype=torch.int32, device=self.device)
+        return RowLayout(positions.to(torch.int32), [0, positions.numel()], [0], [end], one, one + end, tiles)
 
     def _layer(
-        self, i: int, h: torch.Tensor, rows: _Rows, kv: RequestKV
+        self, i: int, h: torch.Tensor, rows: _Rows, kv: RequestKV, plan: SparseExtendPlan | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``i`` for one request's ``rows``; writes their K/V. Returns (hidden, rotated q)."""
-        return self._layer_many(i, h, [(rows, kv)])
+        """Layer ``i`` for one request's ``rows``; writes their K/V. Returns (hidden, rotated q). With a
+        ``plan``, the rows are its sparse rows and attention is the plan's."""
+        return self._layer_many(i, h, [(rows, kv)], plan)
 
     def _layer_many(
-        self, i: int, h: torch.Tensor, parts: Sequence[tuple[_Rows, RequestKV]]
+        self, i: int, h: torch.Tensor, parts: Sequence[tuple[_Rows, RequestKV]], plan: SparseExtendPlan | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``i`` for the rows of several requests stacked in ``h`` (``parts`` in order, each its rows
         and its own K/V); writes their K/V. Returns (hidden, rotated q), rows in ``h``'s order.
@@ -204,46 +194,29 @@ class ReferenceExecutor:
             end = start + rows.positions.numel()
             kv.k[i, rows.positions] = k[start:end]
             kv.v[i, rows.positions] = v[start:end]
-            out, _ = self._attend(q[start:end], kv.k[i], kv.v[i], rows, attn.scaling, need_lse=False)
-            outs.append(out)
+            if plan is not None:
+                outs.append(plan.attend(q[start:end].contiguous(), kv.k[i], kv.v[i], attn.scaling))
+            else:
+                outs.append(self._attend(q[start:end], kv.k[i], kv.v[i], rows, attn.scaling))
             start = end
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         h = h + attn.o_proj(out.reshape(m, dims.n_heads * dims.head_dim))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, q
 
-    def _attend(self, q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, rows: _Rows, scale: float,
-                need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _attend(self, q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, rows: _Rows,
+                scale: float) -> torch.Tensor:
         """Attention of ``rows`` over positions ``0..end-1`` of one layer's K/V ``[capacity, kv_heads, d]``.
 
-        Rows that are a whole sequence (plain causal) and need no LSE take the dense path (FlashInfer where
-        installed on CUDA, else SDPA), whatever ``kernels`` says: no scattered kernel beats dense attention
-        when every row is computed. Scattered rows take the Triton kernel or the torch reference.
+        Rows that are a whole sequence (plain causal) take the dense path (FlashInfer where installed on
+        CUDA, else SDPA), whatever ``kernels`` says: no scattered kernel beats dense attention when every
+        row is computed. Other rows (a prefix hit, decoding) take ``sparse_extend.attend_rows``.
         """
-        keys, values = k_layer[: rows.end], v_layer[: rows.end]
-        if rows.visible is None and not need_lse:
-            return dense_causal_attention(q, keys, values, scale), None
-        if self.kernels == "triton":
-            out, lse = self._triton[0].scattered_query_attention(
-                q.contiguous(), k_layer, v_layer, rows.positions, [0, q.shape[0]], rows.slot_row, rows.pool_index,
-                rows.kv_len, scale)
-            return out, lse
-        if need_lse:
-            return scattered_query_attention_ref(q, keys, values, rows.positions, scale)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=rows.visible, scale=scale,
-            enable_gqa=True,
-        ).transpose(0, 1)
-        return out, None
-
-    def _scores(self, q: torch.Tensor, k_layer: torch.Tensor, q_positions: torch.Tensor, lse: torch.Tensor,
-                key_positions: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention mass each reused key (by position) receives from the query rows (select.py)."""
-        q_positions, key_positions = q_positions.to(self.device), key_positions.to(self.device)
-        if self.kernels == "triton":
-            return self._triton[1].selection_scores(q.contiguous(), k_layer, q_positions, lse, key_positions,
-                                                    key_positions, scale)
-        return selection_scores_ref(q, k_layer, q_positions, lse, key_positions, scale)
+        if rows.every:
+            end = rows.slot_row.shape[1]
+            return dense_causal_attention(q, k_layer[:end], v_layer[:end], scale)
+        out, _ = attend_rows(q.contiguous(), k_layer, v_layer, rows.slot_row, rows.layout, scale, self.kernels)
+        return out
 
     def _logits(self, h_rows: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self._decoder.norm(h_rows)).float()
@@ -304,9 +277,10 @@ class ReferenceExecutor:
             raise ValueError(f"plan covers {plan.n_tokens} tokens, the prompt has {n}")
         num_layers = self.spec.dims.num_layers
         kv = RequestKV.empty(self.spec, n + extra_capacity, self.dtype, self.device)
-        reused = self._load_cached(plan, pool, kv)
-        request = _Request(torch.as_tensor(list(input_ids), device=self.device), plan, reused,
-                           torch.as_tensor(plan.new_rows, dtype=torch.int64))
+        if plan.prefix_len:
+            k, v = pool.read(plan.prefix_slots)
+            kv.k[:, : plan.prefix_len], kv.v[:, : plan.prefix_len] = k, v
+        request = _Request(torch.as_tensor(list(input_ids), device=self.device), plan, pool)
         by_threshold: dict[int, list[int]] = defaultdict(list)
         for index, config in enumerate(configs):
             by_threshold[config.threshold(num_layers)].append(index)
@@ -319,83 +293,57 @@ class ReferenceExecutor:
             deepest = max(by_threshold)
             full_rows = torch.arange(plan.prefix_len, n)
             h = self._decoder.embed_tokens(request.ids[full_rows.to(self.device)])
-            # The re-aligned values before the full layers refresh them: the deviation signal's baseline.
-            cached_v = {t: kv.v[t - 1, reused.positions].clone() for t in by_threshold} if len(reused) else {}
             full_pass = self._rows(full_rows)
             for i in range(deepest):
                 at = by_threshold.get(i + 1, [])
                 h, q = self._layer(i, h, full_pass, kv)
                 for index in at:
                     last = i + 1 == deepest and index == at[-1]  # nothing runs on this KV after it
-                    state = _FullLayersState(h, q, cached_v.get(i + 1))
-                    results[index] = self._sparse_layers(request, configs[index], i + 1, state,
+                    results[index] = self._sparse_layers(request, configs[index], i + 1, _FullLayersState(h, q),
                                                          kv if last else kv.clone())
         return [results[index] for index in range(len(configs))]
 
     def _sparse_layers(self, request: _Request, config: HybridConfig, threshold: int, state: _FullLayersState | None,
                        kv: RequestKV) -> PrefillResult:
         """Select the reused tokens to recompute (by the signal at ``threshold`` where the policy has one)
-        and run layers ``threshold..`` on the new and selected rows; ``state`` is the full layers' output
-        (None when ``threshold`` is 0)."""
-        plan, reused, new_rows = request.plan, request.reused, request.new_rows
-        n, num_layers = plan.n_tokens, self.spec.dims.num_layers
-        budget = selection_budget(len(reused), config.recompute_ratio)
-        signal = None
-        if state is not None and state.cached_v is not None and config.selection in SIGNAL_SELECTIONS:
-            signal = (kv.v[threshold - 1, reused.positions] - state.cached_v).float().norm(dim=(-2, -1))
-            if config.selection == "sparse_q":
-                q_new = state.q[(new_rows - plan.prefix_len).to(self.device)]
-                scale = self._decoder.layers[threshold - 1].self_attn.scaling
-                # The new rows' log-sum-exp at the threshold layer, the normaliser of their attention mass.
-                _, lse = self._attend(q_new, kv.k[threshold - 1], kv.v[threshold - 1], self._rows(new_rows), scale,
-                                      need_lse=True)
-                assert lse is not None
-                mass = self._scores(q_new, kv.k[threshold - 1], new_rows, lse, reused.positions, scale)
-                signal = sparse_q_signal(mass, signal, config.mass_prior)
-        selected = select_tokens(reused, budget, config.selection, signal, config.min_tokens_per_segment)
-        rows = torch.sort(torch.cat([new_rows, selected])).values
+        and run layers ``threshold..`` on the new and selected rows, through the batch's
+        ``SparseExtendPlan`` (the same pipeline the SGLang adapter runs); ``state`` is the full layers'
+        output (None when ``threshold`` is 0)."""
+        plan, pool = request.plan, request.pool
+        n, num_layers, dims = plan.n_tokens, self.spec.dims.num_layers, self.spec.dims
+        slot_row = torch.arange(kv.k.shape[1], dtype=torch.int32, device=self.device)[None, :]
+        extend = ExtendRequest(0, 0, plan.prefix_len, n, plan.new_rows, plan.reused, config.recompute_ratio)
+        sparse = SparseExtendPlan([extend], config, self.spec.rope, slot_row, dims.n_heads, dims.n_kv_heads,
+                                  self.kernels)
         if state is None:
-            h = self._decoder.embed_tokens(request.ids[rows.to(self.device)])
-            rows_per_layer = [rows.tolist()] * num_layers
+            sparse.select()
         else:
-            h = state.h[(rows - plan.prefix_len).to(self.device)]
-            rows_per_layer = [list(range(plan.prefix_len, n))] * threshold + [rows.tolist()] * (num_layers - threshold)
+            t = threshold - 1
+            sparse.select(state.q, kv.k[t], kv.v[t], pool.v[t], self._decoder.layers[t].self_attn.scaling)
+        sparse.fill_reused((pool.k[i], pool.v[i], kv.k[i], kv.v[i]) for i in range(threshold, num_layers))
+        assert sparse.rows is not None and sparse.exact_len is not None
+        rows = sparse.rows.positions.long()
+        if state is None:
+            h = self._decoder.embed_tokens(request.ids[rows])
+        else:
+            h = state.h[rows - plan.prefix_len]
         sparse_pass = self._rows(rows)
         for i in range(threshold, num_layers):
-            h, _ = self._layer(i, h, sparse_pass, kv)
-        assert int(rows[-1]) == n - 1, "the last prompt token must be computed"
+            h, _ = self._layer(i, h, sparse_pass, kv, sparse)
+        row_list = rows.tolist()
+        assert row_list[-1] == n - 1, "the last prompt token must be computed"
+        full_rows = range(plan.prefix_len, n)
+        rows_per_layer = [full_rows] * threshold + [row_list] * (num_layers - threshold)
         stats = PrefillStats(
             n_tokens=n,
             prefix_len=plan.prefix_len,
-            n_reused=len(reused),
-            n_selected=int(selected.numel()),
-            computed_rows=int(rows.numel()),
-            flops=modeled_prefill_flops(self.spec.dims, rows_per_layer),
+            n_reused=sparse.n_reused[0],
+            n_selected=sparse.budgets[0],
+            computed_rows=len(row_list),
+            flops=modeled_prefill_flops(dims, rows_per_layer),
         )
-        exact = exact_length(reused, selected, n) == n
+        exact = int(sparse.exact_len[0]) == n
         return PrefillResult(self._logits(h[-1]), kv, n, stats, exact)
-
-    def _load_cached(self, plan: LookupPlan, pool: TensorKVPool, kv: RequestKV) -> ReusedTokens:
-        """Copy the exact prefix and the re-aligned reused segments into the request's KV."""
-        if plan.prefix_len:
-            k, v = pool.read(plan.prefix_slots)
-            kv.k[:, : plan.prefix_len], kv.v[:, : plan.prefix_len] = k, v
-        reused = reused_tokens(plan.reused)
-        if not plan.reused:
-            return reused
-        src, delta = reused_sources(plan.reused)
-        src, dst = src.to(self.device), reused.positions.to(self.device)
-        if self.kernels == "triton":
-            for layer in range(self.spec.dims.num_layers):
-                self._triton[2].realign_copy(pool.k[layer], pool.v[layer], kv.k[layer], kv.v[layer], src, dst, delta,
-                                             self.spec.rope)
-            return reused
-        k = pool.k[:, src]
-        layers, length, heads, dim = k.shape
-        flat = k.permute(1, 0, 2, 3).reshape(length, layers * heads, dim)
-        k = realign_keys(flat, delta.to(self.device), self.spec.rope).reshape(length, layers, heads, dim)
-        kv.k[:, dst], kv.v[:, dst] = k.permute(1, 0, 2, 3), pool.v[:, src]
-        return reused
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()

@@ -1,0 +1,160 @@
+"""The sparse-extend pipeline (plan, select, fill, attend) against per-request host oracles.
+
+A batch of three requests over an SGLang-shaped pool (slot 0 padding, slots shuffled, requests in random
+``req_to_token`` rows): one with a prefix hit and a moved and an unmoved segment, one without reuse, one
+made only of moved segments and a question. The oracles are the host-side definitions the pipeline must
+reproduce on the device: ``select.select_tokens`` and ``select.exact_length`` on a signal computed per
+request with the torch references, ``scattered_query_attention_ref`` and ``rope.realign_keys``. Both
+kernel sets run: torch, and Triton (compiled on CUDA, else under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sparsex_sgl.graph import ReusedSegment
+from sparsex_sgl.hybrid import HybridConfig
+from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
+from sparsex_sgl.rope import RopeConfig, realign_keys
+from sparsex_sgl.select import (
+    exact_length,
+    reused_sources,
+    reused_tokens,
+    select_tokens,
+    selection_budget,
+    sparse_q_signal,
+)
+from sparsex_sgl.sparse_extend import ExtendRequest, SparseExtendPlan
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HQ, HKV, D = 4, 2, 32
+SCALE = D**-0.5
+ROPE = RopeConfig(head_dim=D, rotary_dim=D, theta=10000.0)
+KERNELS = ["torch", "triton"]
+
+
+SHAPES = [(5, 60, [(10, 20, 7), (35, 15, 0)]), (0, 25, []), (0, 80, [(0, 20, 300), (20, 50, -11)])]
+"""(prefix, n_tokens, [(target_start, length, delta)]) per request; the other extend rows are new."""
+
+
+def make_batch(shapes=SHAPES, seed: int = 0, hq: int = HQ, hkv: int = HKV, d: int = D,  # type: ignore[no-untyped-def]
+               dtype: torch.dtype = torch.float32):
+    """Requests, ``req_to_token``, one layer's K/V buffers and the extend rows' queries."""
+    g = torch.Generator().manual_seed(seed)
+    n_slots = 1 + sum(n for _, n, _ in shapes) + sum(length for _, _, segs in shapes for _, length, _ in segs)
+    free = (torch.randperm(n_slots - 1, generator=g) + 1).tolist()
+    req_to_token = torch.zeros(len(shapes) + 3, max(n for _, n, _ in shapes) + 16, dtype=torch.int32)
+    rows = torch.randperm(len(shapes) + 3, generator=g)[: len(shapes)].tolist()
+    requests, start = [], 0
+    for pool_index, (prefix, n, segs) in zip(rows, shapes, strict=True):
+        req_to_token[pool_index, :n] = torch.tensor([free.pop() for _ in range(n)], dtype=torch.int32)
+        reused, taken = [], set()
+        for node, (target, length, delta) in enumerate(segs):
+            slots = tuple(free.pop() for _ in range(length))
+            reused.append(ReusedSegment(node, target - delta, target, length, slots))
+            taken.update(range(target, target + length))
+        new_rows = [p for p in range(prefix, n) if p not in taken]
+        requests.append(ExtendRequest(pool_index, start, prefix, n, new_rows, reused, recompute_ratio=0.3))
+        start += n - prefix
+    k = torch.randn(n_slots, hkv, d, generator=g).to(dtype)
+    v = torch.randn(n_slots, hkv, d, generator=g).to(dtype)
+    q = torch.randn(start, hq, d, generator=g).to(dtype)
+    return requests, req_to_token, k, v, q
+
+
+def oracle_rows(request: ExtendRequest, config: HybridConfig, r2t: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                q: torch.Tensor, scale: float = SCALE) -> tuple[list[int], int]:
+    """The request's computed rows and exact length, from the host definitions (tensors on any one device)."""
+    new = torch.tensor(request.new_rows)
+    if not request.reused:
+        return new.tolist(), request.n_tokens
+    reused = reused_tokens(request.reused)
+    src, _ = reused_sources(request.reused)
+    src, dev_new, dev_pos = src.to(k.device), new.to(k.device), reused.positions.to(k.device)
+    slots = r2t[request.pool_index, : request.n_tokens].long()
+    dst = slots[dev_pos]
+    signal = None
+    if config.selection in ("sparse_q", "kv_deviation"):
+        signal = (v[dst] - v[src]).norm(dim=(-2, -1))
+        if config.selection == "sparse_q":
+            q_new = q[dev_new - request.prefix_len + request.extend_start]
+            _, lse = scattered_query_attention_ref(q_new, k[slots], v[slots], dev_new, scale)
+            mass = selection_scores_ref(q_new, k[slots], dev_new, lse, dev_pos, scale)
+            signal = sparse_q_signal(mass, signal, config.mass_prior)
+    budget = selection_budget(len(reused), request.recompute_ratio)
+    selected = select_tokens(reused, budget, config.selection, signal, config.min_tokens_per_segment)
+    return torch.sort(torch.cat([new, selected])).values.tolist(), exact_length(reused, selected, request.n_tokens)
+
+
+CONFIGS = {
+    "sparse_q": HybridConfig(full_layers=2, recompute_ratio=0.3, selection="sparse_q", min_tokens_per_segment=2),
+    "kv_deviation": HybridConfig(full_layers=2, recompute_ratio=0.3, selection="kv_deviation", min_tokens_per_segment=0),
+    "first_k": HybridConfig(full_layers=0, recompute_ratio=0.3, selection="first_k", min_tokens_per_segment=0),
+    "none": HybridConfig(full_layers=0, recompute_ratio=0.0, selection="none", min_tokens_per_segment=0),
+}
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("policy", list(CONFIGS))
+def test_selection_and_row_layout_match_the_host_oracle(kernels: str, policy: str) -> None:
+    requests, r2t, k, v, q = make_batch()
+    config = CONFIGS[policy]
+    plan = SparseExtendPlan(requests, config, ROPE, r2t.to(DEVICE), HQ, HKV, kernels)  # type: ignore[arg-type]
+    if policy in ("sparse_q", "kv_deviation"):
+        plan.select(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), v.to(DEVICE), SCALE)
+    else:
+        plan.select()
+    assert plan.rows is not None and plan.rows_index is not None and plan.exact_len is not None
+    got = plan.rows.positions.cpu()
+    for i, (request, (a, b)) in enumerate(zip(requests, itertools.pairwise(plan.rows.offsets), strict=True)):
+        rows, exact = oracle_rows(request, config, r2t, k, v, q)
+        assert got[a:b].tolist() == rows, f"request {i}"
+        assert int(plan.exact_len[i]) == exact
+        assert plan.rows_index[a:b].cpu().tolist() == [request.extend_start + p - request.prefix_len for p in rows]
+        assert plan.rows_slot is not None
+        assert plan.rows_slot[a:b].cpu().tolist() == r2t[request.pool_index, rows].tolist()
+    if policy == "none":
+        assert plan.exact_len.tolist() == [10, 25, 0]  # the first reused position, or the whole prompt
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_fill_and_attend_match_the_references(kernels: str) -> None:
+    requests, r2t, k, v, q = make_batch(seed=1)
+    plan = SparseExtendPlan(requests, CONFIGS["sparse_q"], ROPE, r2t.to(DEVICE), HQ, HKV, kernels)  # type: ignore[arg-type]
+    plan.select(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), v.to(DEVICE), SCALE)
+    k_dst, v_dst = torch.full_like(k, float("nan")).to(DEVICE), torch.full_like(v, float("nan")).to(DEVICE)
+    plan.fill_reused([(k.to(DEVICE), v.to(DEVICE), k_dst, v_dst)])
+    written = torch.zeros(k.shape[0], dtype=torch.bool)
+    for request in requests:
+        if not request.reused:
+            continue
+        reused = reused_tokens(request.reused)
+        src, delta = reused_sources(request.reused)
+        dst = r2t[request.pool_index, reused.positions].long()
+        torch.testing.assert_close(k_dst[dst].cpu(), realign_keys(k[src], delta, ROPE), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v_dst[dst].cpu(), v[src])
+        written[dst] = True
+    assert torch.isnan(k_dst.cpu()[~written]).all()  # nothing else written
+
+    assert plan.rows is not None
+    rows_q = torch.randn(plan.rows.positions.numel(), HQ, D, generator=torch.Generator().manual_seed(2))
+    out = plan.attend(rows_q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), SCALE).cpu()
+    for request, a, b in zip(requests, plan.rows.offsets[:-1], plan.rows.offsets[1:], strict=True):
+        slots = r2t[request.pool_index, : request.n_tokens].long()
+        ref, _ = scattered_query_attention_ref(rows_q[a:b], k[slots], v[slots], plan.rows.positions[a:b].cpu().long(),
+                                               SCALE)
+        torch.testing.assert_close(out[a:b], ref, atol=2e-3, rtol=2e-3)
+
+
+def test_plan_rejects_rows_that_do_not_cover_the_extend() -> None:
+    with pytest.raises(ValueError, match="do not cover"):
+        ExtendRequest(0, 0, 0, 10, [8, 9], [], 0.15)
+    with pytest.raises(ValueError, match="last prompt token"):
+        ExtendRequest(0, 0, 0, 3, [0, 1], [ReusedSegment(0, 0, 2, 1, (5,))], 0.15)
