@@ -17,6 +17,7 @@ from typing import Any
 
 from sparsex_sgl.select import SELECTIONS, SIGNAL_SELECTIONS
 
+KERNEL_CHOICES: tuple[str, ...] = ("auto", "torch", "triton")
 MASS_PRIOR = 4.0
 """Prior weight of ``sparse_q``'s attention-mass factor (``select.sparse_q_signal``), in mean masses; chosen
 on development questions (HotpotQA offsets 500+), apart from the questions the README reports."""
@@ -34,6 +35,12 @@ class HybridConfig:
     auto_segment_tokens: int = 0
     """Average length of the segments found in requests without segment data (``segments.auto_spans``),
     after their prefix hit; 0 (the default): such requests get exact prefix reuse only, as on stock SGLang."""
+    kernels: str = "auto"
+    """Ops of the sparse layers (``sparse_extend``): "triton", "torch", or "auto" (Triton on CUDA, torch on
+    the CPU). "triton" on the CPU needs ``TRITON_INTERPRET=1`` (slow: for tests)."""
+    prefill_backend: str = ""
+    """SGLang attention backend the ``sparsex`` prefill backend wraps; "" = the one SGLang picked (the
+    decode backend: ``--attention-backend`` or its default)."""
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
@@ -44,6 +51,8 @@ class HybridConfig:
             raise ValueError("full_layers, min_tokens_per_segment and mass_prior must be >= 0")
         if self.auto_segment_tokens != 0 and self.auto_segment_tokens < 4:
             raise ValueError(f"auto_segment_tokens must be 0 (off) or >= 4, got {self.auto_segment_tokens}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
         if self.selection in SIGNAL_SELECTIONS and self.full_layers < 1:
             raise ValueError(f"selection {self.selection!r} reads its signal from a full layer: full_layers >= 1")
 

@@ -26,7 +26,11 @@ NAMESPACE_KEY = "sparsex_namespace"
 """Optional string: requests share segment KV only within one namespace (tenant isolation)."""
 RATIO_KEY = "sparsex_recompute_ratio"
 """Optional float in [0, 1]: this request's recompute ratio (1.0 recomputes every reused token: exact)."""
-KEYS = (SPANS_KEY, SEGMENTS_KEY, NAMESPACE_KEY, RATIO_KEY)
+APPROXIMATE_LOGPROBS_KEY = "sparsex_approximate_logprobs"
+"""Optional bool: a request that asks for output-token logprobs may still reuse segments (its logprobs then
+describe the reuse prefill it got); without it such a request runs exact full prefill. Prompt-token
+logprobs always do: the sparse layers compute only some prompt rows."""
+KEYS = (SPANS_KEY, SEGMENTS_KEY, NAMESPACE_KEY, RATIO_KEY, APPROXIMATE_LOGPROBS_KEY)
 
 MARKER_BEGIN = "<|sx_segment|>"
 MARKER_END = "<|/sx_segment|>"
@@ -76,6 +80,8 @@ def check_custom_params(custom: Mapping[str, object] | None) -> None:
     if NAMESPACE_KEY in custom and not isinstance(custom[NAMESPACE_KEY], (str, type(None))):
         raise InvalidSegmentsError(f"custom_params[{NAMESPACE_KEY!r}] must be a string")
     parse_ratio(custom.get(RATIO_KEY))
+    if not isinstance(custom.get(APPROXIMATE_LOGPROBS_KEY), (bool, type(None))):
+        raise InvalidSegmentsError(f"custom_params[{APPROXIMATE_LOGPROBS_KEY!r}] must be true or false")
 
 
 def parse_ratio(value: object) -> float | None:

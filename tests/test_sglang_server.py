@@ -29,14 +29,17 @@ pytestmark = pytest.mark.slow
 MAX_TOTAL_TOKENS = 4096
 """Small on purpose: three ~1.5k-token prompts fill it, so eviction runs during the module."""
 NEW_TOKENS = 12
+CHUNKED = ("--chunked-prefill-size", "512")
+"""Both servers chunk prefill at 512 tokens: every prompt here is longer, so requests that reuse segments
+run whole beside chunked ones (plugin ``_admit``), up to 4 chunks (2,048 tokens)."""
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
     logs = tmp_path_factory.mktemp("servers")
     model = resolve_model("smollm2")
-    stock = launch(model, [], logs / "stock.log", MAX_TOTAL_TOKENS)
-    sparsex = launch(model, ["--enable-sparsex"], logs / "sparsex.log", MAX_TOTAL_TOKENS)
+    stock = launch(model, list(CHUNKED), logs / "stock.log", MAX_TOTAL_TOKENS)
+    sparsex = launch(model, ["--enable-sparsex", *CHUNKED], logs / "sparsex.log", MAX_TOTAL_TOKENS)
     try:
         wait_ready(stock)
         wait_ready(sparsex)

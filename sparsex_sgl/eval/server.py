@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,15 +88,17 @@ def _decode(body: bytes) -> Any:
 
 
 def launch(model: Path, extra: Sequence[str], log: Path, max_total_tokens: int = 8192,
-           base_flags: Sequence[str] = CPU_FLAGS) -> Server:
+           base_flags: Sequence[str] = CPU_FLAGS, env: Mapping[str, str] | None = None) -> Server:
     """Start ``python -m sglang.launch_server`` in its own process group; ``wait_ready`` to block.
 
-    ``base_flags`` default to the CPU set; pass ``()`` on a GPU machine to keep SGLang's own defaults."""
+    ``base_flags`` default to the CPU set; pass ``()`` on a GPU machine to keep SGLang's own defaults.
+    ``env`` adds variables to the server's environment (e.g. ``TRITON_INTERPRET``)."""
     port = free_port()
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), *base_flags,
            "--max-total-tokens", str(max_total_tokens), "--host", "127.0.0.1", "--port", str(port), *extra]
     out = log.open("wb")
-    process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                               env=None if env is None else {**os.environ, **env})
     return Server(f"http://127.0.0.1:{port}", process, log)
 
 

@@ -10,24 +10,27 @@ from sparsex_sgl.graph import LookupPlan, SegmentGraph
 from sparsex_sgl.hybrid import HybridConfig
 from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor
 from sparsex_sgl.reference.pool import TensorKVPool
-from sparsex_sgl.segments import Piece, split_into_pieces
+from sparsex_sgl.segments import Piece, make_piece, split_into_pieces
 
 
 class ReferenceSegmentCache:
     """Caches segments and exact request paths for a ReferenceExecutor and serves SparseX prefills."""
 
     def __init__(self, executor: ReferenceExecutor, num_slots: int, max_tokens: int | None = None,
-                 namespace: str = "") -> None:
+                 namespace: str = "", gap_block: int | None = None) -> None:
+        """``gap_block``: cut gaps into blocks and align them with cached cuts, as the SGLang cache does
+        (``SegmentGraphCache``, 16), so both plan a prompt alike; None keeps each gap whole."""
         dims = executor.spec.dims
         self.executor = executor
         self.namespace = namespace
+        self.gap_block = gap_block
         self.pool = TensorKVPool(dims.num_layers, num_slots, dims.n_kv_heads, dims.head_dim, executor.dtype,
                                  executor.device)
         self.graph = SegmentGraph(self.pool.allocator, max_tokens or num_slots - 1)
 
     def fill_segment(self, token_ids: Sequence[int]) -> bool:
         """Cache a segment computed alone from position 0. False if there was no room."""
-        pieces = split_into_pieces(token_ids, [[0, len(token_ids)]], self.namespace)
+        pieces = self._pieces(token_ids, [[0, len(token_ids)]])
         if self.graph.lookup(pieces).prefix_node_ids:
             return True  # already cached at the root
         k, v = self.executor.encode_segment(token_ids)
@@ -37,7 +40,7 @@ class ReferenceSegmentCache:
         """Cache an exactly computed request as a root path (later identical prefixes hit exactly)."""
         if not result.exact:
             raise ValueError("only exactly computed KV may enter the graph as an exact path")
-        pieces = split_into_pieces(input_ids, spans, self.namespace)
+        pieces = self._pieces(input_ids, spans)
         n = len(input_ids)
         return self._insert(pieces, result.kv.k[:, :n], result.kv.v[:, :n])
 
@@ -55,8 +58,15 @@ class ReferenceSegmentCache:
             self.pool.allocator.free(leftover)
         return all(nid is not None for nid in outcome.node_ids)
 
+    def _pieces(self, token_ids: Sequence[int], spans: object) -> list[Piece]:
+        pieces = split_into_pieces(token_ids, spans, self.namespace, self.gap_block)
+        if self.gap_block is None:
+            return pieces
+        return self.graph.align(pieces, lambda start, end: make_piece(token_ids, start, end, self.namespace,
+                                                                     reusable=False))
+
     def plan(self, input_ids: Sequence[int], spans: object) -> LookupPlan:
-        return self.graph.lookup(split_into_pieces(input_ids, spans, self.namespace))
+        return self.graph.lookup(self._pieces(input_ids, spans))
 
     def prefill(self, input_ids: Sequence[int], spans: object, config: HybridConfig,
                 extra_capacity: int = 0) -> PrefillResult:

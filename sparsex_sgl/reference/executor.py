@@ -74,6 +74,8 @@ class PrefillResult:
     n_tokens: int
     stats: PrefillStats
     exact: bool
+    rows: tuple[int, ...] = ()
+    """Positions the last layer computed (all of them for full prefill; left empty there)."""
 
 
 @dataclass(frozen=True)
@@ -343,7 +345,7 @@ class ReferenceExecutor:
             flops=modeled_prefill_flops(dims, rows_per_layer),
         )
         exact = int(sparse.exact_len[0]) == n
-        return PrefillResult(self._logits(h[-1]), kv, n, stats, exact)
+        return PrefillResult(self._logits(h[-1]), kv, n, stats, exact, tuple(row_list))
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()

@@ -33,7 +33,14 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 
 from sparsex_sgl.errors import InvalidSegmentsError, SegmentHashCollisionError
 from sparsex_sgl.graph import NodeId, SegmentGraph, segments_it_caches
-from sparsex_sgl.protocol import NAMESPACE_KEY, RATIO_KEY, SPANS_KEY, parse_ratio, parse_spans
+from sparsex_sgl.protocol import (
+    APPROXIMATE_LOGPROBS_KEY,
+    NAMESPACE_KEY,
+    RATIO_KEY,
+    SPANS_KEY,
+    parse_ratio,
+    parse_spans,
+)
 from sparsex_sgl.segments import Piece, auto_spans, cut_gap, make_piece, split_into_pieces, validate_spans
 from sparsex_sgl.sglang.runtime import GAP_BLOCK, RequestOutcome, RequestPlan, SparseXRuntime
 
@@ -126,6 +133,8 @@ class SegmentGraphCache(BasePrefixCache):
                 if spans:
                     pieces = self._pieces(token_ids, spans, key_ns)
             plan = self.graph.lookup(pieces)
+            if plan.reused and not reason and self._too_long_for_one_step(plan.n_tokens - plan.prefix_len):
+                reason = "extend_longer_than_chunks"
         except SegmentHashCollisionError as exc:
             self.runtime.fallback("hash_collision", str(exc))
             self.runtime.plans.pop(rid, None)
@@ -154,11 +163,21 @@ class SegmentGraphCache(BasePrefixCache):
         hit = self.graph.cached_path_length(pieces)
         return [s for s in auto_spans(prompt_ids, self.runtime.config.auto_segment_tokens) if s[0] >= hit]
 
+    def _too_long_for_one_step(self, extend: int) -> bool:
+        """A reuse prefill runs its extend in one step (plugin ``_admit``); past ``max_extend_tokens`` the
+        request is chunked as on stock SGLang, with exact prefix reuse."""
+        limit = self.runtime.max_extend_tokens
+        return limit is not None and extend > limit
+
     def _no_reuse_reason(self, req: object) -> str:
         if self.runtime.disabled_reason:
             return "unsupported_model"
         if getattr(req, "return_logprob", False):
-            return "logprobs_requested"
+            custom = getattr(getattr(req, "sampling_params", None), "custom_params", None) or {}
+            start = getattr(req, "logprob_start_len", -1)
+            prompt_rows = 0 <= start < len(req.origin_input_ids)  # type: ignore[attr-defined]
+            if prompt_rows or custom.get(APPROXIMATE_LOGPROBS_KEY) is not True:
+                return "logprobs_requested"
         if getattr(req, "return_hidden_states", False):
             return "hidden_states_requested"
         if getattr(req, "multimodal_inputs", None) is not None:
@@ -195,6 +214,9 @@ class SegmentGraphCache(BasePrefixCache):
             return
         entry = self.runtime.plans.get(rid)
         outcome = self.runtime.outcomes.get(rid)
+        if outcome is not None:
+            outcome.settle()
+        self.runtime.landed(rid)
         pieces = self._cut_to_cache(req, token_ids, entry)
         if not pieces:
             return
@@ -252,7 +274,9 @@ class SegmentGraphCache(BasePrefixCache):
         rid = req.rid  # type: ignore[attr-defined]
         entry = self.runtime.plans.pop(rid, None)
         outcome = self.runtime.outcomes.pop(rid, None)
+        self.runtime.landed(rid)
         if outcome is not None:
+            outcome.settle()
             self.runtime.record(outcome, had_segments=bool(entry and entry.spans),
                                 auto_segmented=bool(entry and entry.auto_segmented))
             logger.debug("SparseX request %s: %s", rid, outcome)
@@ -282,6 +306,7 @@ class SegmentGraphCache(BasePrefixCache):
         self.graph.reset()
         self.runtime.plans.clear()
         self.runtime.outcomes.clear()
+        self.runtime.in_flight.clear()
 
     def pretty_print(self) -> None:
         logger.info("SegmentGraphCache: %d nodes, %d tokens (%d protected)", len(self.graph),

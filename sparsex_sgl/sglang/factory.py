@@ -24,6 +24,10 @@ from sparsex_sgl.sglang.cache import SegmentGraphCache
 
 logger = logging.getLogger("sparsex_sgl")
 
+CHUNKS_PER_REUSE_STEP = 4
+"""A request with reuse runs its whole extend in one step, up to this many prefill chunks
+(``--chunked-prefill-size``); longer ones are chunked with exact prefix reuse only."""
+
 def config_of(server_args: Any) -> HybridConfig:
     values = getattr(server_args, "_sparsex_config", None)
     if values is None:
@@ -58,7 +62,11 @@ def build(ctx: Any) -> SegmentGraphCache:
     pool = model_runner.token_to_kv_pool
     if not reason and type(pool).__name__ != "MHATokenToKVPool":
         reason = f"KV pool {type(pool).__name__} (only an unquantized MHATokenToKVPool is supported)"
-    state = runtime.SparseXRuntime(config, rope, num_layers)
+    device = torch.device(model_runner.device)
+    kernels = config.kernels if config.kernels != "auto" else ("triton" if device.type == "cuda" else "torch")
+    chunk = getattr(ctx.server_args, "chunked_prefill_size", None)
+    max_extend = CHUNKS_PER_REUSE_STEP * chunk if chunk is not None and chunk > 0 else None
+    state = runtime.SparseXRuntime(config, rope, num_layers, kernels=kernels, max_extend_tokens=max_extend)
     if not reason:
         reason = model_hook.install(model_runner.model, model_runner, state)
     state.disabled_reason = reason
@@ -67,4 +75,4 @@ def build(ctx: Any) -> SegmentGraphCache:
         logger.warning("SparseX is off for this model (%s); requests get exact prefix caching only", reason)
     else:
         logger.info("SparseX on: %s, %d layers", config, num_layers)
-    return SegmentGraphCache(ctx.params, state, torch.device(model_runner.device))
+    return SegmentGraphCache(ctx.params, state, device)

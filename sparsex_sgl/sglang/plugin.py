@@ -6,11 +6,14 @@ and attention backends, adds the launch flags, and hooks a few SGLang methods th
 ``HookRegistry``. Every hook is a no-op unless ``--enable-sparsex`` (or ``enable_sparsex=True``) was
 given, except the CPU shim, which ``--device cpu`` switches on for stock SGLang too.
 
-Flags: ``--enable-sparsex`` expands to ``--radix-cache-backend sparsex
---prefill-attention-backend sparsex`` with chunked prefill and the overlap scheduler off (the sparse
-path needs each prompt in one extend step, planned and run in order). ``--sparsex-config PATH`` reads a
-YAML preset (configs/), and ``--sparsex-recompute-ratio`` / ``--sparsex-full-layers`` /
-``--sparsex-selection`` / ``--sparsex-auto-segment`` override it.
+Flags: ``--enable-sparsex`` expands to ``--radix-cache-backend sparsex --prefill-attention-backend
+sparsex``; the ``sparsex`` prefill backend wraps the prefill backend SGLang would have used (its
+``--prefill-attention-backend``, else the decode one). Chunked prefill and the overlap scheduler stay on:
+a request that reuses segments runs in one extend step (``_admit``), every other request is chunked as on
+stock SGLang, and prefill CUDA graphs are refused for batches that carry a SparseX plan
+(``_refuse_prefill_graph``). ``--sparsex-config PATH`` reads a YAML preset (configs/), and
+``--sparsex-recompute-ratio`` / ``--sparsex-full-layers`` / ``--sparsex-selection`` /
+``--sparsex-auto-segment`` / ``--sparsex-kernels`` override it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from sparsex_sgl.hybrid import HybridConfig
+from sparsex_sgl.hybrid import KERNEL_CHOICES, HybridConfig
 from sparsex_sgl.sglang.runtime import CONFIG_ENV
 
 logger = logging.getLogger("sparsex_sgl")
@@ -31,7 +34,7 @@ logger = logging.getLogger("sparsex_sgl")
 NAME = "sparsex"
 CPU_SHIM_ENV = "SPARSEX_SGL_CPU_SHIM"
 OPTIONS = ("enable_sparsex", "sparsex_config", "sparsex_recompute_ratio", "sparsex_full_layers", "sparsex_selection",
-           "sparsex_auto_segment")
+           "sparsex_auto_segment", "sparsex_kernels")
 STATS_ROUTE = "/sparsex/stats"
 
 
@@ -58,6 +61,8 @@ def register() -> None:
         ("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
          _add_internal_state, HookType.AFTER),
         ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", _admit, HookType.AROUND),
+        ("sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph",
+         _refuse_prefill_graph, HookType.AROUND),
     ]
     for target, hook, kind in hooks:
         HookRegistry.register(target, hook, kind)
@@ -73,9 +78,18 @@ def enabled() -> bool:
 
 # ---------------------------------------------------------------------- backends
 def _create_attention_backend(model_runner: Any) -> Any:
-    from sparsex_sgl.sglang.attention import create
+    """The ``sparsex`` prefill backend around the one SGLang would have built (``HybridConfig.prefill_backend``,
+    else the decode backend SGLang resolved)."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.runtime_context import attention_backends
 
-    return create(model_runner)
+    from sparsex_sgl.sglang.attention import SparseXAttnBackend
+    from sparsex_sgl.sglang.factory import config_of
+
+    inner = config_of(getattr(model_runner, "server_args", None)).prefill_backend or attention_backends()[1]
+    if inner == NAME or inner not in ATTENTION_BACKENDS:
+        raise ValueError(f"--enable-sparsex wraps a stock prefill attention backend, got {inner!r}")
+    return SparseXAttnBackend(ATTENTION_BACKENDS[inner](model_runner), model_runner)
 
 
 def _create_tree_cache(ctx: Any) -> Any:
@@ -107,6 +121,9 @@ def _add_cli_args(original: Any, parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sparsex-auto-segment", type=int, default=None, metavar="TOKENS",
                        help="Find segments of about TOKENS tokens in requests without segment data (content-"
                             "defined chunking after the prefix hit); 0 (default): such requests are exact.")
+    group.add_argument("--sparsex-kernels", type=str, default=None, choices=KERNEL_CHOICES,
+                       help="Ops of the sparse layers: auto (default: Triton on CUDA, torch on the CPU), triton, "
+                            "torch.")
 
 
 def resolve_config(options: dict[str, Any]) -> HybridConfig:
@@ -114,22 +131,26 @@ def resolve_config(options: dict[str, Any]) -> HybridConfig:
     base = HybridConfig.from_yaml(options["sparsex_config"]) if options.get("sparsex_config") else HybridConfig()
     values = asdict(base)
     for key, field_name in (("sparsex_recompute_ratio", "recompute_ratio"), ("sparsex_full_layers", "full_layers"),
-                            ("sparsex_selection", "selection"), ("sparsex_auto_segment", "auto_segment_tokens")):
+                            ("sparsex_selection", "selection"), ("sparsex_auto_segment", "auto_segment_tokens"),
+                            ("sparsex_kernels", "kernels")):
         if options.get(key) is not None:
             values[field_name] = options[key]
     return HybridConfig.from_mapping(values)
 
 
-def _sparsex_defaults(values: dict[str, Any]) -> dict[str, Any]:
-    """Server-arg settings implied by --enable-sparsex; a conflicting explicit choice is an error."""
+def _sparsex_defaults(values: dict[str, Any], config: HybridConfig) -> tuple[dict[str, Any], HybridConfig]:
+    """Server-arg settings implied by --enable-sparsex, and the config with the prefill backend it wraps (an
+    explicit ``--prefill-attention-backend``); a conflicting explicit choice is an error."""
     if values.get("radix_cache_backend") not in (None, NAME):
         raise ValueError(f"--enable-sparsex sets --radix-cache-backend {NAME}; got {values['radix_cache_backend']!r}")
     if values.get("disable_radix_cache"):
         raise ValueError("--enable-sparsex needs the radix cache; drop --disable-radix-cache")
-    implied: dict[str, Any] = {"radix_cache_backend": NAME, "disable_overlap_schedule": True, "chunked_prefill_size": -1}
-    if values.get("prefill_attention_backend") in (None, NAME):
-        implied["prefill_attention_backend"] = NAME
-    return implied
+    if values.get("attention_backend") == NAME:
+        raise ValueError(f"--attention-backend {NAME} is set by --enable-sparsex for prefill only; drop it")
+    chosen = values.get("prefill_attention_backend")
+    if chosen not in (None, NAME):
+        config = HybridConfig.from_mapping({**asdict(config), "prefill_backend": chosen})
+    return {"radix_cache_backend": NAME, "prefill_attention_backend": NAME}, config
 
 
 def _export(server_args: Any, config: HybridConfig | None) -> None:
@@ -147,8 +168,8 @@ def _from_cli_args(original: Any, cls: Any, args: argparse.Namespace) -> Any:
     config = None
     if options["enable_sparsex"]:
         try:
-            config = resolve_config(options)
-            for key, value in _sparsex_defaults(vars(args)).items():
+            implied, config = _sparsex_defaults(vars(args), resolve_config(options))
+            for key, value in implied.items():
                 setattr(args, key, value)
         except ValueError as exc:
             raise SystemExit(f"sparsex_sgl: {exc}") from exc
@@ -181,8 +202,8 @@ def _patch_engine_kwargs() -> None:
         options = {k: kwargs.pop(k) for k in OPTIONS if k in kwargs}
         config = None
         if options.get("enable_sparsex"):
-            config = resolve_config(options)
-            kwargs.update(_sparsex_defaults(kwargs))
+            implied, config = _sparsex_defaults(kwargs, resolve_config(options))
+            kwargs.update(implied)
         elif options:
             raise ValueError("sparsex_* options need enable_sparsex=True")
         server_args = base(**kwargs)
@@ -228,20 +249,55 @@ def _segment_text(self: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def _admit(original: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
-    """Defer a request whose segments a request already in this prefill batch will cache
-    (``SparseXRuntime.should_defer``): the SparseX counterpart of SGLang's in-batch prefix caching.
+    """Admission of one waiting request to the prefill batch being built (``PrefillAdder``).
 
-    ``CONTINUE`` without adding the request is what SGLang's admission loop already does for a request it
-    skips (LoRA): the loop goes on with the next waiting request, and this one stays queued, in order.
+    - **Deferral** (``SparseXRuntime.should_defer``): a request whose segments a request in this batch, or
+      in the batch still running, will cache waits for them; ``CONTINUE`` without adding it is what SGLang's
+      loop already does for a request it skips (LoRA), and the request stays queued, in order.
+    - **Chunked prefill**: a request that reuses segments needs its whole extend in one step (the sparse
+      layers read every reused token's re-aligned KV). Where the chunk budget left would cut it, it is
+      admitted whole as the first request of a batch, which then takes no more requests (its budget set
+      to 0), or, behind other requests, it closes the batch and leads the next one. Requests without a
+      plan are chunked as on stock SGLang. ``SegmentGraphCache`` plans no reuse for an extend longer than
+      ``max_extend_tokens`` (4 chunks), so one step stays bounded.
     """
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
     from sparsex_sgl.sglang.runtime import current
 
     runtime = current()
-    if runtime is not None and runtime.should_defer(req.rid, [r.rid for r in self.can_run_list]):
-        from sglang.srt.managers.schedule_policy import AddReqResult
-
+    if runtime is None:
+        return original(self, req, *args, **kwargs)
+    if runtime.should_defer(req.rid, [r.rid for r in self.can_run_list]):
         return AddReqResult.CONTINUE
-    return original(self, req, *args, **kwargs)
+    entry = runtime.plans.get(req.rid)
+    budget = self.rem_chunk_tokens
+    whole = entry is not None and entry.plan.reused and budget is not None and \
+        entry.plan.n_tokens - entry.plan.prefix_len > budget
+    if not whole:
+        result = original(self, req, *args, **kwargs)
+    elif self.can_run_list:
+        return AddReqResult.OTHER
+    else:
+        self.rem_chunk_tokens = None  # chunked prefill off for this one admission
+        try:
+            result = original(self, req, *args, **kwargs)
+        finally:
+            self.rem_chunk_tokens = 0 if req in self.can_run_list else budget
+    if req in self.can_run_list:
+        runtime.admitted(req.rid)
+    return result
+
+
+def _refuse_prefill_graph(original: Any, self: Any, forward_batch: Any) -> bool:
+    """No prefill CUDA graph for a batch that carries a SparseX plan: its sparse layers change the row
+    count mid-forward, which a captured graph cannot follow. Other batches keep SGLang's choice."""
+    from sparsex_sgl.sglang.runtime import current
+
+    runtime = current()
+    if runtime is not None and runtime.has_reuse(forward_batch.rids or ()):
+        return False
+    return bool(original(self, forward_batch))
 
 
 def _add_details(result: Any, self: Any, req: Any) -> Any:
@@ -250,6 +306,7 @@ def _add_details(result: Any, self: Any, req: Any) -> Any:
     if outcome is None:
         return result
     details = dict(result) if result else {"device": req.cached_tokens, "host": 0}
+    outcome.settle()  # the batch's results are out, so its device values are ready
     details.update(outcome.as_details())
     return details
 

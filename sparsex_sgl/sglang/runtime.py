@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import logging
 import threading
+import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
 
 from sparsex_sgl.graph import LookupPlan
 from sparsex_sgl.hybrid import HybridConfig
 from sparsex_sgl.rope import RopeConfig
 from sparsex_sgl.segments import Piece, SegmentHash
+from sparsex_sgl.sparse_extend import Kernels
 
 logger = logging.getLogger("sparsex_sgl")
 
 CONFIG_ENV = "SPARSEX_SGL_CONFIG"
 """JSON of the HybridConfig, exported by the launcher; its scheduler processes inherit it."""
 
+MAX_DEFERRALS = 4
+"""Batches a request may wait for segments that other requests are computing (bounded, so it always runs)."""
 GAP_BLOCK = 16
 """Gap pieces, and the tokens a request decodes, are cached in blocks of this many tokens
 (``segments.split_into_pieces``)."""
@@ -60,6 +67,33 @@ class RequestOutcome:
     computed: int = 0
     exact_len: int = 0
     fallback: str = ""
+    rows_crc32: int = 0
+    """CRC-32 of the positions the sparse layers computed (int32, ascending): lets a client or a test check
+    which rows ran without shipping them; 0 when no sparse forward ran."""
+    pending_exact_len: torch.Tensor | None = None
+    """The sparse forward's exact length (``SparseExtendPlan.exact_len``), still on the device: read at
+    the checkpoint (``settle``), after the batch's results, so the forward never waits for it."""
+
+    pending_rows: torch.Tensor | None = None
+    """The positions the sparse layers computed, on the device until ``settle``."""
+
+    def settle(self) -> None:
+        """Fold the forward's results in (a few small reads, once, after the batch has finished)."""
+        if self.pending_exact_len is not None:
+            self.exact_len = min(self.exact_len, int(self.pending_exact_len))
+            self.pending_exact_len = None
+        if self.pending_rows is not None:
+            self.rows_crc32 = zlib.crc32(self.pending_rows.to("cpu", torch.int32).numpy().tobytes())
+            self.pending_rows = None
+
+    def mark_exact(self, fallback: str) -> None:
+        """The batch fell back to full prefill: everything above the prefix was computed exactly."""
+        self.reused = self.recomputed = 0
+        self.computed = self.prompt - self.prefix
+        self.exact_len = self.exact_bound
+        self.pending_exact_len = self.pending_rows = None
+        self.rows_crc32 = 0
+        self.fallback = fallback
 
     @property
     def exact_bound(self) -> int:
@@ -69,7 +103,8 @@ class RequestOutcome:
 
     def as_details(self) -> dict[str, int | str]:
         """The ``meta_info.cached_tokens_details`` entries (ints and strings only, as SGLang types them)."""
-        return {f"sparsex_{k}": v for k, v in asdict(self).items() if k != "exact_len"}
+        return {f"sparsex_{f.name}": getattr(self, f.name) for f in fields(self)
+                if f.name not in ("exact_len", "pending_exact_len", "pending_rows")}
 
 
 @dataclass
@@ -95,13 +130,20 @@ class Counters:
 class SparseXRuntime:
     """The shared state; one per scheduler process (see ``current``)."""
 
-    def __init__(self, config: HybridConfig, rope: RopeConfig | None, num_layers: int, disabled_reason: str = "") -> None:
+    def __init__(self, config: HybridConfig, rope: RopeConfig | None, num_layers: int, disabled_reason: str = "",
+                 kernels: Kernels = "torch", max_extend_tokens: int | None = None) -> None:
         self.config = config
         self.rope = rope
         self.num_layers = num_layers
         self.disabled_reason = disabled_reason
+        self.kernels: Kernels = kernels
+        self.max_extend_tokens = max_extend_tokens
+        """Longest extend a request with reuse may run in one step (None: no chunked prefill to respect)."""
         self.plans: dict[str, RequestPlan] = {}
         self.outcomes: dict[str, RequestOutcome] = {}
+        self.in_flight: dict[str, frozenset[SegmentHash]] = {}
+        """Admitted requests whose prefill has not been cached yet, and the segments they will cache."""
+        self.deferrals: Counter[str] = Counter()
         self.counters = Counters()
         self._logged: set[str] = set()
         self._lock = threading.Lock()
@@ -121,22 +163,40 @@ class SparseXRuntime:
                            reason, f": {detail}" if detail else "")
 
     def should_defer(self, rid: str, admitted: list[str]) -> bool:
-        """Whether request ``rid`` should wait for the next prefill batch: a request already admitted to
-        this one computes, and will cache, a segment that ``rid`` would otherwise compute again.
+        """Whether request ``rid`` should wait for a later prefill batch: a request already admitted to this
+        batch, or to the one still running (overlap scheduling plans a batch before the last one is
+        cached), computes and will cache a segment that ``rid`` would otherwise compute again.
 
         Under a burst (many requests queued while a forward runs) the repeats of a segment otherwise land in
-        the batch of its first appearance and all compute it in full; waiting one batch turns them into
-        reuse. The first request of a batch is never deferred, so every batch makes progress."""
+        the batch of its first appearance and all compute it in full; waiting turns them into reuse. The
+        first request of a batch is never deferred for a request of the same batch, and no request waits
+        more than ``MAX_DEFERRALS`` times, so every request runs."""
         entry = self.plans.get(rid)
-        if entry is None or not entry.caches or not admitted:
+        if entry is None or not entry.caches or self.deferrals[rid] >= MAX_DEFERRALS:
             return False
-        for other in admitted:
-            earlier = self.plans.get(other)
-            if earlier is not None and not entry.caches.isdisjoint(earlier.caches):
-                with self._lock:
-                    self.counters.deferred_admissions += 1
-                return True
-        return False
+        earlier = [self.plans[other].caches for other in admitted if other in self.plans]
+        earlier += [caches for other, caches in self.in_flight.items() if other != rid]
+        if all(entry.caches.isdisjoint(caches) for caches in earlier):
+            return False
+        with self._lock:
+            self.counters.deferred_admissions += 1
+            self.deferrals[rid] += 1
+        return True
+
+    def admitted(self, rid: str) -> None:
+        """``rid`` joined a prefill batch: until its checkpoint, its segments are in flight."""
+        entry = self.plans.get(rid)
+        if entry is not None and entry.caches:
+            self.in_flight[rid] = entry.caches
+
+    def landed(self, rid: str) -> None:
+        """``rid``'s prefill was cached (or it left): its segments are no longer in flight."""
+        self.in_flight.pop(rid, None)
+        self.deferrals.pop(rid, None)
+
+    def has_reuse(self, rids: Iterable[str]) -> bool:
+        """Whether any of these requests is planned to reuse a segment (its batch runs sparse)."""
+        return any((entry := self.plans.get(rid)) is not None and bool(entry.plan.reused) for rid in rids)
 
     def record(self, outcome: RequestOutcome, had_segments: bool, auto_segmented: bool = False) -> None:
         c = self.counters
