@@ -117,6 +117,16 @@ def segments_it_caches(pieces: Sequence[Piece], plan: LookupPlan) -> frozenset[S
     return frozenset(p.key for p in pieces if p.reusable and p.start >= plan.prefix_len and p.end <= first_reused)
 
 
+def segments_it_computes(pieces: Sequence[Piece], plan: LookupPlan) -> frozenset[SegmentHash]:
+    """Keys of the segments a request computes under ``plan``: those neither in its prefix hit nor reused.
+
+    A request should wait for a segment another admitted request is about to cache only if it would
+    otherwise compute that segment itself (``SparseXRuntime.should_defer``).
+    """
+    reused = {r.target_start for r in plan.reused}
+    return frozenset(p.key for p in pieces if p.reusable and p.start >= plan.prefix_len and p.start not in reused)
+
+
 @dataclass(frozen=True)
 class InsertResult:
     """Per piece: the node now holding it, and whether the caller's slots were adopted.

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sparsex_sgl.errors import SegmentHashCollisionError
-from sparsex_sgl.graph import SegmentGraph, segments_it_caches
+from sparsex_sgl.graph import SegmentGraph, segments_it_caches, segments_it_computes
 from sparsex_sgl.reference.pool import FreeListAllocator
 from sparsex_sgl.segments import Piece, SegmentHash, cut_gap, make_piece, split_into_pieces
 
@@ -88,11 +88,85 @@ def test_a_request_waits_only_for_segments_an_admitted_request_caches() -> None:
     for rid, parts in (("ab", (A, B, Q1)), ("ba", (B, A, Q2)), ("c", (C, Q1))):
         pieces = split_into_pieces(*prompt(*parts))
         plan = graph.lookup(pieces)
-        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), "", 0.15, segments_it_caches(pieces, plan))
+        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), "", 0.15, segments_it_caches(pieces, plan),
+                                         segments_it_computes(pieces, plan))
     assert not runtime.should_defer("ab", [])  # the first request of a batch
     assert runtime.should_defer("ba", ["ab"]) and runtime.should_defer("ba", ["c", "ab"])
     assert not runtime.should_defer("c", ["ab", "ba"]) and not runtime.should_defer("unplanned", ["ab"])
     assert runtime.counters.deferred_admissions == 2
+
+
+def test_a_request_waits_for_segments_in_flight_but_not_forever() -> None:
+    """Under overlap scheduling a batch is planned before the previous one is cached: a request whose
+    segments an admitted request of that earlier batch computes waits until it has landed (its whole
+    prompt checkpointed, or it left), even as the first of its batch, and at most MAX_DEFERRALS times."""
+    from sparsex_sgl.hybrid import HybridConfig
+    from sparsex_sgl.sglang.runtime import MAX_DEFERRALS, RequestPlan, SparseXRuntime
+
+    runtime = SparseXRuntime(HybridConfig(), None, num_layers=4)
+    graph = SegmentGraph(FreeListAllocator(64), max_tokens=63)
+    for rid, parts in (("ab", (A, B, Q1)), ("ba", (B, A, Q2)), ("c", (C, Q1))):
+        pieces = split_into_pieces(*prompt(*parts))
+        plan = graph.lookup(pieces)
+        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), "", 0.15, segments_it_caches(pieces, plan),
+                                         segments_it_computes(pieces, plan))
+    runtime.admitted("ab")
+    assert runtime.should_defer("ba", []) and not runtime.should_defer("c", [])
+    runtime.landed("ab")
+    assert not runtime.should_defer("ba", [])
+    runtime.admitted("ab")  # admitted again and never landing (a leak): "ba" still runs eventually
+    waits = 0
+    while runtime.should_defer("ba", []):
+        waits += 1
+    assert waits == MAX_DEFERRALS - 1  # one wait was spent above
+
+
+def test_a_request_waits_for_a_segment_it_computes_after_a_reused_one() -> None:
+    """A request whose first segment is reused computes, but does not cache, the segments after it; it
+    still waits for an in-flight request that caches one of them (a chunked prefill caches its segments
+    chunk by chunk, so a later request can find the first ones cached and the rest still coming)."""
+    from sparsex_sgl.hybrid import HybridConfig
+    from sparsex_sgl.sglang.runtime import RequestPlan, SparseXRuntime
+
+    runtime = SparseXRuntime(HybridConfig(), None, num_layers=4)
+    graph = SegmentGraph(FreeListAllocator(64), max_tokens=63)
+    cache_alone(graph, A)
+    x_pieces = split_into_pieces(*prompt(C, B, Q1))
+    y_pieces = split_into_pieces(Q2 + A + B + Q1, [[1, 5], [5, 8]])  # a gap, then A (cached alone), then B
+    for rid, pieces in (("x", x_pieces), ("y", y_pieces)):
+        plan = graph.lookup(pieces)
+        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), "", 0.15, segments_it_caches(pieces, plan),
+                                         segments_it_computes(pieces, plan))
+    y = runtime.plans["y"]
+    assert [r.target_start for r in y.plan.reused] == [1] and not y.caches and len(y.computes) == 1
+    assert not runtime.should_defer("y", [])
+    runtime.admitted("x")  # x computes and caches C and B
+    assert runtime.should_defer("y", [])
+
+
+def test_prefill_cuda_graph_is_refused_only_for_batches_with_reuse() -> None:
+    from types import SimpleNamespace
+
+    from sparsex_sgl.graph import LookupPlan, ReusedSegment
+    from sparsex_sgl.hybrid import HybridConfig
+    from sparsex_sgl.sglang import runtime as runtime_module
+    from sparsex_sgl.sglang.plugin import _refuse_prefill_graph
+
+    state = runtime_module.SparseXRuntime(HybridConfig(), None, num_layers=4)
+    reuse = LookupPlan(8, 0, (), (), (ReusedSegment(1, 0, 2, 4, (5, 6, 7, 8)),), (0, 1, 6, 7), 2)
+    plain = LookupPlan(8, 4, (1,), (5, 6, 7, 8), (), (4, 5, 6, 7), 4)
+    state.plans["r"] = runtime_module.RequestPlan(reuse, (), (), "", 0.15)
+    state.plans["p"] = runtime_module.RequestPlan(plain, (), (), "", 0.15)
+    runtime_module.install(state)
+    try:
+        def stock_says_yes(self: object, fb: object) -> bool:
+            return True
+
+        assert _refuse_prefill_graph(stock_says_yes, None, SimpleNamespace(rids=["p", "r"])) is False
+        assert _refuse_prefill_graph(stock_says_yes, None, SimpleNamespace(rids=["p", "x"])) is True
+        assert _refuse_prefill_graph(stock_says_yes, None, SimpleNamespace(rids=None)) is True
+    finally:
+        runtime_module.install(None)
 
 
 def test_segment_cached_after_the_same_predecessor_is_preferred() -> None:

@@ -287,6 +287,28 @@ def test_next_round_is_a_blended_prefix_hit_and_an_exact_request_replaces_it(
     assert stats(sparsex)["blended_prefix_tokens"] >= int(hit["blended_prefix"])
 
 
+def test_reuse_longer_than_four_chunks_runs_chunked_and_exact(servers: tuple[Server, Server], prompts: list) -> None:
+    """Reuse runs a request's extend in one step, bounded at 4 prefill chunks (2,048 tokens here): a longer
+    one is planned without reuse, chunked as on stock SGLang and exact (counted once, by its reason)."""
+    stock, sparsex = servers
+
+    def joined(order: int) -> SegmentedPrompt:
+        a, b = prompts[0][order], prompts[1][order]
+        shift = len(a.input_ids)
+        return SegmentedPrompt(a.input_ids + b.input_ids, a.spans + tuple((s + shift, e + shift) for s, e in b.spans),
+                               a.head_len)
+
+    first, second = joined(0), joined(1)
+    assert len(second.input_ids) > 2048
+    assert flush_cache(sparsex.url)
+    generate(sparsex, first)  # caches every paragraph
+    before = stats(sparsex)["fallbacks"].get("extend_longer_than_chunks", 0)
+    reply = generate(sparsex, second)
+    assert reuse_counts(reply["meta_info"])["reused"] == 0
+    assert stats(sparsex)["fallbacks"].get("extend_longer_than_chunks", 0) == before + 1
+    assert reply["output_ids"] == generate(stock, second, segments=False)["output_ids"]
+
+
 def test_memory_is_accounted_evicted_and_returned(servers: tuple[Server, Server], prompts: list) -> None:
     _, sparsex = servers
     start = stats(sparsex)

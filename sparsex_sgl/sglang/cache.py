@@ -32,7 +32,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 
 from sparsex_sgl.errors import InvalidSegmentsError, SegmentHashCollisionError
-from sparsex_sgl.graph import NodeId, SegmentGraph, segments_it_caches
+from sparsex_sgl.graph import NodeId, SegmentGraph, segments_it_caches, segments_it_computes
 from sparsex_sgl.protocol import (
     APPROXIMATE_LOGPROBS_KEY,
     NAMESPACE_KEY,
@@ -146,7 +146,8 @@ class SegmentGraphCache(BasePrefixCache):
         if (plan.reused and (reason or len(token_ids) != n_prompt)) or plan.prefix_len > limit:
             plan = self.graph.prefix_only(plan, min(plan.prefix_len, limit))
         self.runtime.plans[rid] = RequestPlan(plan, tuple(pieces), tuple(spans), namespace, ratio,
-                                              segments_it_caches(pieces, plan), auto_segmented)
+                                              segments_it_caches(pieces, plan), segments_it_computes(pieces, plan),
+                                              auto_segmented)
         n = plan.n_tokens
         outcome = RequestOutcome(prompt=n, prefix=plan.prefix_len, blended_prefix=plan.prefix_len - plan.exact_prefix_len,
                                  computed=n - plan.prefix_len)
@@ -216,7 +217,8 @@ class SegmentGraphCache(BasePrefixCache):
         outcome = self.runtime.outcomes.get(rid)
         if outcome is not None:
             outcome.settle()
-        self.runtime.landed(rid)
+        if up_to >= len(req.origin_input_ids):  # type: ignore[attr-defined]
+            self.runtime.landed(rid)  # its whole prompt is cached now (a chunk's checkpoint is not enough)
         pieces = self._cut_to_cache(req, token_ids, entry)
         if not pieces:
             return

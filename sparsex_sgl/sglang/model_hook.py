@@ -38,14 +38,15 @@ SUPPORTED_MODELS = ("LlamaModel", "Qwen2Model", "Qwen3Model")
 class SparseXForward:
     """Replaces ``decoder.forward`` on one model instance."""
 
-    def __init__(self, decoder: torch.nn.Module, model_runner: Any, runtime: SparseXRuntime) -> None:
+    def __init__(self, decoder: torch.nn.Module, model_runner: Any, runtime: SparseXRuntime,
+                 heads: tuple[int, int]) -> None:
         self.decoder = decoder
         self.original: Callable[..., Any] = decoder.forward
         self.runtime = runtime
         self.pool = model_runner.token_to_kv_pool
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
-        attn = decoder.layers[decoder.start_layer].self_attn.attn
-        self.heads = (attn.tp_q_head_num, attn.tp_k_head_num)
+        self.heads = heads
+        """Query and KV heads of this rank's attention layers (the Triton tiles pack a GQA group)."""
 
     def __call__(self, input_ids, positions, forward_batch, input_embeds=None, pp_proxy_tensors=None, **kwargs):  # type: ignore[no-untyped-def]
         if (
@@ -171,5 +172,8 @@ def install(model: torch.nn.Module, model_runner: Any, runtime: SparseXRuntime) 
         return "pipeline parallelism is not supported"
     if decoder.layers_to_capture:
         return "auxiliary hidden-state capture (speculative decoding) is not supported"
-    decoder.forward = SparseXForward(decoder, model_runner, runtime)
+    attn = getattr(getattr(decoder.layers[decoder.start_layer], "self_attn", None), "attn", None)
+    if attn is None:
+        return f"decoder {name} has no RadixAttention at layers[i].self_attn.attn"
+    decoder.forward = SparseXForward(decoder, model_runner, runtime, (attn.tp_q_head_num, attn.tp_k_head_num))
     return ""

@@ -28,8 +28,9 @@ logger = logging.getLogger("sparsex_sgl")
 CONFIG_ENV = "SPARSEX_SGL_CONFIG"
 """JSON of the HybridConfig, exported by the launcher; its scheduler processes inherit it."""
 
-MAX_DEFERRALS = 4
-"""Batches a request may wait for segments that other requests are computing (bounded, so it always runs)."""
+MAX_DEFERRALS = 32
+"""Admission rounds a request may wait for segments that other requests are computing (a request being
+prefilled in chunks spans several rounds); bounded, so every request runs."""
 GAP_BLOCK = 16
 """Gap pieces, and the tokens a request decodes, are cached in blocks of this many tokens
 (``segments.split_into_pieces``)."""
@@ -47,6 +48,8 @@ class RequestPlan:
     recompute_ratio: float
     caches: frozenset[SegmentHash] = frozenset()
     """The segments this request will compute exactly and cache (``graph.segments_it_caches``)."""
+    computes: frozenset[SegmentHash] = frozenset()
+    """The segments it computes rather than reuses (``graph.segments_it_computes``): what it may wait for."""
     auto_segmented: bool = False
     """Its spans were found by ``segments.auto_spans``, not sent by the client."""
 
@@ -164,19 +167,20 @@ class SparseXRuntime:
 
     def should_defer(self, rid: str, admitted: list[str]) -> bool:
         """Whether request ``rid`` should wait for a later prefill batch: a request already admitted to this
-        batch, or to the one still running (overlap scheduling plans a batch before the last one is
-        cached), computes and will cache a segment that ``rid`` would otherwise compute again.
+        batch, or to one still running (overlap scheduling plans a batch before the last one is cached; a
+        chunked prefill spans several batches), computes and will cache a segment that ``rid`` would
+        otherwise compute again.
 
         Under a burst (many requests queued while a forward runs) the repeats of a segment otherwise land in
         the batch of its first appearance and all compute it in full; waiting turns them into reuse. The
         first request of a batch is never deferred for a request of the same batch, and no request waits
         more than ``MAX_DEFERRALS`` times, so every request runs."""
         entry = self.plans.get(rid)
-        if entry is None or not entry.caches or self.deferrals[rid] >= MAX_DEFERRALS:
+        if entry is None or not entry.computes or self.deferrals[rid] >= MAX_DEFERRALS:
             return False
         earlier = [self.plans[other].caches for other in admitted if other in self.plans]
         earlier += [caches for other, caches in self.in_flight.items() if other != rid]
-        if all(entry.caches.isdisjoint(caches) for caches in earlier):
+        if all(entry.computes.isdisjoint(caches) for caches in earlier):
             return False
         with self._lock:
             self.counters.deferred_admissions += 1
@@ -225,7 +229,7 @@ class SparseXRuntime:
 _current: SparseXRuntime | None = None
 
 
-def install(runtime: SparseXRuntime) -> None:
+def install(runtime: SparseXRuntime | None) -> None:
     global _current
     _current = runtime
 
