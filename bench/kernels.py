@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import triton
-
 from sparsex_sgl.kernels import scattered_query_attention_ref
 from sparsex_sgl.kernels.scattered_attention import KernelConfig, heaviest_first, query_tiles, scattered_query_attention
 
@@ -36,6 +35,8 @@ CONFIGS = (KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 3), KernelConfig(
            KernelConfig(64, 128, 8, 2), KernelConfig(128, 64, 4, 2), KernelConfig(128, 64, 8, 3),
            KernelConfig(128, 128, 8, 2), KernelConfig(256, 64, 8, 2))
 """Launch configs tried per shape; the fastest is reported with its config."""
+MAX_ABS_ERR = 0.05
+"""bf16 outputs of unit-variance random data against the float32 reference (measured: 2.4e-4 to 4.9e-4)."""
 PAGE = 16
 RUN = 64
 D = 128
@@ -107,12 +108,14 @@ class Case:
                 return scattered_query_attention(q, self.k, self.v, pos, [0, m], self.r2t, self.pool, self.lens,
                                                  self.scale, config=config, tiles=tiles)
             try:
-                err = check(run()[0], q, self.k_seq, self.v_seq, pos, self.scale)
-                if err > 0.05:
-                    raise AssertionError(f"config {config}: max abs error {err}")
-                timings[config] = bench(run)
-            except Exception as exc:  # a config may not fit in shared memory or registers
+                out = run()[0]
+            except Exception as exc:  # noqa: BLE001 - a config may not fit in shared memory or registers
                 print(f"  config {config} skipped: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                continue
+            err = check(out, q, self.k_seq, self.v_seq, pos, self.scale)
+            if err > MAX_ABS_ERR:
+                raise AssertionError(f"config {config}: max abs error {err} against the reference")
+            timings[config] = bench(run)
         best = min(timings, key=timings.__getitem__)
         out, _ = scattered_query_attention(q, self.k, self.v, pos, [0, m], self.r2t, self.pool, self.lens, self.scale,
                                            config=best)
@@ -212,8 +215,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     def ratio(x: float | None, base: float) -> str:
         return "n/a" if x is None else f"{x / base:.2f}"
 
-    lines = ["| N | heads q/kv | ratio | dense causal ms | scattered ms (x dense) | custom mask ms (x dense) | "
-             "runs of 64: FlashInfer paged ms (x dense) | runs of 64: scattered ms (x dense) | scattered config |",
+    lines = [("| N | heads q/kv | ratio | dense causal ms | scattered ms (x dense) | custom mask ms (x dense) | "
+              "runs of 64: FlashInfer paged ms (x dense) | runs of 64: scattered ms (x dense) | scattered config |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = r["dense_causal_ms"] if r["dense_causal_ms"] is not None else r["sdpa_causal_ms"]

@@ -79,15 +79,15 @@ def main() -> None:
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": platform.platform(), "runs": runs,
               "median": median, "ratios": ratios}
     (args.out / "results.json").write_text(json.dumps(report, indent=1))
-    lines = [f"SGLang bench_serving, generated-shared-prefix: {args.groups} groups x {args.per_group} requests, "
-             f"system prompt {args.system_len}, question {args.question_len}, output {args.output_len} tokens, "
-             f"concurrency {args.concurrency}; median of {args.rounds} alternating rounds", "",
+    lines = [(f"SGLang bench_serving, generated-shared-prefix: {args.groups} groups x {args.per_group} requests, "
+              f"system prompt {args.system_len}, question {args.question_len}, output {args.output_len} tokens, "
+              f"concurrency {args.concurrency}; median of {args.rounds} alternating rounds"), "",
              "| system | TTFT p50 (ms) | request throughput (req/s) | output throughput (tok/s) |", "|---|---|---|---|"]
     for system, m in median.items():
         lines.append(f"| {system} | {m['median_ttft_ms']:.0f} | {m['request_throughput']:.3f} | "
                      f"{m['output_throughput']:.1f} |")
-    lines += ["", f"SparseX / stock: TTFT p50 {ratios['ttft_p50_sparsex_over_stock']:.3f}, "
-                  f"throughput {ratios['throughput_sparsex_over_stock']:.3f}"]
+    lines += ["", (f"SparseX / stock: TTFT p50 {ratios['ttft_p50_sparsex_over_stock']:.3f}, "
+                   f"throughput {ratios['throughput_sparsex_over_stock']:.3f}")]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

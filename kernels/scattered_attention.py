@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-
 from sparsex_sgl.kernels.tiles import csr_tiles
 
 LOG2E = 1.4426950408889634

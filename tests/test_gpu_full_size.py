@@ -14,9 +14,9 @@ import os
 
 import pytest
 import torch
+from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
 from test_sparse_extend import CONFIGS, make_batch, oracle_rows
 
-from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
 from sparsex_sgl.rope import RopeConfig, delta_rotation_table, realign_keys
 from sparsex_sgl.sparse_extend import SparseExtendPlan
 

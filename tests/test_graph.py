@@ -98,8 +98,9 @@ def test_a_request_waits_only_for_segments_an_admitted_request_caches() -> None:
 
 def test_a_request_waits_for_segments_in_flight_but_not_forever() -> None:
     """Under overlap scheduling a batch is planned before the previous one is cached: a request whose
-    segments an admitted request of that earlier batch computes waits until it has landed (its whole
-    prompt checkpointed, or it left), even as the first of its batch, and at most MAX_DEFERRALS times."""
+    segments a running request of that earlier batch computes waits until it has landed (its whole prompt
+    cached, or it left), even as the first of its batch, at most MAX_DEFERRALS times, and never for a
+    request that is not running (so the scheduler is never left idle)."""
     from sparsex_sgl.hybrid import HybridConfig
     from sparsex_sgl.sglang.runtime import MAX_DEFERRALS, RequestPlan, SparseXRuntime
 
@@ -111,12 +112,13 @@ def test_a_request_waits_for_segments_in_flight_but_not_forever() -> None:
         runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), "", 0.15, segments_it_caches(pieces, plan),
                                          segments_it_computes(pieces, plan))
     runtime.admitted("ab")
-    assert runtime.should_defer("ba", []) and not runtime.should_defer("c", [])
+    assert runtime.should_defer("ba", [], running={"ab"}) and not runtime.should_defer("c", [], running={"ab"})
+    assert not runtime.should_defer("ba", [], running=set())  # "ab" left without landing: nothing to wait for
     runtime.landed("ab")
-    assert not runtime.should_defer("ba", [])
-    runtime.admitted("ab")  # admitted again and never landing (a leak): "ba" still runs eventually
+    assert not runtime.should_defer("ba", [], running={"ab"})
+    runtime.admitted("ab")  # admitted again and running on: "ba" still runs eventually
     waits = 0
-    while runtime.should_defer("ba", []):
+    while runtime.should_defer("ba", [], running={"ab"}):
         waits += 1
     assert waits == MAX_DEFERRALS - 1  # one wait was spent above
 
@@ -141,7 +143,7 @@ def test_a_request_waits_for_a_segment_it_computes_after_a_reused_one() -> None:
     assert [r.target_start for r in y.plan.reused] == [1] and not y.caches and len(y.computes) == 1
     assert not runtime.should_defer("y", [])
     runtime.admitted("x")  # x computes and caches C and B
-    assert runtime.should_defer("y", [])
+    assert runtime.should_defer("y", [], running={"x"})
 
 
 def test_prefill_cuda_graph_is_refused_only_for_batches_with_reuse() -> None:

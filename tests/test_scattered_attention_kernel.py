@@ -19,6 +19,8 @@ from sparsex_sgl.kernels import scattered_query_attention_ref
 from sparsex_sgl.kernels.scattered_attention import KernelConfig, heaviest_first, query_tiles, scattered_query_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = KernelConfig(block_t=32, block_n=32, num_warps=4)
+"""Tiles of 32 (row, head) pairs: small cases still span several tiles and key blocks."""
 
 
 def _case(seq_lens: list[int], n_queries: list[int], hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int):  # type: ignore[no-untyped-def]
@@ -44,7 +46,7 @@ def _case(seq_lens: list[int], n_queries: list[int], hq: int, hkv: int, d: int, 
 
 
 def _check(seq_lens: list[int], n_queries: list[int], hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0,
-           config: KernelConfig = KernelConfig(block_t=32, block_n=32, num_warps=4)) -> None:
+           config: KernelConfig = SMALL) -> None:
     q, k, v, pos, offsets, r2t, pool, lens = _case(seq_lens, n_queries, hq, hkv, d, dtype, seed)
     dev = [t.to(DEVICE) for t in (q, k, v, pos, r2t, pool, lens)]
     out, lse = scattered_query_attention(dev[0], dev[1], dev[2], dev[3], offsets, dev[4], dev[5], dev[6],

@@ -19,6 +19,7 @@ from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_
 from sparsex_sgl.kernels.realign import realign_copy
 from sparsex_sgl.kernels.selection import BLOCK_R, selection_scores
 from sparsex_sgl.kernels.tiles import csr_tiles
+
 from sparsex_sgl.rope import RopeConfig, delta_rotation_table, realign_keys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

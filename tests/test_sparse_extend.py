@@ -19,9 +19,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
+
 from sparsex_sgl.graph import ReusedSegment
 from sparsex_sgl.hybrid import HybridConfig
-from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
 from sparsex_sgl.rope import RopeConfig, realign_keys
 from sparsex_sgl.select import (
     exact_length,

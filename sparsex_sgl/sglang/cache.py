@@ -139,8 +139,9 @@ class SegmentGraphCache(BasePrefixCache):
             self.runtime.fallback("hash_collision", str(exc))
             self.runtime.plans.pop(rid, None)
             return self._result(MatchHandle(), 0)
-        if plan.reused and reason:
-            self.runtime.fallback(reason)
+        fallback = reason if plan.reused and reason else ""
+        if fallback:
+            self.runtime.fallback(fallback)
         if reason or not spans:
             limit = min(limit, plan.exact_prefix_len)
         if (plan.reused and (reason or len(token_ids) != n_prompt)) or plan.prefix_len > limit:
@@ -150,7 +151,7 @@ class SegmentGraphCache(BasePrefixCache):
                                               auto_segmented)
         n = plan.n_tokens
         outcome = RequestOutcome(prompt=n, prefix=plan.prefix_len, blended_prefix=plan.prefix_len - plan.exact_prefix_len,
-                                 computed=n - plan.prefix_len)
+                                 computed=n - plan.prefix_len, fallback=fallback)
         outcome.exact_len = outcome.exact_bound
         self.runtime.outcomes[rid] = outcome
         req.sparsex_outcome = outcome  # read by the meta_info hook; the model hook updates it in place
@@ -173,6 +174,8 @@ class SegmentGraphCache(BasePrefixCache):
     def _no_reuse_reason(self, req: object) -> str:
         if self.runtime.disabled_reason:
             return "unsupported_model"
+        if req.rid in self.runtime.reuse_refused:  # type: ignore[attr-defined]
+            return "no_room_for_reuse"
         if getattr(req, "return_logprob", False):
             custom = getattr(getattr(req, "sampling_params", None), "custom_params", None) or {}
             start = getattr(req, "logprob_start_len", -1)
@@ -277,6 +280,7 @@ class SegmentGraphCache(BasePrefixCache):
         entry = self.runtime.plans.pop(rid, None)
         outcome = self.runtime.outcomes.pop(rid, None)
         self.runtime.landed(rid)
+        self.runtime.reuse_refused.discard(rid)
         if outcome is not None:
             outcome.settle()
             self.runtime.record(outcome, had_segments=bool(entry and entry.spans),
@@ -309,6 +313,7 @@ class SegmentGraphCache(BasePrefixCache):
         self.runtime.plans.clear()
         self.runtime.outcomes.clear()
         self.runtime.in_flight.clear()
+        self.runtime.reuse_refused.clear()
 
     def pretty_print(self) -> None:
         logger.info("SegmentGraphCache: %d nodes, %d tokens (%d protected)", len(self.graph),

@@ -21,6 +21,7 @@ from sparsex_sgl.hybrid import HybridConfig
 from sparsex_sgl.rope import RopeConfig
 from sparsex_sgl.sglang import model_hook, runtime
 from sparsex_sgl.sglang.cache import SegmentGraphCache
+from sparsex_sgl.sparse_extend import Kernels
 
 logger = logging.getLogger("sparsex_sgl")
 
@@ -63,7 +64,8 @@ def build(ctx: Any) -> SegmentGraphCache:
     if not reason and type(pool).__name__ != "MHATokenToKVPool":
         reason = f"KV pool {type(pool).__name__} (only an unquantized MHATokenToKVPool is supported)"
     device = torch.device(model_runner.device)
-    kernels = config.kernels if config.kernels != "auto" else ("triton" if device.type == "cuda" else "torch")
+    kernels: Kernels = "triton" if config.kernels == "triton" or (config.kernels == "auto" and device.type == "cuda") \
+        else "torch"
     chunk = getattr(ctx.server_args, "chunked_prefill_size", None)
     max_extend = CHUNKS_PER_REUSE_STEP * chunk if chunk is not None and chunk > 0 else None
     state = runtime.SparseXRuntime(config, rope, num_layers, kernels=kernels, max_extend_tokens=max_extend)

@@ -89,25 +89,25 @@ class SparseXForward:
         start = 0
         for rid, entry, pool_index, p, e in zip(rids, entries, pool_indices, prefix_lens, extend_lens, strict=True):
             p, e = int(p), int(e)
-            plan = entry.plan if entry is not None and entry.plan.reused else None
-            if plan is not None and (plan.prefix_len != p or plan.n_tokens != p + e):
-                self.runtime.fallback("plan_mismatch", f"request {rid}: planned prefix {plan.prefix_len} of "
-                                      f"{plan.n_tokens}, scheduled prefix {p} + {e}")
-                plan = None
+            lookup = entry.plan if entry is not None and entry.plan.reused else None
+            if lookup is not None and (lookup.prefix_len != p or lookup.n_tokens != p + e):
+                self.runtime.fallback("plan_mismatch", f"request {rid}: planned prefix {lookup.prefix_len} of "
+                                      f"{lookup.n_tokens}, scheduled prefix {p} + {e}")
+                lookup = None
             outcome = self.runtime.outcomes.get(rid)
-            if plan is None or entry is None:
+            if lookup is None or entry is None:
                 requests.append(ExtendRequest(pool_index, start, p, p + e, range(p, p + e), (), 0.0))
             else:
-                requests.append(ExtendRequest(pool_index, start, p, p + e, plan.new_rows, plan.reused,
+                requests.append(ExtendRequest(pool_index, start, p, p + e, lookup.new_rows, lookup.reused,
                                               entry.recompute_ratio))
                 if outcome is not None:
                     outcomes.append((len(requests) - 1, outcome))
             start += e
         if not any(r.reused for r in requests):
             return None
-        config = self.runtime.config
-        plan = SparseExtendPlan(requests, config, self.runtime.rope, self.req_to_token, *self.heads,
-                                self.runtime.kernels)
+        config, rope = self.runtime.config, self.runtime.rope
+        assert rope is not None, "the hook is installed only for a model with a supported rope"
+        plan = SparseExtendPlan(requests, config, rope, self.req_to_token, *self.heads, self.runtime.kernels)
         signal_layer = self.runtime.threshold - 1 if config.selection in SIGNAL_SELECTIONS else None
         return SparseBatch(plan, signal_layer)
 

@@ -252,14 +252,19 @@ def _admit(original: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any
     """Admission of one waiting request to the prefill batch being built (``PrefillAdder``).
 
     - **Deferral** (``SparseXRuntime.should_defer``): a request whose segments a request in this batch, or
-      in the batch still running, will cache waits for them; ``CONTINUE`` without adding it is what SGLang's
-      loop already does for a request it skips (LoRA), and the request stays queued, in order.
+      a running one whose prompt is not cached yet, will cache waits for them; ``CONTINUE`` without adding
+      it is what SGLang's loop already does for a request it skips (LoRA), and the request stays queued,
+      in order. Only running requests count, so a deferral never leaves the scheduler idle.
     - **Chunked prefill**: a request that reuses segments needs its whole extend in one step (the sparse
       layers read every reused token's re-aligned KV). Where the chunk budget left would cut it, it is
       admitted whole as the first request of a batch, which then takes no more requests (its budget set
       to 0), or, behind other requests, it closes the batch and leads the next one. Requests without a
       plan are chunked as on stock SGLang. ``SegmentGraphCache`` plans no reuse for an extend longer than
       ``max_extend_tokens`` (4 chunks), so one step stays bounded.
+    - **No room**: a request with reuse keeps its reused nodes, and the cached paths they hang on, from
+      eviction while it is admitted. If those and its extend cannot fit the pool even with nothing else
+      running, it would wait forever: it is matched again without reuse and admitted as on stock SGLang
+      (counted as ``no_room_for_reuse``).
     """
     from sglang.srt.managers.schedule_policy import AddReqResult
 
@@ -268,12 +273,13 @@ def _admit(original: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any
     runtime = current()
     if runtime is None:
         return original(self, req, *args, **kwargs)
-    if runtime.should_defer(req.rid, [r.rid for r in self.can_run_list]):
+    running = {r.rid for r in self.running_batch.reqs} if self.running_batch is not None else set()
+    if runtime.should_defer(req.rid, [r.rid for r in self.can_run_list], running):
         return AddReqResult.CONTINUE
     entry = runtime.plans.get(req.rid)
+    reuses = entry is not None and bool(entry.plan.reused)
     budget = self.rem_chunk_tokens
-    whole = entry is not None and entry.plan.reused and budget is not None and \
-        entry.plan.n_tokens - entry.plan.prefix_len > budget
+    whole = reuses and budget is not None and entry.plan.n_tokens - entry.plan.prefix_len > budget  # type: ignore[union-attr]
     if not whole:
         result = original(self, req, *args, **kwargs)
     elif self.can_run_list:
@@ -284,6 +290,13 @@ def _admit(original: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any
             result = original(self, req, *args, **kwargs)
         finally:
             self.rem_chunk_tokens = 0 if req in self.can_run_list else budget
+    if result == AddReqResult.NO_TOKEN and reuses and not self.can_run_list and not running:
+        # Nothing runs, so no memory will come free by waiting: the reused segments' nodes (with the cached
+        # paths they hang on, which they keep from eviction) and the extend do not fit the pool together.
+        # Serve the request as stock SGLang would, with exact prefix reuse only.
+        runtime.refuse_reuse(req.rid)
+        req.init_next_round_input(self.tree_cache)  # match again, now without reuse (counted there)
+        result = original(self, req, *args, **kwargs)
     if req in self.can_run_list:
         runtime.admitted(req.rid)
     return result

@@ -12,7 +12,7 @@ import logging
 import threading
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -147,6 +147,8 @@ class SparseXRuntime:
         self.in_flight: dict[str, frozenset[SegmentHash]] = {}
         """Admitted requests whose prefill has not been cached yet, and the segments they will cache."""
         self.deferrals: Counter[str] = Counter()
+        self.reuse_refused: set[str] = set()
+        """Requests to plan with exact prefix reuse only (``refuse_reuse``), until they leave."""
         self.counters = Counters()
         self._logged: set[str] = set()
         self._lock = threading.Lock()
@@ -165,21 +167,21 @@ class SparseXRuntime:
             logger.warning("SparseX falls back to exact full prefill (%s)%s; further cases are only counted",
                            reason, f": {detail}" if detail else "")
 
-    def should_defer(self, rid: str, admitted: list[str]) -> bool:
+    def should_defer(self, rid: str, admitted: Sequence[str], running: Collection[str] = ()) -> bool:
         """Whether request ``rid`` should wait for a later prefill batch: a request already admitted to this
-        batch, or to one still running (overlap scheduling plans a batch before the last one is cached; a
-        chunked prefill spans several batches), computes and will cache a segment that ``rid`` would
-        otherwise compute again.
+        batch (``admitted``), or one still running whose prompt is not cached yet (``running``: overlap
+        scheduling plans a batch before the last one is cached, and a prompt is cached only when its
+        prefill is done), computes and will cache a segment that ``rid`` would otherwise compute again.
 
         Under a burst (many requests queued while a forward runs) the repeats of a segment otherwise land in
-        the batch of its first appearance and all compute it in full; waiting turns them into reuse. The
-        first request of a batch is never deferred for a request of the same batch, and no request waits
-        more than ``MAX_DEFERRALS`` times, so every request runs."""
+        the batch of its first appearance and all compute it in full; waiting turns them into reuse. It
+        never stalls the scheduler: the first request of a batch waits only for a request that is running
+        (which will land), and no request waits more than ``MAX_DEFERRALS`` times."""
         entry = self.plans.get(rid)
         if entry is None or not entry.computes or self.deferrals[rid] >= MAX_DEFERRALS:
             return False
         earlier = [self.plans[other].caches for other in admitted if other in self.plans]
-        earlier += [caches for other, caches in self.in_flight.items() if other != rid]
+        earlier += [caches for other, caches in self.in_flight.items() if other != rid and other in running]
         if all(entry.computes.isdisjoint(caches) for caches in earlier):
             return False
         with self._lock:
@@ -189,6 +191,8 @@ class SparseXRuntime:
 
     def admitted(self, rid: str) -> None:
         """``rid`` joined a prefill batch: until its checkpoint, its segments are in flight."""
+        for gone in [other for other in self.in_flight if other not in self.plans]:
+            del self.in_flight[gone]  # released without landing (never held KV): nothing to wait for
         entry = self.plans.get(rid)
         if entry is not None and entry.caches:
             self.in_flight[rid] = entry.caches
@@ -197,6 +201,10 @@ class SparseXRuntime:
         """``rid``'s prefill was cached (or it left): its segments are no longer in flight."""
         self.in_flight.pop(rid, None)
         self.deferrals.pop(rid, None)
+
+    def refuse_reuse(self, rid: str) -> None:
+        """Plan ``rid`` without reuse from now on (it could not be admitted with it)."""
+        self.reuse_refused.add(rid)
 
     def has_reuse(self, rids: Iterable[str]) -> bool:
         """Whether any of these requests is planned to reuse a segment (its batch runs sparse)."""
