@@ -1,8 +1,8 @@
 """Client helpers: mark segments from SGLang programs and plain HTTP.
 
 In an ``@sgl.function``, append retrieved chunks with ``s += segment(chunk)``: the chunk travels inside
-in-band markers that a ``--enable-sparsex`` server turns into token spans (each segment tokenized on
-its own, so it has the same ids wherever it appears)::
+in-band markers that a ``--enable-sparsex --sparsex-markers`` server turns into token spans (each segment
+tokenized on its own, so it has the same ids wherever it appears)::
 
     import sglang as sgl
     from sparsex_sgl import frontend as sx

@@ -15,10 +15,15 @@ one the earlier request already answered with, and nothing is approximated twice
 The graph stores no tensors. It owns KV *slots* in an engine pool, obtained through an injected
 allocator, so the same bookkeeping serves SGLang's pool and the reference executor's pool, and is
 tested on the CPU with exact slot ids. Eviction is LRU over unlocked leaves, within a token budget.
+
+Accounting follows SGLang's ``RadixCache``: the protected (locked) token count is kept as locks change,
+and eviction pops a heap of leaves, so neither costs a scan of the graph (a GPU server caches millions of
+tokens, and the scheduler waits for every lock, unlock and eviction; ``bench/graph_scale.py``).
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -153,6 +158,11 @@ class SegmentGraph:
         self._nodes: dict[NodeId, _Node] = {}
         self._by_key: dict[SegmentHash, dict[NodeId, _Node]] = {}
         self.total_tokens = 0
+        self.protected_tokens = 0
+        """Tokens of nodes with a lock (kept as locks change: SGLang asks for it on every lock and unlock)."""
+        self._lru: list[tuple[int, NodeId]] = []
+        """Heap of ``(last_access, id)`` pushed whenever a node may have become an evictable leaf; entries
+        that no longer describe one (locked, parent again, touched since, removed) are skipped at pop."""
 
     # ------------------------------------------------------------------ lookup
     def align(self, pieces: Sequence[Piece], make_gap: Callable[[int, int], Piece]) -> list[Piece]:
@@ -233,7 +243,7 @@ class SegmentGraph:
         now = next(self._clock)
         prefix_nodes = self._cached_path(pieces)
         for nd in prefix_nodes:
-            nd.last_access = now
+            self._touch(nd, now)
         covered = sum(p.length for p in pieces[: len(prefix_nodes)])
         prefix_len = min(covered, n - 1)
         blended = next((i for i, nd in enumerate(prefix_nodes) if not nd.exact), len(prefix_nodes))
@@ -249,7 +259,7 @@ class SegmentGraph:
             if hit is None:
                 new_rows.extend(range(piece.start, piece.end))
                 continue
-            hit.last_access = now
+            self._touch(hit, now)
             length = piece.length - (1 if piece.end == n else 0)  # the last token is always computed
             if length > 0:
                 reused.append(ReusedSegment(hit.id, hit.start_pos, piece.start, length, hit.slots[:length]))
@@ -323,7 +333,7 @@ class SegmentGraph:
                     took = True
                 else:
                     break
-                child.last_access = now
+                child.last_access = now  # locked just below; pushed to the LRU heap when unlocked
                 self._inc(child)  # the path under construction must not be evicted by later pieces
                 path.append(child)
                 node_ids.append(child.id)
@@ -358,6 +368,8 @@ class SegmentGraph:
     def _inc(self, node: _Node) -> None:
         nd: _Node | None = node
         while nd is not None and nd is not self._root:
+            if nd.lock_ref == 0:
+                self.protected_tokens += nd.length
             nd.lock_ref += 1
             nd = nd.parent
 
@@ -366,7 +378,22 @@ class SegmentGraph:
         while nd is not None and nd is not self._root:
             assert nd.lock_ref > 0, f"unlock of node {nd.id} whose lock_ref is {nd.lock_ref}"
             nd.lock_ref -= 1
+            if nd.lock_ref == 0:
+                self.protected_tokens -= nd.length
+                self._push_if_evictable(nd)
             nd = nd.parent
+
+    def _touch(self, node: _Node, now: int) -> None:
+        node.last_access = now
+        self._push_if_evictable(node)
+
+    def _push_if_evictable(self, node: _Node) -> None:
+        if not node.children and node.lock_ref == 0:
+            heapq.heappush(self._lru, (node.last_access, node.id))
+            if len(self._lru) > 2 * len(self._nodes) + 1024:  # mostly stale entries: rebuild
+                self._lru = [(nd.last_access, nd.id) for nd in self._nodes.values()
+                             if not nd.children and nd.lock_ref == 0]
+                heapq.heapify(self._lru)
 
     # ------------------------------------------------------------------ memory
     def alloc(self, n: int) -> list[int] | None:
@@ -389,11 +416,11 @@ class SegmentGraph:
     def evict(self, n_tokens: int) -> int:
         """Free at least ``n_tokens`` cached tokens if possible, least recently used leaves first."""
         freed = 0
-        while freed < n_tokens:
-            leaves = [nd for nd in self._nodes.values() if not nd.children and nd.lock_ref == 0]
-            if not leaves:
-                break
-            victim = min(leaves, key=lambda nd: (nd.last_access, nd.id))
+        while freed < n_tokens and self._lru:
+            last_access, nid = heapq.heappop(self._lru)
+            victim = self._nodes.get(nid)
+            if victim is None or victim.children or victim.lock_ref or victim.last_access != last_access:
+                continue  # stale: the node changed since this entry was pushed
             freed += victim.length
             self._remove(victim)
         return freed
@@ -412,18 +439,28 @@ class SegmentGraph:
             del self._by_key[node.key]
         self.total_tokens -= node.length
         self._allocator.free(node.slots)
+        if node.parent is not self._root:
+            self._push_if_evictable(node.parent)
 
-    def reset(self) -> None:
-        """Drop every unlocked node; locked ones stay (a running request still reads them)."""
-        self.evict(self.total_tokens)
+    def reset(self) -> int:
+        """Drop every node and free its slots; returns how many were still locked.
+
+        Engines reset only when idle (SGLang's ``/flush_cache``, which then clears its allocator), so a
+        lock left at that point is a leak, and keeping its node would hand out its slots twice."""
+        leaked = sum(1 for nd in self._nodes.values() if nd.lock_ref > 0)
+        for nd in self._nodes.values():
+            self._allocator.free(nd.slots)
+        self._root.children.clear()
+        self._root.child_lengths.clear()
+        self._nodes.clear()
+        self._by_key.clear()
+        self._lru.clear()
+        self.total_tokens = self.protected_tokens = 0
+        return leaked
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
         return len(self._nodes)
-
-    @property
-    def protected_tokens(self) -> int:
-        return sum(nd.length for nd in self._nodes.values() if nd.lock_ref > 0)
 
     @property
     def evictable_tokens(self) -> int:
@@ -444,6 +481,11 @@ class SegmentGraph:
     def check_invariants(self) -> None:
         """Assert the structural invariants; used by the property tests."""
         assert self.total_tokens == sum(nd.length for nd in self._nodes.values())
+        assert self.protected_tokens == sum(nd.length for nd in self._nodes.values() if nd.lock_ref > 0)
+        queued = set(self._lru)
+        for nd in self._nodes.values():
+            if not nd.children and nd.lock_ref == 0:
+                assert (nd.last_access, nd.id) in queued, f"evictable leaf {nd.id} is not in the LRU heap"
         assert self.total_tokens <= self.max_tokens, (self.total_tokens, self.max_tokens)
         for nd in self._nodes.values():
             assert nd.lock_ref >= 0

@@ -39,6 +39,16 @@ class HybridConfig:
     """Ops of the sparse layers (``sparse_extend``): "triton", "torch", or "auto" (Triton on CUDA, torch on
     the CPU). "triton" on the CPU needs ``TRITON_INTERPRET=1`` (slow: for tests)."""
     prefill_backend: str = ""
+    min_segment_tokens: int = 8
+    markers: bool = False
+    """Parse in-band segment markers in every text prompt (``protocol.MARKER_BEGIN``), for programs that
+    can send only text (``frontend.segment``). Off: only requests with ``sparsex_markers`` are parsed, so
+    user text that contains the markers is served as sent."""
+    report_counts: bool = True
+    """Return each request's ``sparsex_*`` counts in ``meta_info``. Off hides them from clients (they
+    reveal what other requests in the namespace cached); ``/sparsex/stats`` keeps the totals."""
+    """Marked segments shorter than this are served as gap text (exact prefix reuse only): a node per few
+    tokens grows the graph (its work per request) and saves almost no compute."""
     """SGLang attention backend the ``sparsex`` prefill backend wraps; "" = the one SGLang picked (the
     decode backend: ``--attention-backend`` or its default)."""
 
@@ -49,6 +59,8 @@ class HybridConfig:
             raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
         if self.full_layers < 0 or self.min_tokens_per_segment < 0 or self.mass_prior < 0:
             raise ValueError("full_layers, min_tokens_per_segment and mass_prior must be >= 0")
+        if self.min_segment_tokens < 1:
+            raise ValueError(f"min_segment_tokens must be >= 1, got {self.min_segment_tokens}")
         if self.auto_segment_tokens != 0 and self.auto_segment_tokens < 4:
             raise ValueError(f"auto_segment_tokens must be 0 (off) or >= 4, got {self.auto_segment_tokens}")
         if self.kernels not in KERNEL_CHOICES:

@@ -30,7 +30,18 @@ APPROXIMATE_LOGPROBS_KEY = "sparsex_approximate_logprobs"
 """Optional bool: a request that asks for output-token logprobs may still reuse segments (its logprobs then
 describe the reuse prefill it got); without it such a request runs exact full prefill. Prompt-token
 logprobs always do: the sparse layers compute only some prompt rows."""
-KEYS = (SPANS_KEY, SEGMENTS_KEY, NAMESPACE_KEY, RATIO_KEY, APPROXIMATE_LOGPROBS_KEY)
+MARKERS_KEY = "sparsex_markers"
+"""Optional bool: parse in-band markers in this text prompt (``--sparsex-markers`` does it for every
+request). Off by default, so user text that happens to contain the markers is served as sent."""
+KEYS = (SPANS_KEY, SEGMENTS_KEY, NAMESPACE_KEY, RATIO_KEY, APPROXIMATE_LOGPROBS_KEY, MARKERS_KEY)
+MAX_ECHO = 60
+"""Characters of an offending value quoted in an error: enough to find it, never the whole input."""
+
+
+def short(value: object) -> str:
+    """``repr(value)`` cut to ``MAX_ECHO`` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= MAX_ECHO else text[: MAX_ECHO - 3] + "..."
 
 MARKER_BEGIN = "<|sx_segment|>"
 MARKER_END = "<|/sx_segment|>"
@@ -47,7 +58,7 @@ def parse_spans(value: object) -> list[tuple[int, int]]:
             f"got {type(value).__name__}"
         )
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-        raise InvalidSegmentsError(f"custom_params[{SPANS_KEY!r}] must hold integers only, got {list(value)!r}")
+        raise InvalidSegmentsError(f"custom_params[{SPANS_KEY!r}] must hold integers only, got {short(value)}")
     if len(value) % 2:
         raise InvalidSegmentsError(
             f"custom_params[{SPANS_KEY!r}] must have an even length (start/end pairs), got {len(value)} values"
@@ -62,8 +73,10 @@ def flatten_spans(spans: Sequence[tuple[int, int]]) -> list[int]:
 
 def check_custom_params(custom: Mapping[str, object] | None) -> None:
     """Reject malformed SparseX keys early (shape, types, order, overlap); range is checked later."""
-    if not custom:
+    if custom is None:
         return
+    if not isinstance(custom, Mapping):
+        raise InvalidSegmentsError(f"custom_params must be an object, got {type(custom).__name__}")
     if SPANS_KEY in custom and custom[SPANS_KEY] is not None:
         spans = parse_spans(custom[SPANS_KEY])
         for start, end in spans:
@@ -80,8 +93,9 @@ def check_custom_params(custom: Mapping[str, object] | None) -> None:
     if NAMESPACE_KEY in custom and not isinstance(custom[NAMESPACE_KEY], (str, type(None))):
         raise InvalidSegmentsError(f"custom_params[{NAMESPACE_KEY!r}] must be a string")
     parse_ratio(custom.get(RATIO_KEY))
-    if not isinstance(custom.get(APPROXIMATE_LOGPROBS_KEY), (bool, type(None))):
-        raise InvalidSegmentsError(f"custom_params[{APPROXIMATE_LOGPROBS_KEY!r}] must be true or false")
+    for key in (APPROXIMATE_LOGPROBS_KEY, MARKERS_KEY):
+        if not isinstance(custom.get(key), (bool, type(None))):
+            raise InvalidSegmentsError(f"custom_params[{key!r}] must be true or false")
 
 
 def parse_ratio(value: object) -> float | None:
@@ -89,7 +103,7 @@ def parse_ratio(value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise InvalidSegmentsError(f"custom_params[{RATIO_KEY!r}] must be a number in [0, 1], got {value!r}")
+        raise InvalidSegmentsError(f"custom_params[{RATIO_KEY!r}] must be a number in [0, 1], got {short(value)}")
     return float(value)
 
 
@@ -137,7 +151,7 @@ def split_listed_segments(text: str, segments: Sequence[str]) -> list[TextPiece]
         at = text.find(seg, cursor)
         if at < 0:
             raise InvalidSegmentsError(
-                f"segment text {seg[:40]!r}... does not occur in the prompt after character {cursor} "
+                f"segment text {short(seg)} does not occur in the prompt after character {cursor} "
                 "(segments must be listed in prompt order and must not overlap)"
             )
         if at > cursor:

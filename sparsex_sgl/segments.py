@@ -2,9 +2,11 @@
 
 A prompt is partitioned into *pieces*: the client-marked segments (reusable anywhere) and the gaps
 between them (instructions, questions: reusable only as part of an exact prefix). Every piece has a
-128-bit identity, a keyed BLAKE2b hash over its token ids and a namespace, so that tenants that must
-not share KV use different namespaces. A hash hit is only a candidate: the graph confirms it by
-comparing token ids, because a collision must never serve another segment's KV.
+128-bit identity, a BLAKE2b hash over its token ids keyed by a *namespace key*, so that tenants that
+must not share KV never share an identity. The namespace key is itself a SHA-256 of the length-prefixed
+isolation fields (``namespace_key``), so no two different field tuples map to one key, however long or
+oddly punctuated they are. A hash hit is only a candidate: the graph confirms it by comparing token ids,
+because a collision must never serve another segment's KV.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import itertools
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from hashlib import blake2b
+from hashlib import blake2b, sha256
 from typing import NewType
 
 import numpy as np
@@ -25,11 +27,26 @@ SegmentHash = NewType("SegmentHash", bytes)
 
 HASH_BYTES = 16
 
+NamespaceKey = NewType("NamespaceKey", bytes)
+"""The BLAKE2b key of an isolation domain: empty (no isolation) or a ``namespace_key`` digest."""
+SHARED = NamespaceKey(b"")
 
-def segment_hash(token_ids: Sequence[int], namespace: str = "") -> SegmentHash:
+
+def namespace_key(*fields: str | None) -> NamespaceKey:
+    """SHA-256 over the fields, each length-prefixed and tagged None or text: ``("a|b", "c")`` and
+    ``("a", "b|c")``, ``None`` and ``""``, or two values sharing a long prefix all give different keys."""
+    digest = sha256()
+    for value in fields:
+        data = b"" if value is None else value.encode("utf-8", "surrogatepass")
+        digest.update(b"\x00" if value is None else b"\x01")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return NamespaceKey(digest.digest())
+
+
+def segment_hash(token_ids: Sequence[int], namespace: NamespaceKey = SHARED) -> SegmentHash:
     """128-bit identity of a token sequence within a namespace."""
-    key = namespace.encode("utf-8")[:64]  # BLAKE2b keys are at most 64 bytes
-    digest = blake2b(array("q", token_ids).tobytes(), digest_size=HASH_BYTES, key=key)
+    digest = blake2b(array("q", token_ids).tobytes(), digest_size=HASH_BYTES, key=namespace)
     return SegmentHash(digest.digest())
 
 
@@ -67,7 +84,7 @@ def validate_spans(spans: object, n_tokens: int) -> list[tuple[int, int]]:
             or len(span) != 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)
         ):
-            raise InvalidSegmentsError(f"each segment span must be a pair of integers [start, end], got {span!r}")
+            raise InvalidSegmentsError(f"each segment span must be a pair of integers [start, end], got {repr(span)[:60]}")
         start, end = span
         if start < 0 or end > n_tokens:
             raise InvalidSegmentsError(f"segment span {list(span)} lies outside the prompt of {n_tokens} tokens")
@@ -81,13 +98,13 @@ def validate_spans(spans: object, n_tokens: int) -> list[tuple[int, int]]:
     return checked
 
 
-def make_piece(token_ids: Sequence[int], start: int, end: int, namespace: str, reusable: bool) -> Piece:
+def make_piece(token_ids: Sequence[int], start: int, end: int, namespace: NamespaceKey, reusable: bool) -> Piece:
     """The piece ``[start, end)`` of ``token_ids``, with its identity in ``namespace``."""
     ids = tuple(int(t) for t in token_ids[start:end])
     return Piece(start, end, ids, segment_hash(ids, namespace), reusable)
 
 
-def cut_gap(token_ids: Sequence[int], start: int, end: int, namespace: str = "",
+def cut_gap(token_ids: Sequence[int], start: int, end: int, namespace: NamespaceKey = SHARED,
             gap_block: int | None = None) -> list[Piece]:
     """The gap ``[start, end)`` as pieces: one, or blocks of ``gap_block`` tokens counted from ``start``."""
     if gap_block is not None and gap_block < 1:
@@ -97,7 +114,7 @@ def cut_gap(token_ids: Sequence[int], start: int, end: int, namespace: str = "",
 
 
 def split_into_pieces(
-    token_ids: Sequence[int], spans: object, namespace: str = "", gap_block: int | None = None
+    token_ids: Sequence[int], spans: object, namespace: NamespaceKey = SHARED, gap_block: int | None = None
 ) -> list[Piece]:
     """Partition a prompt into reusable segments (the given spans) and the gaps between them.
 

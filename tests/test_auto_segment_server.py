@@ -62,9 +62,20 @@ def test_plain_prompts_reuse_recurring_paragraphs(server: Server) -> None:
     assert reuse_counts(reference["meta_info"])["reused"] == 0
     assert exact["output_ids"] == reference["output_ids"]
 
-    sparse = reuse_counts(plain(server, build_prompt(tok, example, 2))["meta_info"])
+    third = build_prompt(tok, example, 2)
+    sparse = reuse_counts(plain(server, third)["meta_info"])
     assert sparse["reused"] > 0 and sparse["recomputed"] == round(0.15 * sparse["reused"])
     after = server.get("/sparsex/stats")["schedulers"][0]
     assert after["requests_auto_segmented"] - before["requests_auto_segmented"] >= 3
+
+    # The third order is now cached blended after its first approximated token. A request that resends it
+    # with a new paragraph before the question is segmented automatically (its new paragraph); its client
+    # never accepted approximation, so it takes only the exact part of that cached path.
+    end = max(e for _, e in third.spans)
+    extra = tok(load_examples(hotpotqa_path(), 1, offset=60)[0].paragraphs[0], add_special_tokens=False)["input_ids"]
+    grown = SegmentedPrompt((*third.input_ids[:end], *extra, *third.input_ids[end:]), (), 0)
+    grown_counts = reuse_counts(plain(server, grown)["meta_info"])
+    assert server.get("/sparsex/stats")["schedulers"][0]["requests_auto_segmented"] > after["requests_auto_segmented"]
+    assert grown_counts["prefix"] > 0 and grown_counts["blended_prefix"] == 0, grown_counts
     print(f"auto segments: reused {counts['reused']} of {paragraphs} paragraph tokens "
           f"({len(reordered.input_ids)}-token prompt); third order reused {sparse['reused']}")

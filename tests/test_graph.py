@@ -13,7 +13,16 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from sparsex_sgl.errors import SegmentHashCollisionError
 from sparsex_sgl.graph import SegmentGraph, segments_it_caches, segments_it_computes
 from sparsex_sgl.reference.pool import FreeListAllocator
-from sparsex_sgl.segments import Piece, SegmentHash, cut_gap, make_piece, split_into_pieces
+from sparsex_sgl.segments import (
+    SHARED,
+    NamespaceKey,
+    Piece,
+    SegmentHash,
+    cut_gap,
+    make_piece,
+    namespace_key,
+    split_into_pieces,
+)
 
 A, B, C, Q1, Q2 = [1] * 4, [2] * 3, [3] * 5, [7, 8], [9]
 
@@ -88,7 +97,7 @@ def test_a_request_waits_only_for_segments_an_admitted_request_caches() -> None:
     for rid, parts in (("ab", (A, B, Q1)), ("ba", (B, A, Q2)), ("c", (C, Q1))):
         pieces = split_into_pieces(*prompt(*parts))
         plan = graph.lookup(pieces)
-        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), "", 0.15, segments_it_caches(pieces, plan),
+        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), 0.15, segments_it_caches(pieces, plan),
                                          segments_it_computes(pieces, plan))
     assert not runtime.should_defer("ab", [])  # the first request of a batch
     assert runtime.should_defer("ba", ["ab"]) and runtime.should_defer("ba", ["c", "ab"])
@@ -109,7 +118,7 @@ def test_a_request_waits_for_segments_in_flight_but_not_forever() -> None:
     for rid, parts in (("ab", (A, B, Q1)), ("ba", (B, A, Q2)), ("c", (C, Q1))):
         pieces = split_into_pieces(*prompt(*parts))
         plan = graph.lookup(pieces)
-        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), "", 0.15, segments_it_caches(pieces, plan),
+        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), 0.15, segments_it_caches(pieces, plan),
                                          segments_it_computes(pieces, plan))
     runtime.admitted("ab")
     assert runtime.should_defer("ba", [], running={"ab"}) and not runtime.should_defer("c", [], running={"ab"})
@@ -137,7 +146,7 @@ def test_a_request_waits_for_a_segment_it_computes_after_a_reused_one() -> None:
     y_pieces = split_into_pieces(Q2 + A + B + Q1, [[1, 5], [5, 8]])  # a gap, then A (cached alone), then B
     for rid, pieces in (("x", x_pieces), ("y", y_pieces)):
         plan = graph.lookup(pieces)
-        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), "", 0.15, segments_it_caches(pieces, plan),
+        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), 0.15, segments_it_caches(pieces, plan),
                                          segments_it_computes(pieces, plan))
     y = runtime.plans["y"]
     assert [r.target_start for r in y.plan.reused] == [1] and not y.caches and len(y.computes) == 1
@@ -157,8 +166,8 @@ def test_prefill_cuda_graph_is_refused_only_for_batches_with_reuse() -> None:
     state = runtime_module.SparseXRuntime(HybridConfig(), None, num_layers=4)
     reuse = LookupPlan(8, 0, (), (), (ReusedSegment(1, 0, 2, 4, (5, 6, 7, 8)),), (0, 1, 6, 7), 2)
     plain = LookupPlan(8, 4, (1,), (5, 6, 7, 8), (), (4, 5, 6, 7), 4)
-    state.plans["r"] = runtime_module.RequestPlan(reuse, (), (), "", 0.15)
-    state.plans["p"] = runtime_module.RequestPlan(plain, (), (), "", 0.15)
+    state.plans["r"] = runtime_module.RequestPlan(reuse, (), (), 0.15)
+    state.plans["p"] = runtime_module.RequestPlan(plain, (), (), 0.15)
     runtime_module.install(state)
     try:
         def stock_says_yes(self: object, fb: object) -> bool:
@@ -257,7 +266,7 @@ def test_blended_nodes_serve_only_prefix_hits_and_are_upgraded_when_computed_exa
     graph.check_invariants()
 
 
-def aligned(graph: SegmentGraph, ids: list[int], spans: list[list[int]], namespace: str = "",
+def aligned(graph: SegmentGraph, ids: list[int], spans: list[list[int]], namespace: NamespaceKey = SHARED,
             block: int = 16) -> list[Piece]:
     """A request's pieces as the SGLang cache cuts them: gap blocks, re-cut along the cached path."""
     pieces = split_into_pieces(ids, spans, namespace, gap_block=block)
@@ -275,7 +284,7 @@ def test_next_round_hits_through_a_prompt_cut_short_and_the_tokens_decoded_after
     assert [(p.start, p.end) for p in first] == [(0, 16), (16, 21)]
     slots = graph.alloc(30) or []
     graph.insert(first, slots)
-    finished = first + cut_gap(prompt_ids + reply, 21, 30, "", 16)
+    finished = first + cut_gap(prompt_ids + reply, 21, 30, SHARED, 16)
     assert graph.insert(finished, slots).adopted == (False, False, True)
 
     next_round = prompt_ids + reply + list(range(70, 80))
@@ -284,7 +293,7 @@ def test_next_round_hits_through_a_prompt_cut_short_and_the_tokens_decoded_after
     assert [(p.start, p.end) for p in pieces] == [(0, 16), (16, 21), (21, 30), (30, 32), (32, 40)]
     plan = graph.lookup(pieces)
     assert plan.prefix_len == 30 and plan.prefix_slots == tuple(slots)
-    assert graph.lookup(aligned(graph, next_round, [], namespace="tenant-b")).prefix_len == 0
+    assert graph.lookup(aligned(graph, next_round, [], namespace=namespace_key("tenant-b"))).prefix_len == 0
 
     longer = graph.alloc(32) or []  # another request cached the same start in whole blocks: the longest wins
     graph.insert(split_into_pieces(next_round[:32], [], gap_block=16), longer)
@@ -348,7 +357,7 @@ class GraphMachine(RuleBasedStateMachine):
         pieces = self._pieces(order, tail)
         n = pieces[-1].end
         ids = [t for p in pieces for t in p.token_ids] + [100] * decoded
-        pieces += cut_gap(ids, n, n + decoded, "", 3)
+        pieces += cut_gap(ids, n, n + decoded, SHARED, 3)
         slots = self.graph.alloc(pieces[-1].end)
         if slots is None:
             return
@@ -391,9 +400,21 @@ class GraphMachine(RuleBasedStateMachine):
     @rule(n=st.integers(1, 20))
     def evict(self, n: int) -> None:
         locked_before = {nid: self.graph.node_slots(nid) for ids in self.held for nid in ids}
-        self.graph.evict(n)
+        leaves = [nd for nd in self.graph._nodes.values() if not nd.children and nd.lock_ref == 0]
+        lru = min(leaves, key=lambda nd: (nd.last_access, nd.id)) if leaves else None  # the scan it replaced
+        freed = self.graph.evict(n)
+        assert (freed > 0) == (lru is not None)
+        if lru is not None:
+            assert lru.id not in self.graph  # the least recently used evictable leaf goes first
         for nid, slots in locked_before.items():
             assert nid in self.graph and self.graph.node_slots(nid) == slots
+
+    @rule()
+    def reset(self) -> None:
+        locked = sum(1 for nd in self.graph._nodes.values() if nd.lock_ref > 0)
+        assert self.graph.reset() == locked  # leaked locks are reported, and their nodes dropped too
+        assert len(self.graph) == 0 and self.graph.total_tokens == self.graph.protected_tokens == 0
+        self.held.clear()
 
     @invariant()
     def consistent(self) -> None:

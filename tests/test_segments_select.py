@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsex_sgl.errors import InvalidSegmentsError
-from sparsex_sgl.segments import AUTO_WINDOW, auto_spans, segment_hash, split_into_pieces
+from sparsex_sgl.segments import AUTO_WINDOW, auto_spans, namespace_key, segment_hash, split_into_pieces
 from sparsex_sgl.select import ReusedTokens, select_tokens, selection_budget, sparse_q_signal
 
 
@@ -17,8 +17,24 @@ def test_hash_is_128_bit_and_namespaced() -> None:
     assert len(a) == 16
     assert a == segment_hash((1, 2, 3))
     assert a != segment_hash([1, 2, 4])
-    assert a != segment_hash([1, 2, 3], namespace="tenant-b")
-    assert segment_hash([1, 2, 3], "t") == segment_hash([1, 2, 3], "t")
+    assert a != segment_hash([1, 2, 3], namespace=namespace_key("tenant-b"))
+    assert segment_hash([1, 2, 3], namespace_key("t")) == segment_hash([1, 2, 3], namespace_key("t"))
+
+
+def test_namespace_keys_never_collide_on_long_or_punctuated_fields() -> None:
+    """Each collision the old ``"|".join(...)[:64]`` key had (issue 15), and None versus empty."""
+    long = "x" * 70
+    pairs = [
+        ((None, None, long + "a"), (None, None, long + "b")),  # agree on their first 70 characters
+        ((None, "f" * 64, "tenant-a"), (None, "f" * 64, "tenant-b")),  # a sha256-hex salt
+        ((None, "s|t", ""), (None, "s", "t|")),  # the separator inside a field
+        ((None, "", ""), ("", "", "")),
+        ((None, "ab", ""), (None, "a", "b")),
+    ]
+    for first, second in pairs:
+        assert namespace_key(*first) != namespace_key(*second)
+        assert segment_hash([1, 2], namespace_key(*first)) != segment_hash([1, 2], namespace_key(*second))
+    assert namespace_key(None, "s", "t") == namespace_key(None, "s", "t") and len(namespace_key("a")) == 32
 
 
 def test_pieces_cover_the_prompt_with_gaps() -> None:

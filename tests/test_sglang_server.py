@@ -39,7 +39,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, 
     logs = tmp_path_factory.mktemp("servers")
     model = resolve_model("smollm2")
     stock = launch(model, list(CHUNKED), logs / "stock.log", MAX_TOTAL_TOKENS)
-    sparsex = launch(model, ["--enable-sparsex", *CHUNKED], logs / "sparsex.log", MAX_TOTAL_TOKENS)
+    sparsex = launch(model, ["--enable-sparsex", "--sparsex-markers", *CHUNKED], logs / "sparsex.log", MAX_TOTAL_TOKENS)
     try:
         wait_ready(stock)
         wait_ready(sparsex)
@@ -204,16 +204,15 @@ def test_malformed_custom_params_get_400(servers: tuple[Server, Server], prompts
     assert generate(sparsex, prompts[0][0])["meta_info"]["completion_tokens"] > 0  # still serving
 
 
-def test_spans_out_of_range_fall_back_and_count(servers: tuple[Server, Server], prompts: list) -> None:
-    stock, sparsex = servers
+def test_spans_out_of_range_get_400(servers: tuple[Server, Server], prompts: list) -> None:
+    """Checked in the tokenizer manager against the tokenized prompt: the scheduler never sees them."""
+    _, sparsex = servers
     prompt = prompts[2][0]
     n = len(prompt.input_ids)
-    before = stats(sparsex)["fallbacks"].get("invalid_segments", 0)
     params = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "custom_params": {"sparsex_spans": [0, n + 100]}}
     status, reply = sparsex.post("/generate", {"input_ids": list(prompt.input_ids), "sampling_params": params})
-    assert status == 200
-    assert reply["output_ids"] == generate(stock, prompt, segments=False)["output_ids"]
-    assert stats(sparsex)["fallbacks"]["invalid_segments"] == before + 1
+    assert status == 400 and "outside the prompt" in str(reply), reply
+    assert generate(sparsex, prompt)["meta_info"]["completion_tokens"] > 0
 
 
 def test_burst_defers_a_repeated_segment_to_the_next_batch(servers: tuple[Server, Server], prompts: list) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +45,21 @@ class Server:
                 return resp.status, _decode(resp.read())
         except urllib.error.HTTPError as err:
             return err.code, _decode(err.read())
+
+    def hang_up_after(self, payload: dict[str, Any], events: int) -> None:
+        """Send a streaming ``/generate`` and close the connection after ``events`` server-sent events (0: at
+        once), as a client that gives up does: the server must abort the request and free what it held."""
+        url = urllib.parse.urlparse(self.url)
+        conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=600)
+        conn.request("POST", "/generate", json.dumps({**payload, "stream": True}), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        seen = 0
+        while seen < events:
+            line = response.readline()
+            if not line:
+                break
+            seen += line.startswith(b"data:")
+        conn.close()
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=60) as resp:

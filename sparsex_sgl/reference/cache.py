@@ -10,7 +10,7 @@ from sparsex_sgl.graph import LookupPlan, SegmentGraph
 from sparsex_sgl.hybrid import HybridConfig
 from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor
 from sparsex_sgl.reference.pool import TensorKVPool
-from sparsex_sgl.segments import Piece, make_piece, split_into_pieces
+from sparsex_sgl.segments import Piece, make_piece, namespace_key, split_into_pieces
 
 
 class ReferenceSegmentCache:
@@ -22,7 +22,7 @@ class ReferenceSegmentCache:
         (``SegmentGraphCache``, 16), so both plan a prompt alike; None keeps each gap whole."""
         dims = executor.spec.dims
         self.executor = executor
-        self.namespace = namespace
+        self.namespace = namespace_key(namespace)
         self.gap_block = gap_block
         self.pool = TensorKVPool(dims.num_layers, num_slots, dims.n_kv_heads, dims.head_dim, executor.dtype,
                                  executor.device)

@@ -16,12 +16,14 @@ a request without segments, or one that needs exact prefill (logprobs, ...), get
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
     BasePrefixCache,
+    CacheRequestHandle,
     DecLockRefParams,
     DecLockRefResult,
     EvictParams,
@@ -41,19 +43,36 @@ from sparsex_sgl.protocol import (
     parse_ratio,
     parse_spans,
 )
-from sparsex_sgl.segments import Piece, auto_spans, cut_gap, make_piece, split_into_pieces, validate_spans
+from sparsex_sgl.segments import (
+    NamespaceKey,
+    Piece,
+    auto_spans,
+    cut_gap,
+    make_piece,
+    namespace_key,
+    split_into_pieces,
+    validate_spans,
+)
 from sparsex_sgl.sglang.runtime import GAP_BLOCK, RequestOutcome, RequestPlan, SparseXRuntime
 
 logger = logging.getLogger("sparsex_sgl")
 
 
-@dataclass(frozen=True)
+def _custom_params(req: object) -> dict[str, object]:
+    custom = getattr(getattr(req, "sampling_params", None), "custom_params", None)
+    return custom if isinstance(custom, dict) else {}
+
+
+@dataclass(frozen=True, eq=False)
 class MatchHandle:
-    """What SGLang holds as ``req.last_node``: the graph nodes to lock and the prefix's slots."""
+    """What SGLang holds as ``req.last_node``: the graph nodes to lock and the prefix's slots. Two handles
+    are equal when they name the same nodes (SGLang's policies use handles as dict keys)."""
 
     node_ids: tuple[NodeId, ...] = ()
     prefix_slots: torch.Tensor | None = None
-    children: dict[object, object] = field(default_factory=dict)  # read by SGLang's dfs-weight policy
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MatchHandle) and self.node_ids == other.node_ids
 
     def __hash__(self) -> int:
         return hash(self.node_ids)
@@ -90,26 +109,44 @@ class SegmentGraphCache(BasePrefixCache):
         self.root_node = MatchHandle()
 
     # ------------------------------------------------------------------ matching
-    def _segment_data(self, req: object, n_prompt: int) -> tuple[list[tuple[int, int]], str, float]:
-        """Spans, namespace and recompute ratio from ``custom_params``; InvalidSegmentsError if malformed."""
-        custom = getattr(getattr(req, "sampling_params", None), "custom_params", None) or {}
-        namespace = str(custom.get(NAMESPACE_KEY) or "")
+    def _segment_data(self, req: object, n_prompt: int) -> tuple[list[tuple[int, int]], float]:
+        """Spans and recompute ratio from ``custom_params``; InvalidSegmentsError if malformed. Spans shorter
+        than ``min_segment_tokens`` are dropped (their tokens stay gap text: a node per few tokens would
+        grow the graph and reuse almost nothing)."""
+        custom = _custom_params(req)
         raw = custom.get(SPANS_KEY)
         spans = validate_spans(parse_spans(raw), n_prompt) if raw else []
+        shortest = self.runtime.config.min_segment_tokens
         ratio = parse_ratio(custom.get(RATIO_KEY))
-        return spans, namespace, self.runtime.config.recompute_ratio if ratio is None else ratio
+        return ([s for s in spans if s[1] - s[0] >= shortest],
+                self.runtime.config.recompute_ratio if ratio is None else ratio)
 
     @staticmethod
-    def _key_namespace(req: object, namespace: str) -> str:
-        """What keys a request's pieces: SGLang's cache isolation (extra key, salt) and the client's namespace."""
-        return f"{getattr(req, 'extra_key', None) or ''}|{getattr(req, 'cache_salt', None) or ''}|{namespace}"
+    def _namespace(req: object) -> NamespaceKey:
+        """What keys every piece a request looks up or caches (prefix gaps, segments, decoded tokens): a
+        hash of SGLang's isolation fields (``extra_key``, ``cache_salt``) and the client's namespace, so
+        requests share KV only when all three are equal, as stock SGLang's radix cache keys on the first
+        two. Read from the request itself on every path, including fallbacks and checkpoints."""
+        namespace = _custom_params(req).get(NAMESPACE_KEY)
+        return namespace_key(getattr(req, "extra_key", None), getattr(req, "cache_salt", None),
+                             namespace if isinstance(namespace, str) and namespace else None)
 
-    def _pieces(self, token_ids: Sequence[int], spans: Sequence[tuple[int, int]], key_ns: str) -> list[Piece]:
+    def _pieces(self, token_ids: Sequence[int], spans: Sequence[tuple[int, int]], key_ns: NamespaceKey) -> list[Piece]:
         """The request's pieces, with its gaps cut along the cached path (``SegmentGraph.align``)."""
         pieces = split_into_pieces(token_ids, spans, key_ns, gap_block=GAP_BLOCK)
         return self.graph.align(pieces, lambda start, end: make_piece(token_ids, start, end, key_ns, reusable=False))
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        try:
+            return self._match(params)
+        except Exception as exc:  # noqa: BLE001 - a SparseX bug must not stop the scheduler: serve it unshared
+            self.runtime.internal_error("match_prefix", exc)
+            if params.req is not None:
+                self.runtime.forget(params.req.rid)
+                params.req.sparsex_outcome = None
+            return self._result(MatchHandle(), 0)
+
+    def _match(self, params: MatchPrefixParams) -> MatchResult:
         req = params.req
         limit = len(params.key)
         if req is None or limit == 0:
@@ -118,12 +155,12 @@ class SegmentGraphCache(BasePrefixCache):
         token_ids = list(req.origin_input_ids) + list(req.output_ids or [])
         n_prompt = len(req.origin_input_ids)
         try:
-            spans, namespace, ratio = self._segment_data(req, n_prompt)
+            spans, ratio = self._segment_data(req, n_prompt)
         except InvalidSegmentsError as exc:
             self.runtime.fallback("invalid_segments", str(exc))
-            spans, namespace, ratio = [], "", self.runtime.config.recompute_ratio
+            spans, ratio = [], self.runtime.config.recompute_ratio
         reason = self._no_reuse_reason(req)
-        key_ns = self._key_namespace(req, namespace)
+        key_ns = self._namespace(req)
         auto_segmented = False
         try:
             pieces = self._pieces(token_ids, spans, key_ns)
@@ -142,11 +179,11 @@ class SegmentGraphCache(BasePrefixCache):
         fallback = reason if plan.reused and reason else ""
         if fallback:
             self.runtime.fallback(fallback)
-        if reason or not spans:
-            limit = min(limit, plan.exact_prefix_len)
+        if reason or not spans or auto_segmented or ratio >= 1.0:
+            limit = min(limit, plan.exact_prefix_len)  # blended KV only where the client accepts approximation
         if (plan.reused and (reason or len(token_ids) != n_prompt)) or plan.prefix_len > limit:
             plan = self.graph.prefix_only(plan, min(plan.prefix_len, limit))
-        self.runtime.plans[rid] = RequestPlan(plan, tuple(pieces), tuple(spans), namespace, ratio,
+        self.runtime.plans[rid] = RequestPlan(plan, tuple(pieces), tuple(spans), ratio,
                                               segments_it_caches(pieces, plan), segments_it_computes(pieces, plan),
                                               auto_segmented)
         n = plan.n_tokens
@@ -193,6 +230,15 @@ class SegmentGraphCache(BasePrefixCache):
         return MatchResult(device_prefix_len=prefix_len, last_device_node=handle, last_host_node=handle,
                            best_match_node=handle)
 
+    def dfs_weight_order(self, node_handles: Sequence[object]) -> list[int]:
+        """``--schedule-policy dfs-weight``: requests that end their prefix hit on the same node run
+        together, the largest groups first, in arrival order otherwise. (SGLang's walk from the root node
+        would reach none of our handles, which hang in no tree, and drop every request from the queue.)"""
+        keys = [h.node_ids[:1] if isinstance(h, MatchHandle) else () for h in node_handles]
+        weight = Counter(keys)
+        first = {key: index for index, key in reversed(list(enumerate(keys)))}
+        return sorted(range(len(keys)), key=lambda i: (-weight[keys[i]] if keys[i] else 0, first[keys[i]], i))
+
     def path_device_indices(self, node: MatchHandle) -> torch.Tensor:
         if node.prefix_slots is None:
             return torch.empty(0, dtype=torch.int64, device=self.device)
@@ -211,6 +257,14 @@ class SegmentGraphCache(BasePrefixCache):
 
     # ------------------------------------------------------------------ caching a request
     def checkpoint(self, req: object, *, up_to: int, **kwargs: object) -> None:
+        """Cache the request's KV up to ``up_to``. A failure leaves it uncached (the request keeps and
+        later frees its slots, as for a prompt that did not fit) and is counted; the scheduler goes on."""
+        try:
+            self._checkpoint(req, up_to)
+        except Exception as exc:  # noqa: BLE001 - logged and counted by internal_error
+            self.runtime.internal_error("checkpoint", exc)
+
+    def _checkpoint(self, req: object, up_to: int) -> None:
         rid = req.rid  # type: ignore[attr-defined]
         kv = req.kv  # type: ignore[attr-defined]
         token_ids = list(req.full_untruncated_fill_ids[:up_to])  # type: ignore[attr-defined]
@@ -263,7 +317,7 @@ class SegmentGraphCache(BasePrefixCache):
         since then, are on it whatever was cached meanwhile), then the decoded tokens in blocks counted
         from the prompt's end (where the prompt's last block may have been cut short). Every checkpoint of
         a request cuts the same way, so no two of its nodes hold one slot."""
-        key_ns = self._key_namespace(req, entry.namespace if entry is not None else "")
+        key_ns = self._namespace(req)
         if entry is not None:
             planned, n_prompt = list(entry.pieces), entry.plan.n_tokens
         else:  # planned without the graph (nothing to match): the plain cut of the prompt
@@ -277,15 +331,21 @@ class SegmentGraphCache(BasePrefixCache):
 
     def on_release(self, req: object, *, checkpointed: bool) -> None:
         rid = req.rid  # type: ignore[attr-defined]
-        entry = self.runtime.plans.pop(rid, None)
-        outcome = self.runtime.outcomes.pop(rid, None)
-        self.runtime.landed(rid)
-        self.runtime.reuse_refused.discard(rid)
-        if outcome is not None:
-            outcome.settle()
-            self.runtime.record(outcome, had_segments=bool(entry and entry.spans),
-                                auto_segmented=bool(entry and entry.auto_segmented))
-            logger.debug("SparseX request %s: %s", rid, outcome)
+        entry = self.runtime.plans.get(rid)
+        outcome = self.runtime.outcomes.get(rid)
+        self.runtime.forget(rid)
+        try:
+            if outcome is not None:
+                outcome.settle()
+                self.runtime.record(outcome, had_segments=bool(entry and entry.spans),
+                                    auto_segmented=bool(entry and entry.auto_segmented))
+                logger.debug("SparseX request %s: %s", rid, outcome)
+        except Exception as exc:  # noqa: BLE001 - logged and counted by internal_error
+            self.runtime.internal_error("on_release", exc)
+
+    def release_aborted_request(self, handle: CacheRequestHandle) -> None:
+        """A request aborted while queued leaves without a release: drop what its match planned."""
+        self.runtime.forget(handle.rid)
 
     # ------------------------------------------------------------------ memory
     def evict(self, params: EvictParams) -> EvictResult:
@@ -309,11 +369,14 @@ class SegmentGraphCache(BasePrefixCache):
         return self.graph.total_tokens
 
     def reset(self) -> None:
-        self.graph.reset()
+        leaked = self.graph.reset()
+        if leaked:
+            logger.error("SparseX: %d cache nodes were still locked at a cache flush (a lock leak); dropped", leaked)
         self.runtime.plans.clear()
         self.runtime.outcomes.clear()
         self.runtime.in_flight.clear()
         self.runtime.reuse_refused.clear()
+        self.runtime.deferrals.clear()
 
     def pretty_print(self) -> None:
         logger.info("SegmentGraphCache: %d nodes, %d tokens (%d protected)", len(self.graph),

@@ -34,7 +34,8 @@ logger = logging.getLogger("sparsex_sgl")
 NAME = "sparsex"
 CPU_SHIM_ENV = "SPARSEX_SGL_CPU_SHIM"
 OPTIONS = ("enable_sparsex", "sparsex_config", "sparsex_recompute_ratio", "sparsex_full_layers", "sparsex_selection",
-           "sparsex_auto_segment", "sparsex_kernels")
+           "sparsex_auto_segment", "sparsex_kernels", "sparsex_min_segment_tokens", "sparsex_markers",
+           "sparsex_hide_counts")
 STATS_ROUTE = "/sparsex/stats"
 
 
@@ -56,6 +57,8 @@ def register() -> None:
         ("sglang.srt.server_args.ServerArgs.from_cli_args", _from_cli_args, HookType.AROUND),
         ("sglang.srt.sampling.sampling_params.SamplingParams.verify", _verify_custom_params, HookType.AFTER),
         ("sglang.srt.managers.tokenizer_manager.TokenizerManager._tokenize_one_request", _segment_text, HookType.BEFORE),
+        ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", _validate_prompt,
+         HookType.BEFORE),
         ("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.get_cached_tokens_details",
          _add_details, HookType.AFTER),
         ("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
@@ -124,6 +127,13 @@ def _add_cli_args(original: Any, parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sparsex-kernels", type=str, default=None, choices=KERNEL_CHOICES,
                        help="Ops of the sparse layers: auto (default: Triton on CUDA, torch on the CPU), triton, "
                             "torch.")
+    group.add_argument("--sparsex-min-segment-tokens", type=int, default=None, metavar="TOKENS",
+                       help="Marked segments shorter than this are served as gap text (default 8).")
+    group.add_argument("--sparsex-markers", action="store_true", default=None,
+                       help="Parse in-band segment markers in every text prompt (default: only in requests with "
+                            "custom_params sparsex_markers=true).")
+    group.add_argument("--sparsex-hide-counts", action="store_true", default=None,
+                       help="Leave the per-request sparsex_* counts out of meta_info (/sparsex/stats keeps totals).")
 
 
 def resolve_config(options: dict[str, Any]) -> HybridConfig:
@@ -132,9 +142,12 @@ def resolve_config(options: dict[str, Any]) -> HybridConfig:
     values = asdict(base)
     for key, field_name in (("sparsex_recompute_ratio", "recompute_ratio"), ("sparsex_full_layers", "full_layers"),
                             ("sparsex_selection", "selection"), ("sparsex_auto_segment", "auto_segment_tokens"),
-                            ("sparsex_kernels", "kernels")):
+                            ("sparsex_kernels", "kernels"), ("sparsex_min_segment_tokens", "min_segment_tokens"),
+                            ("sparsex_markers", "markers")):
         if options.get(key) is not None:
             values[field_name] = options[key]
+    if options.get("sparsex_hide_counts"):
+        values["report_counts"] = False
     return HybridConfig.from_mapping(values)
 
 
@@ -216,27 +229,68 @@ def _patch_engine_kwargs() -> None:
 
 # ---------------------------------------------------------------------- requests
 def _verify_custom_params(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
-    """Malformed segment data is the client's error: a clear 400 from the tokenizer manager."""
+    """Malformed ``custom_params`` is the client's error: a short 400 from the tokenizer manager. Besides
+    our keys, the whole value must have the type SGLang's scheduler decodes it as (``CustomParamValue``):
+    anything else would pass the HTTP layer and then fail the scheduler's typed decoder, which does not
+    catch it."""
     if enabled():
         from sparsex_sgl.protocol import check_custom_params
 
         check_custom_params(self.custom_params)
+        _check_wire_type(self.custom_params)
+
+
+def _check_wire_type(custom: Any) -> None:
+    import msgspec
+    from sglang.srt.sampling.sampling_params import CustomParamValue
+
+    try:
+        msgspec.convert(custom, type=dict[str, CustomParamValue] | None, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"custom_params: {str(exc)[:120]} (values: null, bool, number, string, or a flat list "
+                         "or object of those)") from None
+
+
+def _validate_prompt(self: Any, obj: Any, input_ids: Any, *args: Any, **kwargs: Any) -> None:
+    """Token ids the model cannot run are the client's error (stock SGLang's scheduler dies on an empty
+    prompt and on ids outside the vocabulary); segment spans are checked against the prompt here too, so
+    the scheduler gets only requests it can serve."""
+    if not enabled() or input_ids is None:
+        return
+    from sparsex_sgl import protocol
+    from sparsex_sgl.segments import validate_spans
+
+    if len(input_ids) == 0:
+        raise ValueError("the prompt is empty")
+    vocab = int(self.model_config.vocab_size)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
+        raise ValueError("input_ids must be integers")
+    if min(input_ids) < 0 or max(input_ids) >= vocab:
+        bad = next(t for t in input_ids if not 0 <= t < vocab)
+        raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab})")
+    params = obj.sampling_params if isinstance(getattr(obj, "sampling_params", None), dict) else {}
+    custom = params.get("custom_params")
+    if isinstance(custom, dict) and custom.get(protocol.SPANS_KEY):
+        validate_spans(protocol.parse_spans(custom[protocol.SPANS_KEY]), len(input_ids))
 
 
 def _segment_text(self: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
-    """Text prompts with segment markers (or a listed ``sparsex_segments``) become ids plus spans."""
+    """Text prompts with a listed ``sparsex_segments``, or with in-band markers where the request
+    (``sparsex_markers``) or the server (``--sparsex-markers``) asks for them, become ids plus spans."""
     if not enabled() or not isinstance(getattr(obj, "text", None), str) or getattr(obj, "input_ids", None) is not None:
         return
     from sparsex_sgl import protocol
 
     params = obj.sampling_params if isinstance(obj.sampling_params, dict) else None
-    custom = dict((params or {}).get("custom_params") or {})
+    raw = (params or {}).get("custom_params")
+    protocol.check_custom_params(raw)
+    custom = dict(raw or {})
     listed = custom.get(protocol.SEGMENTS_KEY)
-    if not listed and not protocol.has_markers(obj.text):
+    markers = bool(custom.get(protocol.MARKERS_KEY)) or _server_config().markers
+    if not listed and not (markers and protocol.has_markers(obj.text)):
         return
     if params is None:
         raise ValueError("segment markers need a single request with its own sampling_params")
-    protocol.check_custom_params(custom)
     pieces = protocol.split_listed_segments(obj.text, listed) if listed else protocol.split_marked_text(obj.text)
     tok = self.tokenizer
     ids, spans = protocol.encode_pieces(pieces, lambda t: tok.encode(t),
@@ -246,6 +300,11 @@ def _segment_text(self: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
     obj.sampling_params = {**params, "custom_params": custom}
     obj.text = "".join(p.text for p in pieces)
     obj.input_ids = ids
+
+
+def _server_config() -> HybridConfig:
+    """This server's SparseX settings, in the launcher process (which runs the tokenizer manager)."""
+    return HybridConfig.from_mapping(json.loads(os.environ.get(CONFIG_ENV) or "{}"))
 
 
 def _admit(original: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
@@ -273,13 +332,18 @@ def _admit(original: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any
     runtime = current()
     if runtime is None:
         return original(self, req, *args, **kwargs)
-    running = {r.rid for r in self.running_batch.reqs} if self.running_batch is not None else set()
-    if runtime.should_defer(req.rid, [r.rid for r in self.can_run_list], running):
-        return AddReqResult.CONTINUE
-    entry = runtime.plans.get(req.rid)
-    reuses = entry is not None and bool(entry.plan.reused)
     budget = self.rem_chunk_tokens
-    whole = reuses and budget is not None and entry.plan.n_tokens - entry.plan.prefix_len > budget  # type: ignore[union-attr]
+    try:
+        running = {r.rid for r in self.running_batch.reqs} if self.running_batch is not None else set()
+        if runtime.should_defer(req.rid, [r.rid for r in self.can_run_list], running):
+            return AddReqResult.CONTINUE
+        entry = runtime.plans.get(req.rid)
+        reuses = entry is not None and bool(entry.plan.reused)
+        whole = reuses and budget is not None and entry.plan.n_tokens - entry.plan.prefix_len > budget  # type: ignore[union-attr]
+    except Exception as exc:  # noqa: BLE001 - a SparseX bug: admit it as stock SGLang would, without its plan
+        runtime.internal_error("admission", exc)
+        runtime.forget(req.rid)
+        return original(self, req, *args, **kwargs)
     if not whole:
         result = original(self, req, *args, **kwargs)
     elif self.can_run_list:
@@ -314,9 +378,12 @@ def _refuse_prefill_graph(original: Any, self: Any, forward_batch: Any) -> bool:
 
 
 def _add_details(result: Any, self: Any, req: Any) -> Any:
-    """Per-request SparseX counts in ``meta_info["cached_tokens_details"]``."""
+    """Per-request SparseX counts in ``meta_info["cached_tokens_details"]`` (unless ``--sparsex-hide-counts``)."""
+    from sparsex_sgl.sglang.runtime import current
+
     outcome = getattr(req, "sparsex_outcome", None)
-    if outcome is None:
+    runtime = current()
+    if outcome is None or runtime is None or not runtime.config.report_counts:
         return result
     details = dict(result) if result else {"device": req.cached_tokens, "host": 0}
     outcome.settle()  # the batch's results are out, so its device values are ready

@@ -38,13 +38,12 @@ GAP_BLOCK = 16
 
 @dataclass(frozen=True)
 class RequestPlan:
-    """A request's lookup plan, the pieces, spans and namespace it was made from, and its recompute ratio."""
+    """A request's lookup plan, the pieces and spans it was made from, and its recompute ratio."""
 
     plan: LookupPlan
     pieces: tuple[Piece, ...]
     """The prompt's cut (``SegmentGraph.align``): the request caches its KV along this same cut."""
     spans: tuple[tuple[int, int], ...]
-    namespace: str
     recompute_ratio: float
     caches: frozenset[SegmentHash] = frozenset()
     """The segments this request will compute exactly and cache (``graph.segments_it_caches``)."""
@@ -167,6 +166,29 @@ class SparseXRuntime:
             logger.warning("SparseX falls back to exact full prefill (%s)%s; further cases are only counted",
                            reason, f": {detail}" if detail else "")
 
+    def internal_error(self, where: str, exc: BaseException) -> None:
+        """A bug in SparseX code met while serving: the request falls back (counted as ``internal_error``),
+        the first one per place is logged with its traceback, and the scheduler keeps running."""
+        with self._lock:
+            self.counters.fallbacks["internal_error"] += 1
+            first = where not in self._logged
+            self._logged.add(where)
+        if first:
+            logger.error("SparseX internal error in %s; the request falls back to stock prefill and the server "
+                         "keeps serving (further cases are only counted)", where, exc_info=exc)
+
+    def forget(self, rid: str) -> None:
+        """Drop everything held for ``rid``: it left the scheduler (released, or aborted while queued)."""
+        self.plans.pop(rid, None)
+        self.outcomes.pop(rid, None)
+        self.landed(rid)
+        self.reuse_refused.discard(rid)
+
+    def tracked_requests(self) -> int:
+        """Requests this runtime holds state for; 0 when the scheduler is idle (a leak check)."""
+        return len(set(self.plans) | set(self.outcomes) | set(self.in_flight) | set(self.deferrals)
+                   | self.reuse_refused)
+
     def should_defer(self, rid: str, admitted: Sequence[str], running: Collection[str] = ()) -> bool:
         """Whether request ``rid`` should wait for a later prefill batch: a request already admitted to this
         batch (``admitted``), or one still running whose prompt is not cached yet (``running``: overlap
@@ -230,6 +252,7 @@ class SparseXRuntime:
         out: dict[str, object] = {k: v for k, v in asdict(c).items() if k != "fallbacks"}
         out["fallbacks"] = dict(c.fallbacks)
         out["config"] = asdict(self.config)
+        out["tracked_requests"] = self.tracked_requests()
         out["disabled_reason"] = self.disabled_reason
         return out
 
