@@ -1,9 +1,19 @@
-"""Shared fixtures: tiny random HF models (fixed seeds) and the real SmolLM2 folder."""
+"""Shared fixtures: tiny random HF models (fixed seeds) and the real SmolLM2 folder.
+
+Without CUDA the Triton kernels run under Triton's interpreter. ``@triton.jit`` reads
+``TRITON_INTERPRET`` when a kernel module is imported, and any test module may import one indirectly
+(``sparsex_sgl.sglang`` imports the pipeline), so it is set here, before pytest imports the test modules.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

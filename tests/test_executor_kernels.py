@@ -7,14 +7,8 @@ run under Triton's interpreter (set before they are imported). Each prefill runs
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from conftest import tiny_model
 from test_executor import filled_cache, segmented_prompt
 

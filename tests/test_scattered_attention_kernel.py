@@ -1,20 +1,15 @@
 """The Triton scattered-query attention against its torch reference.
 
-Without CUDA the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set here before the
+Without CUDA the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set in conftest.py before the
 kernel module is imported), on small shapes; on a GPU the same cases run compiled.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from sparsex_sgl.kernels import scattered_query_attention_ref
 from sparsex_sgl.kernels.scattered_attention import KernelConfig, heaviest_first, query_tiles, scattered_query_attention
 

@@ -1,20 +1,15 @@
 """Triton selection scores and fused RoPE re-alignment + copy against their torch references.
 
-Without CUDA they run under Triton's interpreter (``TRITON_INTERPRET=1``, set before the kernel modules
+Without CUDA they run under Triton's interpreter (``TRITON_INTERPRET=1``, set in conftest.py before the kernel modules
 are imported), on small shapes.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
 from sparsex_sgl.kernels.realign import realign_copy
 from sparsex_sgl.kernels.selection import BLOCK_R, selection_scores

@@ -11,14 +11,9 @@ kernel sets run: torch, and Triton (compiled on CUDA, else under ``TRITON_INTERP
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
 
 from sparsex_sgl.graph import ReusedSegment
