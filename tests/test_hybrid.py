@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sparsex_sgl.eval.fidelity import method_runs
-from sparsex_sgl.hybrid import HybridConfig, ModelDims, modeled_prefill_flops
+from sparsex_sgl.hybrid import HybridConfig, ModelDims, method_config, modeled_prefill_flops
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -15,6 +15,12 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_presets_load(path: Path) -> None:
     assert isinstance(HybridConfig.from_yaml(path), HybridConfig)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_presets_agree_with_the_methods_they_name(path: Path) -> None:
+    """A preset is the method of its name at the defaults every report uses (ratio 0.15, ``L_full`` 2)."""
+    assert HybridConfig.from_yaml(path) == method_config(path.stem, 0.15, 2)
 
 
 def test_presets_exist() -> None:
