@@ -56,12 +56,17 @@ def selection_scores_ref(
     lse: torch.Tensor,
     key_positions: torch.Tensor,
     scale: float,
+    heads: str = "sum",
 ) -> torch.Tensor:
-    """Attention mass each key in ``key_positions`` receives from the query rows, summed over rows and heads.
+    """Attention mass each key in ``key_positions`` receives from the query rows, summed over rows, then
+    summed over heads (``heads="sum"``, the mean up to a constant) or the largest head's (``"max"``: a key
+    that one head reads hard is not averaged away by the heads that ignore it).
 
     ``lse [m, hq]`` is the one returned by the attention over *all* keys, so the mass is the true softmax
     share without materialising the full attention matrix. Returns float32 ``[len(key_positions)]``.
     """
+    if heads not in ("sum", "max"):
+        raise ValueError(f"heads must be 'sum' or 'max', got {heads!r}")
     m, hq, _ = q.shape
     hkv = k.shape[1]
     scores = _grouped_scores(q, k[key_positions], scale)  # [hkv, g, m, r]
@@ -69,4 +74,6 @@ def selection_scores_ref(
     probs = torch.exp(scores - lse_g[..., None])
     visible = key_positions[None, :].to(q_positions.device) <= q_positions[:, None]
     probs = probs.masked_fill(~visible, 0.0)
-    return probs.sum(dim=(0, 1, 2))
+    if heads == "sum":
+        return probs.sum(dim=(0, 1, 2))
+    return probs.sum(dim=2).reshape(hq, -1).amax(dim=0)

@@ -18,6 +18,9 @@ from typing import Any
 from sparsex_sgl.select import SELECTIONS, SIGNAL_SELECTIONS
 
 KERNEL_CHOICES: tuple[str, ...] = ("auto", "torch", "triton")
+MASS_ROWS: tuple[str, ...] = ("new", "answer")
+MASS_LAYERS: tuple[str, ...] = ("last", "all")
+MASS_HEADS: tuple[str, ...] = ("sum", "max")
 MASS_PRIOR = 4.0
 """Prior weight of ``sparse_q``'s attention-mass factor (``select.sparse_q_signal``), in mean masses; chosen
 on development questions (HotpotQA offsets 500+), apart from the questions the README reports."""
@@ -32,6 +35,19 @@ class HybridConfig:
     selection: str = "sparse_q"
     min_tokens_per_segment: int = 1
     mass_prior: float = MASS_PRIOR
+    mass_rows: str = "new"
+    """Rows whose attention mass is read (mass policies, ``select``): "new" (every new token) or "answer"
+    (the new tokens after the last reused one: the question and the generation prompt). In chat and
+    agent prompts the new tokens include edited turns and tool text, which read the reused text for
+    their own sake, not for the answer's."""
+    mass_layers: str = "last"
+    """Layers whose mass is summed: "last" (the threshold layer) or "all" (every full layer)."""
+    mass_heads: str = "sum"
+    """How heads combine per reused token, within each layer: "sum" (all heads' mass) or "max" (the head
+    that reads it most); layers then add up."""
+    coverage: float = 0.0
+    """Adaptive budget: 0 takes ``recompute_ratio`` of the reused tokens; in (0, 1] takes per request the
+    fewest top tokens whose signal covers that share of its total, at most ``recompute_ratio`` of them."""
     auto_segment_tokens: int = 0
     """Average length of the segments found in requests without segment data (``segments.auto_spans``),
     after their prefix hit; 0 (the default): such requests get exact prefix reuse only, as on stock SGLang."""
@@ -39,7 +55,11 @@ class HybridConfig:
     """Ops of the sparse layers (``sparse_extend``): "triton", "torch", or "auto" (Triton on CUDA, torch on
     the CPU). "triton" on the CPU needs ``TRITON_INTERPRET=1`` (slow: for tests)."""
     prefill_backend: str = ""
+    """SGLang attention backend the ``sparsex`` prefill backend wraps; "" = the one SGLang picked (the
+    decode backend: ``--attention-backend`` or its default)."""
     min_segment_tokens: int = 8
+    """Marked segments shorter than this are served as gap text (exact prefix reuse only): a node per few
+    tokens grows the graph (its work per request) and saves almost no compute."""
     markers: bool = False
     """Parse in-band segment markers in every text prompt (``protocol.MARKER_BEGIN``), for programs that
     can send only text (``frontend.segment``). Off: only requests with ``sparsex_markers`` are parsed, so
@@ -47,10 +67,6 @@ class HybridConfig:
     report_counts: bool = True
     """Return each request's ``sparsex_*`` counts in ``meta_info``. Off hides them from clients (they
     reveal what other requests in the namespace cached); ``/sparsex/stats`` keeps the totals."""
-    """Marked segments shorter than this are served as gap text (exact prefix reuse only): a node per few
-    tokens grows the graph (its work per request) and saves almost no compute."""
-    """SGLang attention backend the ``sparsex`` prefill backend wraps; "" = the one SGLang picked (the
-    decode backend: ``--attention-backend`` or its default)."""
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
@@ -65,6 +81,14 @@ class HybridConfig:
             raise ValueError(f"auto_segment_tokens must be 0 (off) or >= 4, got {self.auto_segment_tokens}")
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+        for name, value, choices in (("mass_rows", self.mass_rows, MASS_ROWS), ("mass_layers", self.mass_layers,
+                                     MASS_LAYERS), ("mass_heads", self.mass_heads, MASS_HEADS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if not 0.0 <= self.coverage <= 1.0:
+            raise ValueError(f"coverage must be in [0, 1], got {self.coverage}")
+        if self.coverage and self.selection not in SIGNAL_SELECTIONS:
+            raise ValueError(f"coverage needs a scored selection {SIGNAL_SELECTIONS}, got {self.selection!r}")
         if self.selection in SIGNAL_SELECTIONS and self.full_layers < 1:
             raise ValueError(f"selection {self.selection!r} reads its signal from a full layer: full_layers >= 1")
 
@@ -87,8 +111,23 @@ class HybridConfig:
         return min(self.full_layers, num_layers)
 
 
-def method_config(method: str, ratio: float, full_layers: int) -> HybridConfig | None:
-    """The hybrid plan of a named method; None for full prefill (no reuse at all)."""
+SPARSEX_SIGNALS: dict[str, dict[str, Any]] = {
+    "sparse_q": {},
+    "mass": {"selection": "query_mass"},
+    "mass_all": {"selection": "query_mass", "mass_layers": "all"},
+    "mass_max": {"selection": "query_mass", "mass_heads": "max"},
+    "mass_all_max": {"selection": "query_mass", "mass_layers": "all", "mass_heads": "max"},
+    "answer_mass": {"selection": "query_mass", "mass_rows": "answer"},
+    "lookahead": {"selection": "lookahead"},
+}
+"""SparseX's candidate signals by name (``select``'s module docstring says why each), as settings over the
+shipped ``HybridConfig``: ``sparse_q`` is the shipped one, the others are its query-mass variants."""
+
+
+def method_config(method: str, ratio: float, full_layers: int, signal: str = "sparse_q",
+                  coverage: float = 0.0) -> HybridConfig | None:
+    """The hybrid plan of a named method; None for full prefill (no reuse at all). ``signal`` (a key of
+    ``SPARSEX_SIGNALS``) and ``coverage`` apply to SparseX only."""
     if method == "full":
         return None
     if method == "naive":
@@ -99,7 +138,10 @@ def method_config(method: str, ratio: float, full_layers: int) -> HybridConfig |
     if method == "epic":
         return HybridConfig(full_layers=0, recompute_ratio=ratio, selection="first_k", min_tokens_per_segment=0)
     if method == "sparsex":
-        return HybridConfig(full_layers=full_layers, recompute_ratio=ratio, selection="sparse_q")
+        if signal not in SPARSEX_SIGNALS:
+            raise ValueError(f"unknown SparseX signal {signal!r}; choose one of {tuple(SPARSEX_SIGNALS)}")
+        return HybridConfig(full_layers=full_layers, recompute_ratio=ratio, coverage=coverage,
+                            **SPARSEX_SIGNALS[signal])
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 

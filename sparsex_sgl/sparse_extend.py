@@ -35,7 +35,13 @@ from sparsex_sgl.hybrid import HybridConfig
 from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
 from sparsex_sgl.kernels.tiles import csr_tiles
 from sparsex_sgl.rope import RopeConfig, delta_rotation_table, rotate_pairs
-from sparsex_sgl.select import SIGNAL_SELECTIONS, selection_budget, sparse_q_signal
+from sparsex_sgl.select import (
+    MASS_SELECTIONS,
+    SIGNAL_SELECTIONS,
+    coverage_count,
+    selection_budget,
+    sparse_q_signal,
+)
 
 Kernels = Literal["torch", "triton"]
 TORCH_SCORE_BYTES = 1 << 28
@@ -180,15 +186,15 @@ class SparseExtendPlan:
         elif config.selection == "first_k":  # only moved segments' tokens are candidates
             moved = [sum(s.length for s in segs if s.delta != 0) for segs in segments]
             budgets = [min(b, m) for b, m in zip(budgets, moved, strict=True)]
-        self.n_reused, self.budgets = n_reused, budgets
-        self.computed = [len(r.new_rows) + b for r, b in zip(reqs, budgets, strict=True)]
-        self.row_offsets = _csr(self.computed)
+        self.n_reused = n_reused
         self.key_offsets = _csr(n_reused)
-        # New rows of the requests with reuse: the rows whose attention mass scores the reused tokens.
-        scored_new = [len(r.new_rows) if n else 0 for r, n in zip(reqs, n_reused, strict=True)]
-        self.scored_offsets = _csr(scored_new)
+        # The rows whose attention mass scores a request's reused tokens: its new rows, or with
+        # ``mass_rows="answer"`` those after its last reused token (the question and generation prompt).
+        scored = [self._scored_rows(r) if n else [] for r, n in zip(reqs, n_reused, strict=True)]
+        self.scored_offsets = _csr([len(rows) for rows in scored])
         max_r = max(n_reused, default=0)
         self._stride = max((r.n_tokens for r in reqs), default=0) + 1
+        self._mass_sum: torch.Tensor | None = None
 
         up = _Upload()
         up.add("req_pool", np.array([r.pool_index for r in reqs]))
@@ -196,10 +202,11 @@ class SparseExtendPlan:
         up.add("req_len", np.array([r.n_tokens for r in reqs]))
         up.add("new_pos", _concat([r.new_rows for r in reqs]))
         up.add("new_req", np.repeat(np.arange(len(reqs)), [len(r.new_rows) for r in reqs]))
-        scored = [r.new_rows if n else [] for r, n in zip(reqs, n_reused, strict=True)]
+        up.add("new_idx", _concat([np.asarray(r.new_rows, np.int64) - r.prefix_len + r.extend_start for r in reqs]))
+        new_base = _csr([len(r.new_rows) for r in reqs])
         up.add("scored_pos", _concat(scored))
-        up.add("scored_idx", _concat([np.asarray(rows, np.int64) - r.prefix_len + r.extend_start
-                                      for r, rows in zip(reqs, scored, strict=True)]))
+        up.add("scored_in_new", _concat([np.searchsorted(np.asarray(r.new_rows), rows) + base
+                                         for r, rows, base in zip(reqs, scored, new_base[:-1], strict=True)]))
         up.add("scored_offsets", np.array(self.scored_offsets))
         positions = [np.arange(s.target_start, s.target_start + s.length) for segs in segments for s in segs]
         up.add("r_pos", _concat(positions))
@@ -217,20 +224,59 @@ class SparseExtendPlan:
         up.add("r_forced", moved & (offsets < config.min_tokens_per_segment))
         # EPIC-style: earliest offsets of moved segments first (ties by segment order: stable sort).
         up.add("first_k", np.where(moved, -offsets, -np.inf).astype(np.float32))
-        up.add("sel_take", _concat([b * max_r + np.arange(k) for b, k in enumerate(budgets)]))
-        up.add("sel_req", np.repeat(np.arange(len(reqs)), budgets))
-        up.add("rows_req", np.repeat(np.arange(len(reqs)), self.computed))
         if self.kernels == "triton":
             up.add("scored_tiles", csr_tiles([self.group * o for o in self.scored_offsets], self._block_t))
-            up.add("rows_tiles", csr_tiles([self.group * o for o in self.row_offsets], self._block_t))
             up.add("key_tiles", csr_tiles(self.key_offsets, self._selection.BLOCK_R))
-        self._dev = d = up.to(self.device)
+        self._dev = up.to(self.device)
         self._padded_shape = (len(reqs), max_r)
+        d = self._dev
         self.reused_dst = self.req_to_token[d["req_pool"][d["r_req"]].long(), d["r_pos"].long()].long()
+        self.max_budgets = budgets
+        """Each request's recompute budget at its ratio; the budgets taken (``budgets``) are these unless
+        ``config.coverage`` sets them per request at ``select``."""
+        self._set_budgets(budgets)
         self.rows: RowLayout | None = None
         self.rows_index: torch.Tensor | None = None
         self.rows_slot: torch.Tensor | None = None
         self.exact_len: torch.Tensor | None = None
+
+    def _scored_rows(self, request: ExtendRequest) -> Sequence[int]:
+        if self.config.mass_rows == "new":
+            return request.new_rows
+        last_reused = max(s.target_start + s.length for s in request.reused)
+        return [p for p in request.new_rows if p >= last_reused]
+
+    def _set_budgets(self, budgets: Sequence[int]) -> None:
+        """Lay out what depends on the number of tokens each request recomputes (one small upload)."""
+        reqs, max_r = self.requests, self._padded_shape[1]
+        self.budgets = list(budgets)
+        self.computed = [len(r.new_rows) + b for r, b in zip(reqs, budgets, strict=True)]
+        self.row_offsets = _csr(self.computed)
+        up = _Upload()
+        up.add("sel_take", _concat([b * max_r + np.arange(k) for b, k in enumerate(budgets)]))
+        up.add("sel_req", np.repeat(np.arange(len(reqs)), budgets))
+        up.add("rows_req", np.repeat(np.arange(len(reqs)), self.computed))
+        if self.kernels == "triton":
+            up.add("rows_tiles", csr_tiles([self.group * o for o in self.row_offsets], self._block_t))
+        self._dev.update(up.to(self.device))
+
+    # ------------------------------------------------------------------ full layers: attention mass
+    @property
+    def observes_full_layers(self) -> bool:
+        """Whether every full layer before the threshold should be passed to ``observe``."""
+        return self.config.selection in MASS_SELECTIONS and self.config.mass_layers == "all" \
+            and self.config.selection != "lookahead" and self.reused_dst.numel() > 0
+
+    def observe(self, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, scale: float) -> None:
+        """Add one layer's attention mass (from ``q [E, hq, d]``, the batch's extend rows) to the signal;
+        call it after that layer's attention, its K/V written to the buffers."""
+        self.observe_new(q[self._dev["new_idx"].long()], k_buffer, v_buffer, scale)
+
+    def observe_new(self, q_new: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, scale: float) -> None:
+        """``observe`` from the queries of the batch's new rows only (``[sum new rows, hq, d]``, request after
+        request): the look-ahead pass computes no other rows."""
+        mass = self._mass(q_new[self._dev["scored_in_new"].long()].contiguous(), k_buffer, v_buffer, scale)
+        self._mass_sum = mass if self._mass_sum is None else self._mass_sum + mass
 
     # ------------------------------------------------------------------ threshold: score, select, lay out
     def select(self, q: torch.Tensor | None = None, k_buffer: torch.Tensor | None = None,
@@ -241,22 +287,33 @@ class SparseExtendPlan:
         For a signal policy call it after the last full layer's attention, with that layer's rotated
         queries of the batch's extend rows ``q [E, hq, d]``, its KV buffers (fresh K/V of every extend row
         in the requests' own slots) and ``v_source``, the buffer the reused tokens' cached V comes from.
-        Without full layers (``first_k``, ``none``) call it with no arguments.
+        Without full layers (``first_k``, ``none``) call it with no arguments. With a fixed budget every
+        request's count of rows is known at plan time, so nothing reads back to the host; an adaptive
+        budget (``config.coverage``) reads the counts back once.
         """
-        d = self._dev
+        d, selection = self._dev, self.config.selection
         score = None
-        if self.config.selection in SIGNAL_SELECTIONS and self.reused_dst.numel():
+        if selection in SIGNAL_SELECTIONS and self.reused_dst.numel():
             if q is None or k_buffer is None or v_buffer is None or v_source is None or scale is None:
-                raise ValueError(f"selection {self.config.selection!r} scores at a full layer: pass its q and KV")
-            src = d["r_src"].long()
-            score = (v_buffer[self.reused_dst].float() - v_source[src].float()).norm(dim=(-2, -1))
-            if self.config.selection == "sparse_q":
-                mass = self._mass(q, k_buffer, v_buffer, scale)
-                score = torch.cat([sparse_q_signal(mass[a:b], score[a:b], self.config.mass_prior)
-                                   for a, b in itertools.pairwise(self.key_offsets)])
+                raise ValueError(f"selection {selection!r} scores at a full layer: pass its q and KV")
+            if selection in ("sparse_q", "kv_deviation"):
+                src = d["r_src"].long()
+                score = (v_buffer[self.reused_dst].float() - v_source[src].float()).norm(dim=(-2, -1))
+            if selection in ("sparse_q", "query_mass"):
+                self.observe(q, k_buffer, v_buffer, scale)
+            if selection in MASS_SELECTIONS:
+                if self._mass_sum is None:
+                    raise ValueError("lookahead selection needs the look-ahead pass's mass (observe_new) first")
+                mass = self._mass_sum
+                score = mass if score is None else torch.cat(
+                    [sparse_q_signal(mass[a:b], score[a:b], self.config.mass_prior)
+                     for a, b in itertools.pairwise(self.key_offsets)])
+            assert score is not None
             score = torch.where(d["r_forced"].bool(), torch.full_like(score, float("inf")), score)
-        elif self.config.selection == "first_k":
+        elif selection == "first_k":
             score = d["first_k"]
+        if score is not None and self.config.coverage > 0:
+            self._set_budgets(self._covering_budgets(score))
         chosen = self._top(score)
         rows_req = d["rows_req"].long()
         keys = torch.cat([d["new_req"].long() * self._stride + d["new_pos"].long(),
@@ -273,6 +330,20 @@ class SparseExtendPlan:
         kept_pos = torch.where(picked, d["req_len"].long()[d["r_req"].long()], d["r_pos"].long())
         self.exact_len = d["req_len"].long().scatter_reduce(0, d["r_req"].long(), kept_pos, "amin")
 
+    def _covering_budgets(self, score: torch.Tensor) -> list[int]:
+        """Per request: its forced tokens plus the fewest top scored tokens covering ``config.coverage`` of
+        its total signal, at most its fixed budget (one read back to the host)."""
+        d = self._dev
+        b, max_r = self._padded_shape
+        finite = torch.zeros(b * max_r, dtype=torch.float64, device=self.device)
+        forced = d["r_forced"].bool()
+        finite[d["r_pad"].long()] = torch.where(forced, 0.0, score.double())
+        n_forced = torch.zeros(b, dtype=torch.int64, device=self.device).index_add_(0, d["r_req"].long(), forced.long())
+        ordered = torch.sort(finite.view(b, max_r), dim=1, descending=True).values
+        counts = coverage_count(ordered, self.config.coverage) + n_forced
+        return [min(int(c), cap) if n else 0
+                for c, cap, n in zip(counts.tolist(), self.max_budgets, self.n_reused, strict=True)]
+
     def _top(self, score: torch.Tensor | None) -> torch.Tensor:
         """Global reused-token indices of each request's ``budget`` highest scores (ties: earlier first)."""
         d = self._dev
@@ -284,24 +355,28 @@ class SparseExtendPlan:
         order = torch.sort(padded.view(b, max_r), dim=1, descending=True, stable=True).indices
         return d["r_off"].long()[d["sel_req"].long()] + order.view(-1)[d["sel_take"].long()]
 
-    def _mass(self, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention mass per reused token from its request's new rows, at the threshold layer: ``[R]``."""
+    def _mass(self, q_scored: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+              scale: float) -> torch.Tensor:
+        """Attention mass per reused token from its request's scored rows ``q_scored``, in one layer: ``[R]``.
+        Heads are summed, or with ``mass_heads="max"`` the largest head's mass is taken (torch ops only:
+        the Triton selection kernel sums heads)."""
         d = self._dev
-        q_new = q[d["scored_idx"].long()].contiguous()
         layout = self._layout(d["scored_pos"], self.scored_offsets, d.get("scored_tiles"))
-        _, lse = attend_rows(q_new, k_buffer, v_buffer, self.req_to_token, layout, scale, self.kernels, need_lse=True)
+        _, lse = attend_rows(q_scored, k_buffer, v_buffer, self.req_to_token, layout, scale, self.kernels,
+                             need_lse=True)
         assert lse is not None
-        if self.kernels == "triton":
+        heads = self.config.mass_heads
+        if self.kernels == "triton" and heads == "sum":
             return self._selection.selection_scores(
-                q_new, k_buffer, d["scored_pos"], d["scored_offsets"], lse, d["r_pos"], self.reused_dst,
+                q_scored, k_buffer, d["scored_pos"], d["scored_offsets"], lse, d["r_pos"], self.reused_dst,
                 d["key_tiles"], scale)
         masses = []
         for i, ((a, b), (ka, kb)) in enumerate(zip(itertools.pairwise(self.scored_offsets),
                                                    itertools.pairwise(self.key_offsets), strict=True)):
             if kb > ka:
                 k_seq = k_buffer[self._slots(i)]
-                masses.append(selection_scores_ref(q_new[a:b], k_seq, d["scored_pos"][a:b].long(), lse[a:b],
-                                                   d["r_pos"][ka:kb].long(), scale))
+                masses.append(selection_scores_ref(q_scored[a:b], k_seq, d["scored_pos"][a:b].long(), lse[a:b],
+                                                   d["r_pos"][ka:kb].long(), scale, heads=heads))
         return torch.cat(masses) if masses else torch.zeros(0, device=self.device)
 
     # ------------------------------------------------------------------ sparse layers

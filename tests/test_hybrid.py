@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,58 @@ def test_mass_priors_expand_sparsex_only() -> None:
     assert [r.name for r in runs] == ["cacheblend", "sparsex[prior=0.0]", "sparsex[prior=4.0]"]
     assert [r.config.mass_prior for r in runs if r.method == "sparsex"] == [0.0, 4.0]  # type: ignore[union-attr]
     assert method_runs(["sparsex"], [0.15], [2])[0].config == HybridConfig(full_layers=2, recompute_ratio=0.15)
+
+
+def test_signals_and_coverage_expand_sparsex_only() -> None:
+    runs = method_runs(["cacheblend", "sparsex"], [0.15], [2], signals=["sparse_q", "mass_all", "lookahead"],
+                       coverages=[0.0, 0.5])
+    assert [r.name for r in runs] == ["cacheblend", "sparsex", "sparsex[cov=0.5]", "sparsex:mass_all",
+                                      "sparsex:mass_all[cov=0.5]", "sparsex:lookahead", "sparsex:lookahead[cov=0.5]"]
+    by_name = {r.name: r.config for r in runs}
+    assert by_name["sparsex:mass_all[cov=0.5]"] == HybridConfig(full_layers=2, recompute_ratio=0.15, coverage=0.5,
+                                                                selection="query_mass", mass_layers="all")
+    assert by_name["sparsex:lookahead"].selection == "lookahead"  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="unknown SparseX signal"):
+        method_config("sparsex", 0.15, 2, "attention")
+
+
+def test_development_and_held_out_questions_never_mix() -> None:
+    from sparsex_sgl.eval.fidelity import SPLITS, split_of
+
+    for task, splits in SPLITS.items():
+        (a, b), (c, d) = splits["heldout"], splits["dev"]
+        assert b <= c or d <= a, task  # disjoint
+        assert split_of(task, a, b - a) == "heldout" and split_of(task, c, 10) == "dev"
+        with pytest.raises(SystemExit, match="straddle"):
+            split_of(task, c - 5, 10)
+    assert split_of("hotpotqa", 300, 50) == "other"
+
+
+def test_squad_prompts_hold_the_gold_paragraph_among_nine_of_its_article() -> None:
+    import json
+
+    from sparsex_sgl.assets import hotpotqa_path
+    from sparsex_sgl.eval.fidelity import load_task
+    from sparsex_sgl.eval.hotpotqa import normalize_answer
+
+    articles = json.loads((hotpotqa_path().parent / "squad.json").read_text())["data"]
+    by_id = {qa["id"]: (article["title"], paragraph["context"]) for article in articles
+             for paragraph in article["paragraphs"] for qa in paragraph["qas"]}
+    examples = load_task("squad", 30, 1000)
+    assert load_task("squad", 30, 1000) == examples  # the same questions and paragraphs every time
+    assert len({e.qid for e in examples}) == 30 and len({by_id[e.qid][0] for e in examples}) > 5  # many articles
+    for example in examples:
+        title, gold = by_id[example.qid]
+        assert gold.strip() in example.paragraphs[0] and len(set(example.paragraphs)) == 10
+        assert all(p.startswith(f"Document: {title.replace('_', ' ')}\n") for p in example.paragraphs)
+        assert any(normalize_answer(a) in normalize_answer(gold) for a in example.answers)  # answerable here
+        assert not any(gold.strip() in p for p in example.paragraphs[1:])
+
+
+def test_checkpoints_are_replaced_whole(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sparsex_sgl.eval.fidelity import write_atomic
+
+    out = tmp_path / "sweep.json"
+    write_atomic(out, {"meta": {"n": 1}})
+    write_atomic(out, {"meta": {"n": 2}})
+    assert json.loads(out.read_text()) == {"meta": {"n": 2}} and [p.name for p in tmp_path.iterdir()] == ["sweep.json"]

@@ -39,7 +39,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, 
     logs = tmp_path_factory.mktemp("servers")
     model = resolve_model("smollm2")
     stock = launch(model, list(CHUNKED), logs / "stock.log", MAX_TOTAL_TOKENS)
-    sparsex = launch(model, ["--enable-sparsex", "--sparsex-markers", *CHUNKED], logs / "sparsex.log", MAX_TOTAL_TOKENS)
+    sparsex = launch(model, ["--enable-sparsex", "--sparsex-markers", "--enable-metrics", *CHUNKED], logs / "sparsex.log",
+                     MAX_TOTAL_TOKENS)
     try:
         wait_ready(stock)
         wait_ready(sparsex)
@@ -359,6 +360,32 @@ ENGINE_SCRIPT = textwrap.dedent(
             engine.shutdown()
     """
 )
+
+
+def test_prometheus_metrics_equal_the_stats_endpoint(servers: tuple[Server, Server], prompts: list) -> None:
+    """``--enable-metrics``: SparseX's counters are on SGLang's own ``/metrics`` (parsed with prometheus_client's
+    parser, beside SGLang's metrics) and equal ``/sparsex/stats`` once requests have finished."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, sparsex = servers
+    generate(sparsex, prompts[1][0])
+    generate(sparsex, prompts[1][2])  # reuses the paragraphs in another order
+    expected = stats(sparsex)
+    with urllib.request.urlopen(sparsex.url + "/metrics", timeout=60) as resp:
+        text = resp.read().decode()
+    samples = {(s.name, s.labels.get("reason")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert any(name.startswith("sglang:") for name, _ in samples)  # SGLang's own metrics are still there
+    for key in ("requests", "requests_with_reuse", "prompt_tokens", "reused_tokens", "recomputed_tokens",
+                "computed_tokens", "evicted_tokens", "deferred_admissions"):
+        assert samples.get((f"sparsex_{key}_total", None), 0.0) == expected[key], key
+    assert expected["reused_tokens"] > 0
+    for reason, count in expected["fallbacks"].items():
+        assert samples[("sparsex_fallbacks_total", reason)] == count
+    assert samples[("sparsex_graph_tokens", None)] == expected["graph_tokens"] > 0
+    assert samples[("sparsex_graph_nodes", None)] == expected["graph_nodes"]
 
 
 def test_engine_with_enable_sparsex(prompts: list, tmp_path: Path) -> None:

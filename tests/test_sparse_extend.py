@@ -154,3 +154,68 @@ def test_plan_rejects_rows_that_do_not_cover_the_extend() -> None:
         ExtendRequest(0, 0, 0, 10, [8, 9], [], 0.15)
     with pytest.raises(ValueError, match="last prompt token"):
         ExtendRequest(0, 0, 0, 3, [0, 1], [ReusedSegment(0, 0, 2, 1, (5,))], 0.15)
+
+
+def softmax_mass(request: ExtendRequest, r2t: torch.Tensor, k: torch.Tensor, q: torch.Tensor, rows: list[int],
+                 heads: str) -> torch.Tensor:
+    """Mass per reused token from the query ``rows`` (positions) of one layer, by explicit softmax: ``[r]``."""
+    slots = r2t[request.pool_index, : request.n_tokens].long()
+    q_rows = q[torch.tensor(rows) - request.prefix_len + request.extend_start].double()  # [m, hq, d]
+    keys = k[slots].double().repeat_interleave(HQ // HKV, dim=1)  # [n, hq, d]
+    scores = torch.einsum("mhd,nhd->hmn", q_rows, keys) * SCALE
+    hidden = torch.arange(request.n_tokens)[None, :] > torch.tensor(rows)[:, None]
+    probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)  # [hq, m, n]
+    per_head = probs[:, :, reused_tokens(request.reused).positions].sum(dim=1)
+    return per_head.sum(dim=0) if heads == "sum" else per_head.amax(dim=0)
+
+
+MASS_CONFIGS = {
+    "mass": HybridConfig(recompute_ratio=0.3, selection="query_mass"),
+    "mass_max_answer": HybridConfig(recompute_ratio=0.3, selection="query_mass", mass_heads="max", mass_rows="answer"),
+    "mass_all": HybridConfig(recompute_ratio=0.3, selection="query_mass", mass_layers="all", min_tokens_per_segment=0),
+    "mass_coverage": HybridConfig(recompute_ratio=0.3, selection="query_mass", coverage=0.1),
+    "sparse_q_coverage": HybridConfig(recompute_ratio=0.3, selection="sparse_q", coverage=0.1, mass_layers="all"),
+}
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("name", list(MASS_CONFIGS))
+def test_mass_signals_and_adaptive_budget_match_the_softmax_oracle(kernels: str, name: str) -> None:
+    """Query mass (rows, heads, layers) and the coverage budget against an explicit-softmax oracle, per request;
+    ``mass_layers="all"`` observes an earlier layer (other q/K) first."""
+    config = MASS_CONFIGS[name]
+    requests, r2t, k, v, q = make_batch(seed=3)
+    g = torch.Generator().manual_seed(9)
+    k0, v0, q0 = torch.randn(k.shape, generator=g), torch.randn(v.shape, generator=g), torch.randn(q.shape, generator=g)
+    plan = SparseExtendPlan(requests, config, ROPE, r2t.to(DEVICE), HQ, HKV, kernels)  # type: ignore[arg-type]
+    assert plan.observes_full_layers == (config.mass_layers == "all")
+    if plan.observes_full_layers:
+        plan.observe(q0.to(DEVICE), k0.to(DEVICE), v0.to(DEVICE), SCALE)
+    plan.select(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), v.to(DEVICE), SCALE)
+    assert plan.rows is not None
+    got = plan.rows.positions.cpu()
+    for i, (request, (a, b)) in enumerate(zip(requests, itertools.pairwise(plan.rows.offsets), strict=True)):
+        if not request.reused:
+            assert got[a:b].tolist() == list(request.new_rows)
+            continue
+        reused = reused_tokens(request.reused)
+        last = max(s.target_start + s.length for s in request.reused)
+        rows = [p for p in request.new_rows if config.mass_rows == "new" or p >= last]
+        signal = softmax_mass(request, r2t, k, q, rows, config.mass_heads)
+        if config.mass_layers == "all":
+            signal = signal + softmax_mass(request, r2t, k0, q0, rows, config.mass_heads)
+        if config.selection == "sparse_q":
+            src, _ = reused_sources(request.reused)
+            dst = r2t[request.pool_index, reused.positions].long()
+            signal = sparse_q_signal(signal.float(), (v[dst] - v[src]).norm(dim=(-2, -1)), config.mass_prior).double()
+        budget = selection_budget(len(reused), request.recompute_ratio)
+        if config.coverage:
+            forced = reused.moved & (reused.offset < config.min_tokens_per_segment)
+            ordered = torch.sort(torch.where(forced, 0.0, signal), descending=True).values
+            covered = int(torch.searchsorted(ordered.cumsum(0), config.coverage * ordered.sum())) + 1
+            budget = min(budget, covered + int(forced.sum()))
+            assert plan.budgets[i] == budget <= plan.max_budgets[i]
+        selected = select_tokens(reused, budget, config.selection, signal, config.min_tokens_per_segment)
+        assert got[a:b].tolist() == torch.sort(torch.cat([torch.tensor(request.new_rows), selected])).values.tolist()
+    if config.coverage:
+        assert sum(plan.budgets) < sum(plan.max_budgets)  # the adaptive budget took fewer somewhere

@@ -1,7 +1,8 @@
 """``sparsex-sgl eval fidelity``: how close each reuse method stays to exact full prefill.
 
-Per HotpotQA question: the 10 paragraphs in a shuffled order are segments, each cached once alone
-(from position 0), and the instruction is cached as an exact prefix. Full prefill of the prompt is the
+Per question (HotpotQA, or SQuAD v2 with the gold paragraph among nine of its article: ``eval.squad``):
+the 10 paragraphs in a shuffled order are segments, each cached once alone (from position 0), and the
+instruction is cached as an exact prefix. Full prefill of the prompt is the
 reference; every method prefills the same prompt from the cache. Metrics per method:
 
 - ``kl_mean``: KL(full || method) of the next-token distribution at the answer start;
@@ -9,9 +10,12 @@ reference; every method prefills the same prompt from the cache. Metrics per met
   where the method's top-1 equals full prefill's greedy token;
 - ``greedy_exact``: share of questions whose 16 greedy tokens equal full prefill's;
 - ``f1`` / ``em``: token F1 and exact match of the greedy answer (up to its first line break or end of
-  turn) against HotpotQA's gold answer, with the standard SQuAD normalisation;
+  turn) against the best gold answer, with the standard SQuAD normalisation;
 - ``recompute_frac``: share of prompt tokens computed in the sparse layers;
-- ``flops_frac``: modeled prefill FLOPs as a fraction of full prefill's.
+- ``flops_frac``: modeled prefill FLOPs as a fraction of full prefill's (a look-ahead pass included).
+
+Protocol: signals and their parameters are chosen on development questions (``SPLITS``), then reported
+on the held-out ones; a run that mixes the two is refused, and the report says which split it is.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -31,17 +36,46 @@ import torch
 from tqdm import tqdm
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
-from sparsex_sgl.eval.hotpotqa import build_prompt, exact_match, f1_score, first_line, load_examples
-from sparsex_sgl.hybrid import MASS_PRIOR, METHODS, HybridConfig, method_config
+from sparsex_sgl.eval import hotpotqa, squad
+from sparsex_sgl.eval.hotpotqa import QAExample, build_prompt, first_line
+from sparsex_sgl.harness.quality import gold_scores
+from sparsex_sgl.hybrid import MASS_PRIOR, METHODS, SPARSEX_SIGNALS, HybridConfig, method_config
 from sparsex_sgl.reference.cache import ReferenceSegmentCache
 from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor
 
 ANSWER_TOKENS = 16
 METRICS = ("kl_mean", "top1_agree", "greedy_exact", "f1", "em", "recompute_frac", "flops_frac")
 """Per-method figures, each a mean over questions."""
-PER_QUESTION = ("kl", "f1")
+PER_QUESTION = ("kl", "f1", "em", "greedy_exact", "recompute_frac")
 """Per-method figures also kept question by question (``report["per_question"]``), for medians and paired
 comparisons between methods: KL is heavy-tailed and F1 differences are small against their spread."""
+TASKS = ("hotpotqa", "squad")
+SPLITS: dict[str, dict[str, tuple[int, int]]] = {
+    "hotpotqa": {"heldout": (0, 200), "dev": (500, 3000)},
+    "squad": {"heldout": (0, 200), "dev": (1000, 3000)},
+}
+"""Question index ranges ``[start, end)`` per task: signals and parameters are chosen on ``dev`` only, and
+``heldout`` is what the README reports."""
+
+
+def split_of(task: str, offset: int, n: int) -> str:
+    """The split questions ``offset .. offset + n`` lie in ("other" outside both); raises if they straddle."""
+    for name, (start, end) in SPLITS[task].items():
+        inside = max(0, min(end, offset + n) - max(start, offset))
+        if inside == n:
+            return name
+        if inside:
+            raise SystemExit(f"questions {offset}..{offset + n - 1} of {task} straddle its {name} split "
+                             f"{start}..{end - 1}: development and held-out questions are never mixed")
+    return "other"
+
+
+def load_task(task: str, n: int, offset: int) -> list[QAExample]:
+    if task == "hotpotqa":
+        return hotpotqa.load_examples(hotpotqa_path(), n, offset)
+    if task == "squad":
+        return squad.load_examples(squad.squad_path(hotpotqa_path().parent), n, offset)
+    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
 @dataclass(frozen=True)
@@ -54,32 +88,47 @@ class MethodRun:
     ratio: float | None
     full_layers: int | None
     mass_prior: float | None = None
+    signal: str | None = None
+    coverage: float | None = None
 
 
 def method_runs(methods: list[str], ratios: list[float], full_layers: list[int],
-                mass_priors: list[float] | None = None) -> list[MethodRun]:
-    """Expand methods over the settings they depend on; names carry the setting only when several are swept.
+                mass_priors: list[float] | None = None, signals: list[str] | None = None,
+                coverages: list[float] | None = None) -> list[MethodRun]:
+    """Expand methods over the settings they depend on; names carry a setting only when several are swept.
 
-    ``mass_priors`` (SparseX's ``HybridConfig.mass_prior``; default: the shipped value) only expands SparseX."""
-    priors = mass_priors or [MASS_PRIOR]
+    ``mass_priors`` (``HybridConfig.mass_prior``; default: the shipped value), ``signals`` (keys of
+    ``hybrid.SPARSEX_SIGNALS``; default: the shipped ``sparse_q``) and ``coverages`` (adaptive budget; 0:
+    the fixed ratio) expand SparseX only. A SparseX signal other than ``sparse_q`` is named
+    ``sparsex:<signal>``."""
+    priors, signals, coverages = mass_priors or [MASS_PRIOR], signals or ["sparse_q"], coverages or [0.0]
     many = len(ratios) > 1 or len(full_layers) > 1
     runs: list[MethodRun] = []
     for method in methods:
         uses_ratio = method in ("cacheblend", "epic", "sparsex")
         uses_layers = method in ("cacheblend", "sparsex")
+        sparsex = method == "sparsex"
         for ratio in ratios if uses_ratio else [None]:
             for layers in full_layers if uses_layers else [None]:
-                for prior in priors if method == "sparsex" else [None]:
-                    cfg = method_config(method, ratio or 0.0, layers or 0)
-                    if cfg is not None and prior is not None:
-                        cfg = dataclasses.replace(cfg, mass_prior=prior)
-                    setting = []
-                    if many and uses_ratio:
-                        setting += [f"r={ratio}"] + ([f"L={layers}"] if uses_layers else [])
-                    if len(priors) > 1 and prior is not None:
-                        setting.append(f"prior={prior}")
-                    suffix = f"[{','.join(setting)}]" if setting else ""
-                    runs.append(MethodRun(method + suffix, method, cfg, ratio, layers, prior))
+                for signal in signals if sparsex else [None]:
+                    uses_prior = signal == "sparse_q"
+                    for prior in priors if uses_prior else [None]:
+                        for coverage in coverages if sparsex else [None]:
+                            cfg = method_config(method, ratio or 0.0, layers or 0, signal or "sparse_q",
+                                                coverage or 0.0)
+                            if cfg is not None and prior is not None:
+                                cfg = dataclasses.replace(cfg, mass_prior=prior)
+                            setting = []
+                            if many and uses_ratio:
+                                setting += [f"r={ratio}"] + ([f"L={layers}"] if uses_layers else [])
+                            if len(priors) > 1 and prior is not None:
+                                setting.append(f"prior={prior}")
+                            if coverage:
+                                setting.append(f"cov={coverage}")
+                            label = method if signal in (None, "sparse_q") else f"{method}:{signal}"
+                            suffix = f"[{','.join(setting)}]" if setting else ""
+                            runs.append(MethodRun(label + suffix, method, cfg, ratio, layers, prior, signal,
+                                                  coverage))
     return runs
 
 
@@ -119,8 +168,9 @@ def evaluate(
     progress: bool = True,
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
     resume: dict[str, Any] | None = None,
+    task: str = "hotpotqa",
 ) -> dict[str, Any]:
-    """Run every method on ``n`` questions from ``offset``; returns the report dict.
+    """Run every method on ``n`` questions of ``task`` from ``offset``; returns the report dict.
 
     ``checkpoint`` gets the report over the questions done so far after each question (``meta.n`` says
     how many), so a long sweep that is stopped keeps its figures. ``resume`` is such a report of the
@@ -135,11 +185,15 @@ def evaluate(
                 totals[name][key] = metrics[key] * skip
         per_question = {name: {key: list(values) for key, values in figures.items()}
                         for name, figures in resume["per_question"].items()}
+        if n > skip and any(set(figures) != set(PER_QUESTION) for figures in per_question.values()):
+            raise SystemExit(f"--resume: the report keeps {sorted(next(iter(per_question.values())))} per question, "
+                             f"this version {list(PER_QUESTION)}; it can be read, not extended")
         prompt_tokens = round(resume["meta"]["mean_prompt_tokens"] * skip)
         earlier_seconds = float(resume["meta"]["seconds"])
-    examples = load_examples(hotpotqa_path(), n - skip, offset + skip) if n > skip else []
+    examples = load_task(task, n - skip, offset + skip) if n > skip else []
     started = time.perf_counter() - earlier_seconds
-    report = _report(totals, per_question, runs, skip, offset, seed, prompt_tokens, executor, started) if skip else {}
+    context = _Context(runs, offset, seed, task, executor)
+    report = _report(totals, per_question, context, skip, prompt_tokens, started) if skip else {}
     for done, example in enumerate(tqdm(examples, desc="fidelity", unit="q", disable=not progress), start=skip + 1):
         prompt = build_prompt(tokenizer, example, seed)
         prompt_tokens += len(prompt.input_ids)
@@ -163,39 +217,53 @@ def evaluate(
             results[index], greedy_all[index] = result, tokens
         forced_all = executor.teacher_forced_argmax_many(results, full_greedy)
         for run, result, forced, greedy in zip(runs, results, forced_all, greedy_all, strict=True):
-            acc = totals[run.name]
-            kl = kl_divergence(full.logits, result.logits)
-            acc["kl_mean"] += kl
-            acc["top1_agree"] += sum(a == b for a, b in zip(forced, full_greedy)) / ANSWER_TOKENS
-            acc["greedy_exact"] += float(greedy == full_greedy)
-            answer = answer_text(tokenizer, greedy)
-            f1 = f1_score(answer, example.answer)
-            acc["f1"] += f1
-            per_question[run.name]["kl"].append(kl)
-            per_question[run.name]["f1"].append(f1)
-            acc["em"] += exact_match(answer, example.answer)
-            acc["recompute_frac"] += result.stats.recompute_frac
-            acc["flops_frac"] += result.stats.flops / full_flops
-        assert set(acc) == set(METRICS)
-        report = _report(totals, per_question, runs, done, offset, seed, prompt_tokens, executor, started)
+            em, f1 = gold_scores(answer_text(tokenizer, greedy), example.answers)
+            figures = {
+                "kl": kl_divergence(full.logits, result.logits),
+                "top1_agree": sum(a == b for a, b in zip(forced, full_greedy)) / ANSWER_TOKENS,
+                "greedy_exact": float(greedy == full_greedy),
+                "f1": f1,
+                "em": em,
+                "recompute_frac": result.stats.recompute_frac,
+                "flops_frac": result.stats.flops / full_flops,
+            }
+            for key, value in figures.items():
+                totals[run.name]["kl_mean" if key == "kl" else key] += value
+            for key in PER_QUESTION:
+                per_question[run.name].setdefault(key, []).append(figures[key])
+        report = _report(totals, per_question, context, done, prompt_tokens, started)
         if checkpoint is not None:
             checkpoint(report)
     return report
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What every checkpoint of one sweep reports besides its figures."""
+
+    runs: list[MethodRun]
+    offset: int
+    seed: int
+    task: str
+    executor: ReferenceExecutor
+
+
 def _report(totals: dict[str, dict[str, float]], per_question: dict[str, dict[str, list[float]]],
-            runs: list[MethodRun], n: int, offset: int, seed: int, prompt_tokens: int, executor: ReferenceExecutor,
-            started: float) -> dict[str, Any]:
+            context: _Context, n: int, prompt_tokens: int, started: float) -> dict[str, Any]:
     report: dict[str, Any] = {"methods": {}, "per_question": per_question}
-    for run in runs:
-        metrics: dict[str, Any] = {key: value / n for key, value in totals[run.name].items()}
+    for run in context.runs:
+        metrics: dict[str, Any] = {key: totals[run.name][key] / n for key in METRICS}
         metrics["kl_median"] = statistics.median(per_question[run.name]["kl"])
-        metrics.update(method=run.method, ratio=run.ratio, full_layers=run.full_layers, mass_prior=run.mass_prior)
+        metrics.update(method=run.method, ratio=run.ratio, full_layers=run.full_layers, mass_prior=run.mass_prior,
+                       signal=run.signal, coverage=run.coverage)
         report["methods"][run.name] = metrics
+    executor = context.executor
     report["meta"] = {
         "n": n,
-        "offset": offset,
-        "seed": seed,
+        "task": context.task,
+        "split": split_of(context.task, context.offset, n),
+        "offset": context.offset,
+        "seed": context.seed,
         "mean_prompt_tokens": prompt_tokens / n,
         "answer_tokens": ANSWER_TOKENS,
         "architecture": executor.spec.architecture,
@@ -225,8 +293,10 @@ def parse_ints(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="'smollm2', 'qwen2.5-0.5b' or a path to an HF model folder")
-    parser.add_argument("--data", default="hotpotqa", choices=["hotpotqa"])
+    parser.add_argument("--model", default="smollm2",
+                        help="'smollm2', 'qwen2.5-0.5b', 'qwen2.5-1.5b' or a path to an HF model folder")
+    parser.add_argument("--data", default="hotpotqa", choices=TASKS,
+                        help="hotpotqa, or squad (gold paragraph among nine of its article)")
     parser.add_argument("--n", type=int, default=10, help="number of questions")
     parser.add_argument("--offset", type=int, default=0, help="index of the first question")
     parser.add_argument("--ratio", type=parse_floats, default=[0.15], help="recompute ratio(s), comma-separated")
@@ -234,6 +304,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     parser.add_argument("--mass-prior", type=parse_floats, default=[MASS_PRIOR],
                         help="SparseX's mass_prior value(s), comma-separated (select.sparse_q_signal)")
+    parser.add_argument("--signals", default="sparse_q",
+                        help=f"SparseX signal(s), comma-separated, from {','.join(SPARSEX_SIGNALS)}")
+    parser.add_argument("--coverage", type=parse_floats, default=[0.0],
+                        help="SparseX adaptive budget(s): share of the signal to cover, at most --ratio (0: fixed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the paragraph shuffles")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
@@ -263,28 +337,42 @@ def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     executor, tokenizer = load_executor(args.model)
-    runs = method_runs(methods, args.ratio, args.full_layers, args.mass_prior)
+    signals = args.signals.split(",")
+    unknown = set(signals) - set(SPARSEX_SIGNALS)
+    if unknown:
+        raise SystemExit(f"unknown signals {sorted(unknown)}; choose from {tuple(SPARSEX_SIGNALS)}")
+    split_of(args.data, args.offset, args.n)
+    runs = method_runs(methods, args.ratio, args.full_layers, args.mass_prior, signals, args.coverage)
     grid = (
         f"--model {args.model} --data {args.data} --offset {args.offset} --ratio {','.join(map(str, args.ratio))} "
         f"--full-layers {','.join(map(str, args.full_layers))} --methods {args.methods} "
         f"--mass-prior {','.join(map(str, args.mass_prior))} --seed {args.seed}"
     )
+    if args.signals != "sparse_q" or args.coverage != [0.0]:  # older reports resume under their own grid
+        grid += f" --signals {args.signals} --coverage {','.join(map(str, args.coverage))}"
     command = f"sparsex-sgl eval fidelity --n {args.n} {grid}"
     resume = _resumable(args.out, grid) if args.resume else None
 
     def checkpoint(partial: dict[str, Any]) -> None:
         if args.out:
             partial["meta"].update(command=command, grid=grid)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(partial, indent=2))
+            write_atomic(args.out, partial)
 
     report = evaluate(executor, tokenizer, args.n, args.offset, runs, seed=args.seed, checkpoint=checkpoint,
-                      resume=resume)
+                      resume=resume, task=args.data)
     report["meta"].update(command=command, grid=grid)
     print(format_table(report))
     meta = report["meta"]
     print(f"{meta['n']} questions, {meta['mean_prompt_tokens']:.0f} prompt tokens on average, {meta['seconds']} s")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+        write_atomic(args.out, report)
         print(f"wrote {args.out}")
+
+
+def write_atomic(path: Path, report: dict[str, Any]) -> None:
+    """Write the JSON beside ``path`` and rename it over: a sweep killed mid-write leaves the last whole
+    checkpoint, never a truncated one that ``--resume`` cannot read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(report, indent=2))
+    os.replace(staging, path)

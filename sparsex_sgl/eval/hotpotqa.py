@@ -36,11 +36,17 @@ class SegmentedPrompt:
 
 
 @dataclass(frozen=True)
-class HotpotExample:
+class QAExample:
+    """A question over reusable paragraphs (HotpotQA, ``squad``); ``answers``: every gold answer."""
+
     qid: str
     question: str
-    answer: str
+    answers: tuple[str, ...]
     paragraphs: tuple[str, ...]
+
+    @property
+    def answer(self) -> str:
+        return self.answers[0]
 
 
 @lru_cache(maxsize=2)
@@ -48,15 +54,15 @@ def _load(path: str) -> list[dict[str, Any]]:
     return json.loads(Path(path).read_text())
 
 
-def load_examples(path: Path, n: int, offset: int = 0) -> list[HotpotExample]:
+def load_examples(path: Path, n: int, offset: int = 0) -> list[QAExample]:
     rows = _load(str(path))
     if offset < 0 or n < 1 or offset + n > len(rows):
         raise ValueError(f"--offset {offset} and --n {n} must select within the {len(rows)} questions")
     return [
-        HotpotExample(
+        QAExample(
             row["_id"],
             row["question"],
-            row["answer"],
+            (row["answer"],),
             tuple(f"Document: {title}\n{''.join(sents).strip()}\n\n" for title, sents in row["context"]),
         )
         for row in rows[offset : offset + n]
@@ -74,7 +80,7 @@ def chat_frame(tokenizer: Any) -> tuple[str, str]:
     return "", "\nAnswer:"
 
 
-def build_prompt(tokenizer: Any, example: HotpotExample, seed: int) -> SegmentedPrompt:
+def build_prompt(tokenizer: Any, example: QAExample, seed: int) -> SegmentedPrompt:
     """Instruction, the paragraphs in a shuffled order (seeded per question), then the question."""
     head, tail = chat_frame(tokenizer)
     order = list(example.paragraphs)

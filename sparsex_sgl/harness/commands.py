@@ -37,6 +37,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from sparsex_sgl.eval import fidelity
 
     args.data, args.methods, args.threads, args.mass_prior = "hotpotqa", ",".join(fidelity.METHODS), 0, [MASS_PRIOR]
+    args.signals, args.coverage = "sparse_q", [0.0]
     fidelity.run(args)
     sweep = json.loads(args.out.read_text())
     print(f"wrote {report.plot_sweep(sweep, args.out.with_suffix('.png'))}")

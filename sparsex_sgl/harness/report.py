@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from scipy import stats
 
 
 def _f(value: Any, spec: str = ".2f", scale: float = 1.0) -> str:
@@ -110,17 +112,20 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
 
 def paired_difference(a: Sequence[float], b: Sequence[float], resamples: int = 2000,
                       seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``a - b`` over paired questions and its 95% percentile-bootstrap interval.
+    """Mean of ``a - b`` over paired questions and its 95% percentile-bootstrap interval
+    (``scipy.stats.bootstrap`` over the per-question differences).
 
     Paired, because methods differ far less from each other on one question than questions differ
     from each other: the unpaired spread would hide every difference that matters here."""
     if len(a) != len(b) or not a:
         raise ValueError(f"need two equally long, non-empty series, got {len(a)} and {len(b)}")
-    diffs = [x - y for x, y in zip(a, b)]
-    rng = random.Random(seed)
-    n = len(diffs)
-    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(resamples))
-    return sum(diffs) / n, means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+    diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if np.ptp(diffs) == 0:  # every resample has the same mean; scipy warns on such data
+        return float(diffs[0]), float(diffs[0]), float(diffs[0])
+    result = stats.bootstrap((diffs,), np.mean, n_resamples=resamples, confidence_level=0.95, method="percentile",
+                             rng=np.random.default_rng(seed))
+    interval = result.confidence_interval
+    return float(diffs.mean()), float(interval.low), float(interval.high)
 
 
 def sparsex_pairs(sweep: dict[str, Any]) -> list[tuple[str, str, tuple[float, float, float],

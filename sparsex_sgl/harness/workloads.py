@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsex_sgl.eval.hotpotqa import INSTRUCTION, HotpotExample
+from sparsex_sgl.eval.hotpotqa import INSTRUCTION, QAExample
 from sparsex_sgl.protocol import TextPiece as Piece
 
 WORKLOADS = ("rag", "chat", "agents")
@@ -100,7 +100,7 @@ def _new_order(paragraphs: Sequence[str], rng: random.Random, seen_orders: set[t
     return order
 
 
-def rag(examples: Sequence[HotpotExample], n_requests: int, reuse: float, seed: int,
+def rag(examples: Sequence[QAExample], n_requests: int, reuse: float, seed: int,
         max_new_tokens: int = 16) -> Workload:
     """``n_requests`` HotpotQA requests; ``round(reuse * (n_requests - 1))`` of them revisit earlier documents."""
     if not 0.0 <= reuse < 1.0:
@@ -113,7 +113,7 @@ def rag(examples: Sequence[HotpotExample], n_requests: int, reuse: float, seed: 
     kinds = ["repeat"] * n_repeats + ["new"] * (n_unique - 1)
     rng.shuffle(kinds)
     kinds.insert(0, "new")
-    asked: list[HotpotExample] = []
+    asked: list[QAExample] = []
     orders: dict[str, set[tuple[str, ...]]] = {}
     requests = []
     for index, kind in enumerate(kinds):
@@ -211,14 +211,14 @@ AGENT_PROMPTS = (
 )
 
 
-def _search_listing(example: HotpotExample) -> str:
+def _search_listing(example: QAExample) -> str:
     """A tool output the agents share: the retrieval tool's listing of the documents it found."""
     titles = [p.split("\n", 1)[0].removeprefix("Document: ") for p in example.paragraphs]
     lines = "\n".join(f"{i}. {title} (score {1.0 - i / 20:.2f})" for i, title in enumerate(titles, start=1))
     return f"Tool output (search):\n{lines}\n\n"
 
 
-def agents(examples: Sequence[HotpotExample], n_agents: int, seed: int, max_new_tokens: int = 16) -> Workload:
+def agents(examples: Sequence[QAExample], n_agents: int, seed: int, max_new_tokens: int = 16) -> Workload:
     """Per task (a HotpotQA question), ``n_agents`` agents in turn; each sees the shared documents and tool
     output in its own order, after its own system prompt and, for odd agents, after the question."""
     if not 1 <= n_agents <= len(AGENT_PROMPTS):

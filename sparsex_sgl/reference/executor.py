@@ -104,11 +104,11 @@ class _Request:
 
 @dataclass(frozen=True)
 class _FullLayersState:
-    """The full layers' output at a threshold: hidden rows and the threshold layer's rotated queries (rows
-    above the prefix)."""
+    """The full layers' output at a threshold: hidden rows, and the rotated queries (rows above the prefix)
+    of every full layer so far, the threshold layer's last."""
 
     h: torch.Tensor
-    q: torch.Tensor
+    qs: tuple[torch.Tensor, ...]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -296,13 +296,15 @@ class ReferenceExecutor:
             full_rows = torch.arange(plan.prefix_len, n)
             h = self._decoder.embed_tokens(request.ids[full_rows.to(self.device)])
             full_pass = self._rows(full_rows)
+            qs: list[torch.Tensor] = []
             for i in range(deepest):
                 at = by_threshold.get(i + 1, [])
                 h, q = self._layer(i, h, full_pass, kv)
+                qs.append(q)
                 for index in at:
                     last = i + 1 == deepest and index == at[-1]  # nothing runs on this KV after it
-                    results[index] = self._sparse_layers(request, configs[index], i + 1, _FullLayersState(h, q),
-                                                         kv if last else kv.clone())
+                    results[index] = self._sparse_layers(request, configs[index], i + 1,
+                                                         _FullLayersState(h, tuple(qs)), kv if last else kv.clone())
         return [results[index] for index in range(len(configs))]
 
     def _sparse_layers(self, request: _Request, config: HybridConfig, threshold: int, state: _FullLayersState | None,
@@ -317,11 +319,15 @@ class ReferenceExecutor:
         extend = ExtendRequest(0, 0, plan.prefix_len, n, plan.new_rows, plan.reused, config.recompute_ratio)
         sparse = SparseExtendPlan([extend], config, self.spec.rope, slot_row, dims.n_heads, dims.n_kv_heads,
                                   self.kernels)
+        extra_flops = self._look_ahead(request, sparse, kv.clone()) if config.selection == "lookahead" else 0
         if state is None:
             sparse.select()
         else:
+            if sparse.observes_full_layers:
+                for j in range(threshold - 1):
+                    sparse.observe(state.qs[j], kv.k[j], kv.v[j], self._decoder.layers[j].self_attn.scaling)
             t = threshold - 1
-            sparse.select(state.q, kv.k[t], kv.v[t], pool.v[t], self._decoder.layers[t].self_attn.scaling)
+            sparse.select(state.qs[t], kv.k[t], kv.v[t], pool.v[t], self._decoder.layers[t].self_attn.scaling)
         sparse.fill_reused((pool.k[i], pool.v[i], kv.k[i], kv.v[i]) for i in range(threshold, num_layers))
         assert sparse.rows is not None and sparse.exact_len is not None
         rows = sparse.rows.positions.long()
@@ -342,10 +348,32 @@ class ReferenceExecutor:
             n_reused=sparse.n_reused[0],
             n_selected=sparse.budgets[0],
             computed_rows=len(row_list),
-            flops=modeled_prefill_flops(dims, rows_per_layer),
+            flops=modeled_prefill_flops(dims, rows_per_layer) + extra_flops,
         )
         exact = int(sparse.exact_len[0]) == n
         return PrefillResult(self._logits(h[-1]), kv, n, stats, exact, tuple(row_list))
+
+    def _look_ahead(self, request: _Request, sparse: SparseExtendPlan, kv: RequestKV) -> int:
+        """The look-ahead pass of ``selection="lookahead"``: the new rows alone through every layer over the
+        stale re-aligned KV (``kv``, a scratch copy), each layer's mass observed by ``sparse``. Returns its
+        modeled FLOPs (the logits row excluded: it is not computed)."""
+        plan, dims = request.plan, self.spec.dims
+        extend = ExtendRequest(0, 0, plan.prefix_len, plan.n_tokens, plan.new_rows, plan.reused, 0.0)
+        slot_row = torch.arange(kv.k.shape[1], dtype=torch.int32, device=self.device)[None, :]
+        stale = SparseExtendPlan([extend], HybridConfig(full_layers=0, recompute_ratio=0.0, selection="none",
+                                                        min_tokens_per_segment=0),
+                                 self.spec.rope, slot_row, dims.n_heads, dims.n_kv_heads, self.kernels)
+        stale.select()
+        stale.fill_reused((request.pool.k[i], request.pool.v[i], kv.k[i], kv.v[i]) for i in range(dims.num_layers))
+        assert stale.rows is not None
+        rows = stale.rows.positions.long()  # the new rows, sorted: observe_new's order
+        h = self._decoder.embed_tokens(request.ids[rows])
+        new_pass = self._rows(rows)
+        for i in range(dims.num_layers):
+            h, q = self._layer(i, h, new_pass, kv, stale)
+            sparse.observe_new(q, kv.k[i], kv.v[i], self._decoder.layers[i].self_attn.scaling)
+        row_list = rows.tolist()
+        return modeled_prefill_flops(dims, [row_list] * dims.num_layers) - 2 * dims.hidden * dims.vocab
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()

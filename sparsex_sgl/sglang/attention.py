@@ -7,7 +7,8 @@ every batch without a SparseX plan, and the full layers of a SparseX batch. Deco
 (SGLang's ``HybridAttnBackend`` sends decode to the decode backend). Only two things are SparseX's:
 
 - after the last full layer's attention, ``SparseExtendPlan.select`` scores the reused tokens from that
-  layer's queries and KV;
+  layer's queries and KV (and, for a signal summed over the full layers, ``observe`` reads the earlier
+  ones);
 - in the sparse layers, the computed rows' K/V go to their slots and ``SparseExtendPlan.attend`` runs
   their attention (Triton scattered-query kernel on CUDA, the torch references on the CPU).
 
@@ -41,9 +42,14 @@ class SparseXAttnBackend:
         if state.phase == "sparse":
             return self._sparse_extend(q, k, v, layer, state)
         out = self.inner.forward(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        if state.signal_layer is None or layer.layer_id > state.signal_layer:
+            return out
+        keys, values = self.pool.get_key_buffer(layer.layer_id), self.pool.get_value_buffer(layer.layer_id)
+        q_rows = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         if layer.layer_id == state.signal_layer:
-            keys, values = self.pool.get_key_buffer(layer.layer_id), self.pool.get_value_buffer(layer.layer_id)
-            state.plan.select(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), keys, values, values, layer.scaling)
+            state.plan.select(q_rows, keys, values, values, layer.scaling)
+        elif state.plan.observes_full_layers:
+            state.plan.observe(q_rows, keys, values, layer.scaling)
         return out
 
     forward_extend = forward  # SGLang calls one or the other, depending on the caller

@@ -53,6 +53,7 @@ from sparsex_sgl.segments import (
     split_into_pieces,
     validate_spans,
 )
+from sparsex_sgl.sglang.metrics import PrometheusExport
 from sparsex_sgl.sglang.runtime import GAP_BLOCK, RequestOutcome, RequestPlan, SparseXRuntime
 
 logger = logging.getLogger("sparsex_sgl")
@@ -97,8 +98,11 @@ class _PoolAllocator:
 class SegmentGraphCache(BasePrefixCache):
     """Prefix cache plus segment plans over SGLang's KV pool."""
 
-    def __init__(self, params: object, runtime: SparseXRuntime, device: torch.device) -> None:
+    def __init__(self, params: object, runtime: SparseXRuntime, device: torch.device,
+                 metrics: PrometheusExport | None = None) -> None:
         self.disable = False
+        self.metrics = metrics
+        """The Prometheus exporter (``--enable-metrics``), synced when counters change; None: metrics off."""
         self.req_to_token_pool = params.req_to_token_pool  # type: ignore[attr-defined]
         self.token_to_kv_pool_allocator = params.token_to_kv_pool_allocator  # type: ignore[attr-defined]
         self.page_size = params.page_size  # type: ignore[attr-defined]
@@ -340,6 +344,7 @@ class SegmentGraphCache(BasePrefixCache):
                 self.runtime.record(outcome, had_segments=bool(entry and entry.spans),
                                     auto_segmented=bool(entry and entry.auto_segmented))
                 logger.debug("SparseX request %s: %s", rid, outcome)
+                self._sync_metrics()
         except Exception as exc:  # noqa: BLE001 - logged and counted by internal_error
             self.runtime.internal_error("on_release", exc)
 
@@ -351,7 +356,12 @@ class SegmentGraphCache(BasePrefixCache):
     def evict(self, params: EvictParams) -> EvictResult:
         freed = self.graph.evict(params.num_tokens)
         self.runtime.counters.evicted_tokens += freed
+        self._sync_metrics()
         return EvictResult(num_tokens_evicted=freed)
+
+    def _sync_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.sync(self.runtime.counters, len(self.graph), self.graph.total_tokens)
 
     def evictable_size(self) -> int:
         return self.graph.evictable_tokens

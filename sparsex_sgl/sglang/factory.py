@@ -21,6 +21,7 @@ from sparsex_sgl.hybrid import HybridConfig
 from sparsex_sgl.rope import RopeConfig
 from sparsex_sgl.sglang import model_hook, runtime
 from sparsex_sgl.sglang.cache import SegmentGraphCache
+from sparsex_sgl.sglang.metrics import PrometheusExport
 from sparsex_sgl.sparse_extend import Kernels
 
 logger = logging.getLogger("sparsex_sgl")
@@ -77,4 +78,8 @@ def build(ctx: Any) -> SegmentGraphCache:
         logger.warning("SparseX is off for this model (%s); requests get exact prefix caching only", reason)
     else:
         logger.info("SparseX on: %s, %d layers", config, num_layers)
-    return SegmentGraphCache(ctx.params, state, device)
+    metrics = None
+    if getattr(ctx.server_args, "enable_metrics", False):
+        args = ctx.server_args
+        metrics = PrometheusExport({"model_name": str(args.served_model_name or args.model_path)})
+    return SegmentGraphCache(ctx.params, state, device, metrics)

@@ -120,7 +120,8 @@ def _add_cli_args(original: Any, parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sparsex-full-layers", type=int, default=None,
                        help="Layers computed over every token before the selection (default 2).")
     group.add_argument("--sparsex-selection", type=str, default=None,
-                       help="sparse_q (SparseX), kv_deviation (CacheBlend-style), first_k (EPIC-style) or none.")
+                       help="sparse_q (SparseX), query_mass (SparseX, mass only), kv_deviation (CacheBlend-style), "
+                            "first_k (EPIC-style) or none.")
     group.add_argument("--sparsex-auto-segment", type=int, default=None, metavar="TOKENS",
                        help="Find segments of about TOKENS tokens in requests without segment data (content-"
                             "defined chunking after the prefix hit); 0 (default): such requests are exact.")
@@ -148,6 +149,9 @@ def resolve_config(options: dict[str, Any]) -> HybridConfig:
             values[field_name] = options[key]
     if options.get("sparsex_hide_counts"):
         values["report_counts"] = False
+    if values["selection"] == "lookahead":
+        raise ValueError("selection 'lookahead' is an offline comparison point (a second pass over the new rows, "
+                         "reference executor only); the server serves the single-pass signals")
     return HybridConfig.from_mapping(values)
 
 
