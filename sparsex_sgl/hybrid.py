@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass as validated_dataclass
+
 from sparsex_sgl.select import SELECTIONS, SIGNAL_SELECTIONS
 
 KERNEL_CHOICES: tuple[str, ...] = ("auto", "torch", "triton")
@@ -26,9 +29,12 @@ MASS_PRIOR = 4.0
 on development questions (HotpotQA offsets 500+), apart from the questions the README reports."""
 
 
-@dataclass(frozen=True)
+@validated_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class HybridConfig:
-    """Knobs of one recompute method; validated on construction."""
+    """Knobs of one recompute method, validated on construction: each field's type by pydantic (from YAML
+    presets, flags and ``sgl.Engine`` keywords alike), then the ranges and choices below. A bad value is a
+    ``ValueError`` (pydantic's ``ValidationError``); ``describe_error`` makes it the one line a launch
+    stops with."""
 
     full_layers: int = 2
     recompute_ratio: float = 0.15
@@ -94,6 +100,7 @@ class HybridConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> HybridConfig:
+        """The config from a mapping of field names (a preset's ``hybrid`` block, resolved flags)."""
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown hybrid settings {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
@@ -104,7 +111,11 @@ class HybridConfig:
         import yaml
 
         data = yaml.safe_load(Path(path).read_text()) or {}
-        return cls.from_mapping(data.get("hybrid", data))
+        block = data.get("hybrid", data) if isinstance(data, Mapping) else data
+        if not isinstance(block, Mapping):
+            raise ValueError(f"{path}: a preset is a mapping of settings (optionally under 'hybrid:'), got "
+                             f"{type(block).__name__}")
+        return cls.from_mapping(block)
 
     def threshold(self, num_layers: int) -> int:
         """First sparse layer (== number of full layers run), clamped to the model depth."""
@@ -122,6 +133,18 @@ SPARSEX_SIGNALS: dict[str, dict[str, Any]] = {
 }
 """SparseX's candidate signals by name (``select``'s module docstring says why each), as settings over the
 shipped ``HybridConfig``: ``sparse_q`` is the shipped one, the others are its query-mass variants."""
+
+
+def describe_error(exc: ValueError) -> str:
+    """One line naming each offending setting, what it must be and the value given."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for error in exc.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        field = ".".join(str(part) for part in error["loc"])
+        parts.append(f"{field}: {message} (got {error['input']!r})" if field else message)
+    return "; ".join(parts)
 
 
 def method_config(method: str, ratio: float, full_layers: int, signal: str = "sparse_q",

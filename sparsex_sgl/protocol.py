@@ -185,3 +185,51 @@ def encode_pieces(
             spans.append((len(ids), len(ids) + len(toks)))
         ids.extend(toks)
     return ids, spans
+
+
+def locate_segments(input_ids: Sequence[int], segments: Sequence[Sequence[int]],
+                    max_trim: int = 2) -> list[tuple[int, int]]:
+    """Token spans of segments (each tokenized alone) inside a prompt that was tokenized as a whole: a chat
+    template's ids, from ``/v1/chat/completions``.
+
+    Each segment is found, in order, as a contiguous run of its own ids after the previous one. Where the
+    template put it between other text, the tokenizer may have merged its first or last token with its
+    neighbours; then the segment without up to ``max_trim`` tokens at each end is looked for, and its
+    span is that interior (the merged edge tokens stay new text). A segment that is a whole message is
+    found whole: the template's special tokens end BPE merges."""
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    ids = list(input_ids)
+    for index, seg in enumerate(segments):
+        found = None
+        for trim in range(max_trim + 1):
+            for left, right in ((trim, 0), (0, trim), (trim, trim)) if trim else ((0, 0),):
+                core = list(seg[left : len(seg) - right])
+                if len(core) < 2:
+                    continue
+                at = _find(ids, core, cursor)
+                if at >= 0:
+                    found = (at, at + len(core))
+                    break
+            if found:
+                break
+        if found is None:
+            raise InvalidSegmentsError(f"segment {index} does not occur in the prompt's tokens after token {cursor} "
+                                       "(segments must be listed in prompt order and must not overlap)")
+        spans.append(found)
+        cursor = found[1]
+    return spans
+
+
+def _find(haystack: list[int], needle: list[int], start: int) -> int:
+    """First index >= ``start`` where ``needle`` occurs in ``haystack``, or -1."""
+    first, n = needle[0], len(needle)
+    at = start
+    while True:
+        try:
+            at = haystack.index(first, at)
+        except ValueError:
+            return -1
+        if haystack[at : at + n] == needle:
+            return at
+        at += 1

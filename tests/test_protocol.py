@@ -12,6 +12,7 @@ from sparsex_sgl.protocol import (
     TextPiece,
     check_custom_params,
     encode_pieces,
+    locate_segments,
     parse_spans,
     split_listed_segments,
     split_marked_text,
@@ -81,3 +82,32 @@ def test_gap_blocks_share_a_common_beginning() -> None:
     assert [p.length for p in a] == [16, 16, 8]
     assert [p.key for p in a[:2]] == [p.key for p in b[:2]]  # the first two blocks match as a prefix
     assert a[2].key != b[2].key
+
+
+def test_segments_are_located_in_a_chat_templates_ids(smollm2) -> None:  # type: ignore[no-untyped-def]
+    """The chat template tokenizes the whole conversation at once: a segment that is a whole message is found
+    whole (special tokens end BPE merges), one inside a message is found up to its merged edge tokens, and
+    the span's ids are the segment's own wherever the conversation puts it."""
+    from sparsex_sgl.assets import hotpotqa_path
+    from sparsex_sgl.eval.hotpotqa import load_examples
+
+    _, tok = smollm2
+    docs = list(load_examples(hotpotqa_path(), 1, offset=7)[0].paragraphs[:3])
+    own = [tok.encode(d, add_special_tokens=False) for d in docs]
+    for order in ([0, 1, 2], [2, 0, 1]):
+        messages = [{"role": "system", "content": "Answer from the documents."},
+                    {"role": "user", "content": docs[order[0]]},
+                    {"role": "user", "content": "".join(docs[i] for i in order[1:]) + "Question: who?"}]
+        ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        spans = locate_segments(ids, [own[i] for i in order])
+        assert spans[0][1] - spans[0][0] == len(own[order[0]])  # a whole message: found whole
+        for (start, end), i in zip(spans, order, strict=True):
+            assert end - start >= len(own[i]) - 4
+            assert ids[start:end] == own[i][_at(own[i], ids[start:end]):][: end - start]  # the segment's own ids
+    with pytest.raises(InvalidSegmentsError, match="does not occur"):
+        locate_segments(ids, [own[1], own[1]])  # listed twice, present once
+
+
+def _at(whole: list[int], part: list[int]) -> int:
+    return next(i for i in range(len(whole)) if whole[i : i + len(part)] == part)

@@ -388,6 +388,52 @@ def test_prometheus_metrics_equal_the_stats_endpoint(servers: tuple[Server, Serv
     assert samples[("sparsex_graph_nodes", None)] == expected["graph_nodes"]
 
 
+def test_openai_chat_marks_segments_and_its_next_round_hits_through_the_reply(servers: tuple[Server, Server]) -> None:
+    """``/v1/chat/completions`` through the OpenAI SDK: documents listed in ``extra_body.custom_params``
+    (``sparsex_segments``) are found in the chat template's ids and reused by a conversation that puts them
+    in another order; exact settings give stock SGLang's output; the next round, which resends the
+    server's reply, is a prefix hit through the whole first round."""
+    from openai import OpenAI
+
+    stock, sparsex = servers
+    docs = list(load_examples(hotpotqa_path(), 1, offset=33)[0].paragraphs[:4])
+
+    def chat(server: Server, messages: list[dict[str, str]], order: list[int] | None = None,
+             **custom: Any) -> str:
+        client = OpenAI(base_url=server.url + "/v1", api_key="none")
+        extra = {"custom_params": {"sparsex_segments": [docs[i] for i in order], **custom}} if order else None
+        reply = client.chat.completions.create(model=str(resolve_model("smollm2")), messages=messages,  # type: ignore[arg-type]
+                                               temperature=0, max_tokens=NEW_TOKENS, extra_body=extra)
+        return reply.choices[0].message.content or ""
+
+    def messages_for(order: list[int]) -> list[dict[str, str]]:
+        return [{"role": "system", "content": "Answer from the documents."},
+                {"role": "user", "content": "".join(docs[i] for i in order) + "Question: what is this about?"}]
+
+    first, reordered = [0, 1, 2, 3], [2, 0, 3, 1]
+    assert chat(sparsex, messages_for(first)) == chat(stock, messages_for(first))  # no segment data: stock
+    chat(sparsex, messages_for(first), first)
+    before = stats(sparsex)
+    exact = chat(sparsex, messages_for(reordered), reordered, sparsex_recompute_ratio=1.0)
+    after = stats(sparsex)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    doc_tokens = sum(len(tok.encode(d, add_special_tokens=False)) for d in docs)
+    # Every document moved; each may lose up to 2 merged edge tokens on each side.
+    assert after["reused_tokens"] - before["reused_tokens"] >= doc_tokens - 4 * len(docs)
+    assert exact == chat(stock, messages_for(reordered))  # every reused token recomputed: exact
+    reply = chat(sparsex, messages_for(reordered), reordered)
+    next_round = [*messages_for(reordered), {"role": "assistant", "content": reply},
+                  {"role": "user", "content": "And in one word?"}]
+    before = stats(sparsex)
+    chat(sparsex, next_round, reordered)
+    after = stats(sparsex)
+    first_round = tok.apply_chat_template(messages_for(reordered), tokenize=True, add_generation_prompt=True)
+    first_round_tokens = len(first_round["input_ids"] if hasattr(first_round, "keys") else first_round)
+    assert after["prefix_tokens"] - before["prefix_tokens"] >= first_round_tokens - 16
+
+
 def test_engine_with_enable_sparsex(prompts: list, tmp_path: Path) -> None:
     import json
 

@@ -240,6 +240,37 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
     return _finish(fig, ax, path, legend_size=7)
 
 
+def run_summary(results: dict[str, Any], folder: Path) -> str:
+    """A few lines a newcomer reads after a run: SparseX against stock SGLang and full prefill, per workload
+    and load (TTFT p50 speed-up, tokens reused, agreement with full prefill, answer F1), and where the full
+    table is."""
+    lines = ["", "Summary"]
+    by_setting: dict[tuple[str, Any, Any], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for run in results["runs"]:
+        by_setting[(run["workload"], run["rate"], run["concurrency"])][run["system"]] = run["summary"]
+    for (workload, rate, concurrency), systems in by_setting.items():
+        load = f"rate {rate}/s" if rate else f"concurrency {concurrency}"
+        sparsex, stock, full = systems.get("sparsex"), systems.get("stock"), systems.get("full")
+        if sparsex is None:
+            continue
+        lines.append(f"- {Path(workload).name}, {load}: {sparsex['completed']} of {sparsex['requests']} requests; "
+                     f"SparseX reused {sparsex['sparsex_reused_mean']:.0f} of {sparsex['prompt_tokens_mean']:.0f} "
+                     f"prompt tokens per request and recomputed {sparsex['sparsex_recomputed_mean']:.0f} of them")
+        for name, other in (("stock SGLang", stock), ("full prefill", full)):
+            if other is not None and sparsex.get("ttft_p50") and other.get("ttft_p50"):
+                lines.append(f"  - TTFT p50 {sparsex['ttft_p50']:.2f} s against {name}'s {other['ttft_p50']:.2f} s "
+                             f"({other['ttft_p50'] / sparsex['ttft_p50']:.2f}x)")
+        if "equal_to_full" in sparsex:
+            lines.append(f"  - greedy answer equal to full prefill's: {sparsex['equal_to_full']:.0%} of "
+                         f"{sparsex['compared']} requests")
+        if "f1" in sparsex:
+            lines.append(f"  - answer F1 against the gold answers: SparseX {sparsex['f1']:.2f}"
+                         + "".join(f", {name} {other['f1']:.2f}" for name, other in (("stock", stock), ("full", full))
+                                   if other is not None and "f1" in other))
+    lines.append(f"Full table: {folder / 'results.md'}; every request: {folder / 'results.json'}")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", type=Path, nargs="*", help="folders holding results.json")
     parser.add_argument("--sweep", type=Path, default=None, help="JSON of `sparsex-sgl bench sweep`")

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsex_sgl.harness import quality
+from sparsex_sgl.harness import quality, report
 from sparsex_sgl.harness.driver import PreparedRequest, RequestResult, run_load
 from sparsex_sgl.harness.render import render
 from sparsex_sgl.harness.workloads import Workload
@@ -185,8 +185,6 @@ class Harness:
 
     def write(self) -> None:
         """Fill agreement with the full-prefill run, then rewrite ``results.json`` and ``results.md``."""
-        from sparsex_sgl.harness.report import markdown
-
         for run in self.runs:
             reference = next((r for r in self.runs if r["system"] == "full" and r.get("workload") == run.get("workload")
                               and r.get("requests")), None)
@@ -195,7 +193,7 @@ class Harness:
                 ref_texts = {q["id"]: q["text"] for q in reference["requests"] if q["ok"]}
                 run["summary"].update(quality.agreement(texts, ref_texts))
         (self.out / "results.json").write_text(json.dumps(self.report, indent=1))
-        (self.out / "results.md").write_text(markdown(self.report))
+        (self.out / "results.md").write_text(report.markdown(self.report))
 
 
 def _shorten(message: str, tail: int = 1500) -> str:
@@ -268,3 +266,4 @@ def main(args: argparse.Namespace) -> None:
         print(f"[bench] interrupted; partial results in {args.out / 'results.json'}", file=sys.stderr)
         raise SystemExit(130) from None
     print((args.out / "results.md").read_text())
+    print(report.run_summary(json.loads((args.out / "results.json").read_text()), args.out))

@@ -26,7 +26,9 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from sparsex_sgl.hybrid import KERNEL_CHOICES, HybridConfig
+import yaml
+
+from sparsex_sgl.hybrid import KERNEL_CHOICES, HybridConfig, describe_error
 from sparsex_sgl.sglang.runtime import CONFIG_ENV
 
 logger = logging.getLogger("sparsex_sgl")
@@ -138,8 +140,19 @@ def _add_cli_args(original: Any, parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(options: dict[str, Any]) -> HybridConfig:
-    """The hybrid plan from a YAML preset plus flag overrides; raises ValueError on bad values."""
-    base = HybridConfig.from_yaml(options["sparsex_config"]) if options.get("sparsex_config") else HybridConfig()
+    """The hybrid plan from a YAML preset plus flag overrides; a bad value (or a preset that cannot be read)
+    is a ValueError whose message is one line (``hybrid.describe_error``)."""
+    try:
+        return _resolve_config(options)
+    except ValueError as exc:
+        raise ValueError(describe_error(exc)) from None
+
+
+def _resolve_config(options: dict[str, Any]) -> HybridConfig:
+    try:
+        base = HybridConfig.from_yaml(options["sparsex_config"]) if options.get("sparsex_config") else HybridConfig()
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"--sparsex-config {options['sparsex_config']}: {exc}") from None
     values = asdict(base)
     for key, field_name in (("sparsex_recompute_ratio", "recompute_ratio"), ("sparsex_full_layers", "full_layers"),
                             ("sparsex_selection", "selection"), ("sparsex_auto_segment", "auto_segment_tokens"),
@@ -188,8 +201,8 @@ def _from_cli_args(original: Any, cls: Any, args: argparse.Namespace) -> Any:
             implied, config = _sparsex_defaults(vars(args), resolve_config(options))
             for key, value in implied.items():
                 setattr(args, key, value)
-        except ValueError as exc:
-            raise SystemExit(f"sparsex_sgl: {exc}") from exc
+        except ValueError as exc:  # a bad preset or flag value: one line, no traceback
+            raise SystemExit(f"sparsex_sgl: {exc}") from None
     elif any(options[k] is not None for k in OPTIONS[1:]):
         raise SystemExit("sparsex_sgl: --sparsex-* options need --enable-sparsex")
     server_args = original(cls, args)
@@ -279,23 +292,42 @@ def _validate_prompt(self: Any, obj: Any, input_ids: Any, *args: Any, **kwargs: 
 
 
 def _segment_text(self: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
-    """Text prompts with a listed ``sparsex_segments``, or with in-band markers where the request
-    (``sparsex_markers``) or the server (``--sparsex-markers``) asks for them, become ids plus spans."""
-    if not enabled() or not isinstance(getattr(obj, "text", None), str) or getattr(obj, "input_ids", None) is not None:
+    """Segment data that needs the tokenizer becomes token spans: a text prompt with a listed
+    ``sparsex_segments`` or with in-band markers (where the request, ``sparsex_markers``, or the server,
+    ``--sparsex-markers``, asks for them) is tokenized piece by piece; a token prompt with a listed
+    ``sparsex_segments`` (the chat template's ids of ``/v1/chat/completions``) gets the spans where the
+    segments' own ids occur in it (``protocol.locate_segments``)."""
+    if not enabled():
         return
     from sparsex_sgl import protocol
 
-    params = obj.sampling_params if isinstance(obj.sampling_params, dict) else None
+    text, input_ids = getattr(obj, "text", None), getattr(obj, "input_ids", None)
+    params = obj.sampling_params if isinstance(getattr(obj, "sampling_params", None), dict) else None
     raw = (params or {}).get("custom_params")
+    if isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], int):
+        if not isinstance(raw, dict) or not raw.get(protocol.SEGMENTS_KEY):
+            return
+        protocol.check_custom_params(raw)
+        if raw.get(protocol.SPANS_KEY):
+            raise ValueError(f"send {protocol.SPANS_KEY} or {protocol.SEGMENTS_KEY}, not both")
+        tok = self.tokenizer
+        spans = protocol.locate_segments(input_ids, [tok.encode(t, add_special_tokens=False)
+                                                     for t in raw[protocol.SEGMENTS_KEY]])
+        custom = {k: v for k, v in raw.items() if k != protocol.SEGMENTS_KEY}
+        custom[protocol.SPANS_KEY] = protocol.flatten_spans(spans)
+        obj.sampling_params = {**params, "custom_params": custom}  # type: ignore[dict-item]
+        return
+    if not isinstance(text, str) or input_ids is not None:
+        return
     protocol.check_custom_params(raw)
     custom = dict(raw or {})
     listed = custom.get(protocol.SEGMENTS_KEY)
     markers = bool(custom.get(protocol.MARKERS_KEY)) or _server_config().markers
-    if not listed and not (markers and protocol.has_markers(obj.text)):
+    if not listed and not (markers and protocol.has_markers(text)):
         return
     if params is None:
         raise ValueError("segment markers need a single request with its own sampling_params")
-    pieces = protocol.split_listed_segments(obj.text, listed) if listed else protocol.split_marked_text(obj.text)
+    pieces = protocol.split_listed_segments(text, listed) if listed else protocol.split_marked_text(text)
     tok = self.tokenizer
     ids, spans = protocol.encode_pieces(pieces, lambda t: tok.encode(t),
                                         lambda t: tok.encode(t, add_special_tokens=False))

@@ -1,0 +1,44 @@
+"""A wrong SparseX setting stops ``python -m sglang.launch_server`` with one line naming the key, what it must
+be and the value given, never a traceback; the same settings reach ``sgl.Engine`` as a ``ValueError``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsex_sgl.assets import resolve_model
+from sparsex_sgl.sglang.plugin import resolve_config
+
+
+@pytest.mark.parametrize(
+    "flags, preset, expected",
+    [
+        (["--sparsex-selection", "bogus"], None, "selection must be one of ('sparse_q', 'query_mass'"),
+        (["--sparsex-recompute-ratio", "1.5"], None, "recompute_ratio must be in [0, 1], got 1.5"),
+        (["--sparsex-selection", "lookahead"], None, "offline comparison point"),
+        ([], "hybrid:\n  full_layers: two\n", "full_layers: Input should be a valid integer"),
+        ([], "hybrid:\n  mass_heads: mean\n", "mass_heads must be one of ('sum', 'max'), got 'mean'"),
+        ([], "hybrid:\n  ratio: 0.2\n", "unknown hybrid settings ['ratio']"),
+        ([], "- 1\n- 2\n", "a preset is a mapping of settings"),
+    ],
+)
+def test_bad_settings_stop_the_launch_in_one_line(tmp_path: Path, flags: list[str], preset: str | None,
+                                                  expected: str) -> None:
+    if preset is not None:
+        (tmp_path / "preset.yaml").write_text(preset)
+        flags = [*flags, "--sparsex-config", str(tmp_path / "preset.yaml")]
+    done = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", str(resolve_model("smollm2")),
+                           "--device", "cpu", "--enable-sparsex", *flags], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("sparsex_sgl: ") and expected in last, done.stderr[-2000:]
+
+
+def test_engine_keywords_are_validated_the_same_way() -> None:
+    with pytest.raises(ValueError, match="full_layers: Input should be a valid integer"):
+        resolve_config({"sparsex_full_layers": "two"})
+    assert resolve_config({"sparsex_full_layers": 4, "sparsex_selection": "query_mass"}).full_layers == 4
