@@ -113,7 +113,7 @@ class HybridConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
         block = data.get("hybrid", data) if isinstance(data, Mapping) else data
         if not isinstance(block, Mapping):
-            raise ValueError(f"{path}: a preset is a mapping of settings (optionally under 'hybrid:'), got "
+            raise ValueError(f"{path}: a preset is a mapping of settings (optionally under 'hybrid:'), got "  # noqa: TRY004 - a config error, reported as one line
                              f"{type(block).__name__}")
         return cls.from_mapping(block)
 

@@ -17,6 +17,9 @@ extend row's K/V and is therefore exact.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +36,29 @@ from sparsex_sgl.sparse_extend import ExtendRequest, SparseExtendPlan
 logger = logging.getLogger("sparsex_sgl")
 
 SUPPORTED_MODELS = ("LlamaModel", "Qwen2Model", "Qwen3Model")
+FOLLOWED_SOURCES: dict[str, str] = {
+    "sglang.srt.models.llama.LlamaModel.forward": "d02b894a8afcbf3f4945a3bf062bbe297cd8d8c96cfaef66d5415db1e87d981b",
+    "sglang.srt.models.llama.LlamaDecoderLayer.forward": "6d3680dbd7256ed245ecc69eddd62d9ab58ed482626175dfa1d327eeb1876606",
+    "sglang.srt.models.llama.LlamaAttention.forward": "232b19ff50081952b7cc1893b5333b1864b0bf210ff13adb75031199261ac45e",
+    "sglang.srt.models.qwen2.Qwen2Model.forward": "2a5dfe1535ad52ee1110334aa5ef62d5d42017d0fb88b636e4ba1c59532e5afa",
+    "sglang.srt.models.qwen2.Qwen2DecoderLayer.forward": "6d3680dbd7256ed245ecc69eddd62d9ab58ed482626175dfa1d327eeb1876606",
+    "sglang.srt.models.qwen2.Qwen2Attention.forward": "41849402eca609941200beb43178d201496da72bdd368f335bb4d42bb9252746",
+    "sglang.srt.models.qwen3.Qwen3Model.forward": "38b8b1b6d5ce0768ffeca9b2d2a8d2b75dee7643bdeee690b6f7695a14b86c45",
+    "sglang.srt.models.qwen3.Qwen3DecoderLayer.forward": "7f3747f9e5dde0a80a4c1939525fc34c4aafaa2735d722eb8d624779e27f79bb",
+    "sglang.srt.models.qwen3.Qwen3Attention.forward": "51db2ef32c3cff344af91602c74b3db46711198dc477933673e3cb57408325bd",
+    "sglang.srt.layers.layer_boundary.residual.batch.start": "2b3296ab96cf6e0257bb49d5022254e8316fca087752fee6f0f2f93246e955d4",
+    "sglang.srt.layers.layer_boundary.residual.batch.complete_output": "07e9db3b0a9bb92fe1b31a315e190d2b8accd43ef38b3e0e4b699523ccde2868",
+    "sglang.srt.layers.layer_boundary.residual.batch.export_replay_handoff": "02406ff2a28532b7c1ec209d86ebe041b4b850b492581e27b4ee7426039c11a5",
+    "sglang.srt.layers.layer_boundary.residual.batch.import_replay_handoff": "b20e16d76a55fc053d595de81b6e3a450b78c140115a64cb46246d4a252d24fd",
+    "sglang.srt.layers.layer_boundary.residual.batch.final_norm": "242e96d61e14bc1e007884f04539fae84d55661d77cdd6277df66c9d46bbab1a",
+    "sglang.srt.layers.layer_boundary.residual.batch.clear": "93007b19dfba7c8481e848fdfc01348176b75d6e57c9cd78ed8dc9fd79c66814",
+}
+"""SHA-256 of the source of every SGLang function whose behaviour ``SparseXForward`` copies or relies on, as
+of sglang 0.5.23: the decoder loops it replaces (embedding, layer calls, residual stream, final norm), the
+decoder layers and attention modules it calls row-selectively, and the residual-stream helpers. If any of
+them changes, the copied loop may no longer be SGLang's: ``install`` then leaves SparseX off for the model
+(exact serving, the reason logged), and ``tests/test_model_hook_guard.py`` fails until the hook is re-read
+against the new source and the pins are updated."""
 
 
 class SparseXForward:
@@ -162,12 +188,44 @@ class SparseXForward:
             outcome.pending_exact_len = plan.exact_len[i]
 
 
+def unfollowed_changes(pins: dict[str, str] = FOLLOWED_SOURCES) -> list[str]:
+    """The pinned SGLang functions whose installed source differs from the pin (or that are gone)."""
+    changed = []
+    for name, digest in pins.items():
+        try:
+            source = inspect.getsource(_resolve(name))
+        except (ImportError, AttributeError, OSError, TypeError):
+            changed.append(name)
+            continue
+        if hashlib.sha256(source.encode()).hexdigest() != digest:
+            changed.append(name)
+    return changed
+
+
+def _resolve(dotted: str) -> Any:
+    """The object at ``package.module.Class.attr``: the longest importable prefix, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            target: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            target = getattr(target, attr)
+        return target
+    raise ImportError(dotted)
+
+
 def install(model: torch.nn.Module, model_runner: Any, runtime: SparseXRuntime) -> str:
     """Hook the decoder stack of ``model`` (a ``*ForCausalLM``); returns why not, or "" on success."""
     decoder = getattr(model, "model", None)
     name = type(decoder).__name__
     if decoder is None or name not in SUPPORTED_MODELS:
         return f"model {type(model).__name__} (decoder {name}) is not one of {SUPPORTED_MODELS}"
+    changed = unfollowed_changes()
+    if changed:
+        return (f"this SGLang's {', '.join(changed)} differ from the sglang 0.5.23 source the SparseX decoder loop "
+                "follows (model_hook.FOLLOWED_SOURCES)")
     if not decoder.pp_group.is_first_rank or not decoder.pp_group.is_last_rank:
         return "pipeline parallelism is not supported"
     if decoder.layers_to_capture:
