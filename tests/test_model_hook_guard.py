@@ -4,7 +4,8 @@
 their layers row-selectively. The source of every SGLang function it copies or relies on is pinned
 (``FOLLOWED_SOURCES``); on another source ``install`` leaves SparseX off (exact serving). Here: the pins
 match the installed sglang, a changed function is detected (the check could fail), and the served loop
-is exercised on each architecture's real decoder classes by the server tests (Llama: SmolLM2).
+is exercised on each architecture's real decoder classes by the server tests (Llama: SmolLM2 in
+test_served_pipeline.py; Qwen2 and Qwen3: test_architectures_server.py).
 """
 
 from __future__ import annotations
