@@ -22,11 +22,11 @@ Over HTTP, ``SparseXClient.generate`` sends the prompt text with its segment tex
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import httpx
 
 from sparsex_sgl.protocol import MARKER_BEGIN, MARKER_END, RATIO_KEY, SEGMENTS_KEY
 
@@ -52,21 +52,20 @@ def reuse_counts(meta_info: Mapping[str, Any]) -> dict[str, int | str]:
 
 
 class SparseXClient:
-    """Minimal HTTP client for a ``--enable-sparsex`` SGLang server (standard library only)."""
+    """Minimal HTTP client for a ``--enable-sparsex`` SGLang server (httpx, as SGLang's OpenAI SDK uses)."""
 
     def __init__(self, base_url: str, timeout: float = 600.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
 
     def _request(self, path: str, payload: Mapping[str, Any] | None = None) -> Any:
-        data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.base_url + path, data=data, headers={"Content-Type": "application/json"},
-                                     method="GET" if payload is None else "POST")
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            body = resp.read()
-            if not resp.headers.get_content_type().endswith("json"):
-                return body.decode("utf-8", "replace")  # /flush_cache answers in plain text
-        return json.loads(body)
+        url = self.base_url + path
+        response = (httpx.get(url, timeout=self.timeout) if payload is None
+                    else httpx.post(url, json=dict(payload), timeout=self.timeout))
+        response.raise_for_status()
+        if "json" not in response.headers.get("content-type", ""):
+            return response.text  # /flush_cache answers in plain text
+        return response.json()
 
     def generate(self, pieces: Sequence[str | Segment], sampling_params: Mapping[str, Any] | None = None,
                  recompute_ratio: float | None = None) -> dict[str, Any]:

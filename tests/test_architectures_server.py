@@ -11,28 +11,21 @@ reference executor's, which runs the same pipeline over the HF modules.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
+from test_served_pipeline import TOP, assert_served_equals_reference
 
 from sparsex_sgl.eval.hotpotqa import SegmentedPrompt
 from sparsex_sgl.eval.server import Server, launch, wait_ready
 from sparsex_sgl.frontend import reuse_counts
-from sparsex_sgl.hybrid import method_config
 from sparsex_sgl.protocol import flatten_spans
-from sparsex_sgl.reference import ReferenceExecutor
-from sparsex_sgl.reference.cache import ReferenceSegmentCache
-from sparsex_sgl.sglang.runtime import GAP_BLOCK
 
 pytestmark = pytest.mark.slow
 FAMILIES = ("qwen2", "qwen3")
-TOP = 5
-LOGPROB_TOL = 2e-3
 
 
 @pytest.fixture(scope="module")
@@ -87,17 +80,5 @@ def test_served_sparse_prefill_equals_the_reference_executor(served: dict, famil
 
     from transformers import AutoModelForCausalLM
 
-    executor = ReferenceExecutor(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
-    cache = ReferenceSegmentCache(executor, num_slots=4 * len(first.input_ids), gap_block=GAP_BLOCK)
-    assert cache.store(first.input_ids, first.spans, executor.prefill_full(first.input_ids))
-    config = method_config("sparsex", 0.15, 2)
-    assert config is not None
-    ours = cache.prefill(reordered.input_ids, reordered.spans, config)
-    plan = cache.plan(reordered.input_ids, reordered.spans)
-    assert (int(counts["prefix"]), int(counts["recomputed"])) == (plan.prefix_len, ours.stats.n_selected)
-    assert int(counts["rows_crc32"]) == zlib.crc32(np.asarray(ours.rows, dtype=np.int32).tobytes())
-    expected = torch.topk(torch.log_softmax(ours.logits.double(), dim=-1), TOP)
-    top = reply["meta_info"]["output_top_logprobs"][0]
-    assert [int(t[1]) for t in top] == expected.indices.tolist()
-    torch.testing.assert_close(torch.tensor([float(t[0]) for t in top], dtype=torch.float64), expected.values,
-                               atol=LOGPROB_TOL, rtol=0)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert_served_equals_reference(reply, model, first, reordered)

@@ -13,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from sparsex_sgl.errors import SegmentHashCollisionError
 from sparsex_sgl.graph import SegmentGraph, segments_it_caches, segments_it_computes
 from sparsex_sgl.reference.pool import FreeListAllocator
+from sparsex_sgl.request import MAX_DEFERRALS, RequestPlan, SparseXRequest, should_defer
 from sparsex_sgl.segments import (
     SHARED,
     NamespaceKey,
@@ -86,22 +87,27 @@ def test_segments_it_caches_stop_at_the_first_reused_segment() -> None:
     assert segments_it_caches(novel, graph.lookup(novel)) == {key[tuple(d)], key[tuple(e)]}
 
 
+def planned(graph: SegmentGraph, rid: str, pieces: list) -> SparseXRequest:  # type: ignore[type-arg]
+    """A request's SparseX state after its match on ``graph`` (the core's ``request.SparseXRequest``)."""
+    plan = graph.lookup(pieces)
+    return SparseXRequest(rid, RequestPlan(plan, tuple(pieces), (), 0.15, segments_it_caches(pieces, plan),
+                                           segments_it_computes(pieces, plan)))
+
+
 def test_a_request_waits_only_for_segments_an_admitted_request_caches() -> None:
     """The in-batch deferral rule: wait when a request already in the batch caches one of your segments;
     never when nothing is shared, when nothing is admitted yet, or when you have no plan."""
     from sparsex_sgl.hybrid import HybridConfig
-    from sparsex_sgl.sglang.runtime import RequestPlan, SparseXRuntime
+    from sparsex_sgl.sglang.runtime import SparseXRuntime
 
     runtime = SparseXRuntime(HybridConfig(), None, num_layers=4)
     graph = SegmentGraph(FreeListAllocator(64), max_tokens=63)
-    for rid, parts in (("ab", (A, B, Q1)), ("ba", (B, A, Q2)), ("c", (C, Q1))):
-        pieces = split_into_pieces(*prompt(*parts))
-        plan = graph.lookup(pieces)
-        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), 0.15, segments_it_caches(pieces, plan),
-                                         segments_it_computes(pieces, plan))
-    assert not runtime.should_defer("ab", [])  # the first request of a batch
-    assert runtime.should_defer("ba", ["ab"]) and runtime.should_defer("ba", ["c", "ab"])
-    assert not runtime.should_defer("c", ["ab", "ba"]) and not runtime.should_defer("unplanned", ["ab"])
+    ab, ba, c = (planned(graph, rid, split_into_pieces(*prompt(*parts)))
+                 for rid, parts in (("ab", (A, B, Q1)), ("ba", (B, A, Q2)), ("c", (C, Q1))))
+    unplanned = SparseXRequest("unplanned")
+    assert not runtime.should_defer(ab, [], [])  # the first request of a batch
+    assert runtime.should_defer(ba, [ab], []) and runtime.should_defer(ba, [c, ab], [])
+    assert not runtime.should_defer(c, [ab, ba], []) and not runtime.should_defer(unplanned, [ab], [])
     assert runtime.counters.deferred_admissions == 2
 
 
@@ -110,24 +116,17 @@ def test_a_request_waits_for_segments_in_flight_but_not_forever() -> None:
     segments a running request of that earlier batch computes waits until it has landed (its whole prompt
     cached, or it left), even as the first of its batch, at most MAX_DEFERRALS times, and never for a
     request that is not running (so the scheduler is never left idle)."""
-    from sparsex_sgl.hybrid import HybridConfig
-    from sparsex_sgl.sglang.runtime import MAX_DEFERRALS, RequestPlan, SparseXRuntime
-
-    runtime = SparseXRuntime(HybridConfig(), None, num_layers=4)
     graph = SegmentGraph(FreeListAllocator(64), max_tokens=63)
-    for rid, parts in (("ab", (A, B, Q1)), ("ba", (B, A, Q2)), ("c", (C, Q1))):
-        pieces = split_into_pieces(*prompt(*parts))
-        plan = graph.lookup(pieces)
-        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), 0.15, segments_it_caches(pieces, plan),
-                                         segments_it_computes(pieces, plan))
-    runtime.admitted("ab")
-    assert runtime.should_defer("ba", [], running={"ab"}) and not runtime.should_defer("c", [], running={"ab"})
-    assert not runtime.should_defer("ba", [], running=set())  # "ab" left without landing: nothing to wait for
-    runtime.landed("ab")
-    assert not runtime.should_defer("ba", [], running={"ab"})
-    runtime.admitted("ab")  # admitted again and running on: "ba" still runs eventually
+    ab, ba, c = (planned(graph, rid, split_into_pieces(*prompt(*parts)))
+                 for rid, parts in (("ab", (A, B, Q1)), ("ba", (B, A, Q2)), ("c", (C, Q1))))
+    ab.admitted()
+    assert should_defer(ba, [], [ab]) and not should_defer(c, [], [ab])
+    assert not should_defer(ba, [], [])  # "ab" left without landing: nothing to wait for
+    ab.landed()
+    assert not should_defer(ba, [], [ab])
+    ab.admitted()  # admitted again and running on: "ba" still runs eventually
     waits = 0
-    while runtime.should_defer("ba", [], running={"ab"}):
+    while should_defer(ba, [], [ab]):
         waits += 1
     assert waits == MAX_DEFERRALS - 1  # one wait was spent above
 
@@ -136,48 +135,35 @@ def test_a_request_waits_for_a_segment_it_computes_after_a_reused_one() -> None:
     """A request whose first segment is reused computes, but does not cache, the segments after it; it
     still waits for an in-flight request that caches one of them (a chunked prefill caches its segments
     chunk by chunk, so a later request can find the first ones cached and the rest still coming)."""
-    from sparsex_sgl.hybrid import HybridConfig
-    from sparsex_sgl.sglang.runtime import RequestPlan, SparseXRuntime
-
-    runtime = SparseXRuntime(HybridConfig(), None, num_layers=4)
     graph = SegmentGraph(FreeListAllocator(64), max_tokens=63)
     cache_alone(graph, A)
-    x_pieces = split_into_pieces(*prompt(C, B, Q1))
-    y_pieces = split_into_pieces(Q2 + A + B + Q1, [[1, 5], [5, 8]])  # a gap, then A (cached alone), then B
-    for rid, pieces in (("x", x_pieces), ("y", y_pieces)):
-        plan = graph.lookup(pieces)
-        runtime.plans[rid] = RequestPlan(plan, tuple(pieces), (), 0.15, segments_it_caches(pieces, plan),
-                                         segments_it_computes(pieces, plan))
-    y = runtime.plans["y"]
-    assert [r.target_start for r in y.plan.reused] == [1] and not y.caches and len(y.computes) == 1
-    assert not runtime.should_defer("y", [])
-    runtime.admitted("x")  # x computes and caches C and B
-    assert runtime.should_defer("y", [], running={"x"})
+    x = planned(graph, "x", split_into_pieces(*prompt(C, B, Q1)))
+    y = planned(graph, "y", split_into_pieces(Q2 + A + B + Q1, [[1, 5], [5, 8]]))  # a gap, A (cached alone), B
+    assert y.matched is not None
+    assert [r.target_start for r in y.matched.plan.reused] == [1] and not y.matched.caches
+    assert len(y.matched.computes) == 1
+    assert not should_defer(y, [], [])
+    x.admitted()  # x computes and caches C and B
+    assert should_defer(y, [], [x])
 
 
 def test_prefill_cuda_graph_is_refused_only_for_batches_with_reuse() -> None:
     from types import SimpleNamespace
 
     from sparsex_sgl.graph import LookupPlan, ReusedSegment
-    from sparsex_sgl.hybrid import HybridConfig
-    from sparsex_sgl.sglang import runtime as runtime_module
     from sparsex_sgl.sglang.plugin import _refuse_prefill_graph
 
-    state = runtime_module.SparseXRuntime(HybridConfig(), None, num_layers=4)
     reuse = LookupPlan(8, 0, (), (), (ReusedSegment(1, 0, 2, 4, (5, 6, 7, 8)),), (0, 1, 6, 7), 2)
     plain = LookupPlan(8, 4, (1,), (5, 6, 7, 8), (), (4, 5, 6, 7), 4)
-    state.plans["r"] = runtime_module.RequestPlan(reuse, (), (), 0.15)
-    state.plans["p"] = runtime_module.RequestPlan(plain, (), (), 0.15)
-    runtime_module.install(state)
-    try:
-        def stock_says_yes(self: object, fb: object) -> bool:
-            return True
+    r = SparseXRequest("r", RequestPlan(reuse, (), (), 0.15))
+    p = SparseXRequest("p", RequestPlan(plain, (), (), 0.15))
 
-        assert _refuse_prefill_graph(stock_says_yes, None, SimpleNamespace(rids=["p", "r"])) is False
-        assert _refuse_prefill_graph(stock_says_yes, None, SimpleNamespace(rids=["p", "x"])) is True
-        assert _refuse_prefill_graph(stock_says_yes, None, SimpleNamespace(rids=None)) is True
-    finally:
-        runtime_module.install(None)
+    def stock_says_yes(self: object, fb: object) -> bool:
+        return True
+
+    assert _refuse_prefill_graph(stock_says_yes, None, SimpleNamespace(sparsex_requests=[p, r])) is False
+    assert _refuse_prefill_graph(stock_says_yes, None, SimpleNamespace(sparsex_requests=[p, None])) is True
+    assert _refuse_prefill_graph(stock_says_yes, None, SimpleNamespace()) is True
 
 
 def test_segment_cached_after_the_same_predecessor_is_preferred() -> None:

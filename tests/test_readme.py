@@ -16,9 +16,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -82,10 +82,9 @@ def _wait_ready(process: subprocess.Popen[bytes], log: Path, timeout: float = 60
     while time.monotonic() < deadline:
         assert process.poll() is None, f"the README's launch command exited:\n{log.read_text()[-3000:]}"
         try:
-            with urllib.request.urlopen(SERVER_URL + "/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
+            if httpx.get(SERVER_URL + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
             pass
         time.sleep(1)
     raise TimeoutError(log.read_text()[-3000:])
@@ -110,8 +109,7 @@ def test_readme_server_curl_and_python_examples_run_as_written(tmp_path: Path) -
                                   timeout=300, check=False)
             assert done.returncode == 0, done.stderr[-3000:]
             assert done.stdout.strip(), code
-        with urllib.request.urlopen(SERVER_URL + "/sparsex/stats", timeout=30) as resp:
-            (stats,) = json.loads(resp.read())["schedulers"]
+        (stats,) = httpx.get(SERVER_URL + "/sparsex/stats", timeout=30).json()["schedulers"]
         assert stats["reused_tokens"] > 0 and stats["fallbacks"] == {}  # the examples really reused segments
     finally:
         os.killpg(server.pid, signal.SIGTERM)

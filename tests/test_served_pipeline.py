@@ -30,7 +30,7 @@ from sparsex_sgl.hybrid import method_config
 from sparsex_sgl.protocol import flatten_spans
 from sparsex_sgl.reference import ReferenceExecutor
 from sparsex_sgl.reference.cache import ReferenceSegmentCache
-from sparsex_sgl.sglang.runtime import GAP_BLOCK
+from sparsex_sgl.request import GAP_BLOCK
 
 pytestmark = pytest.mark.slow
 TOP = 5
@@ -83,13 +83,21 @@ def test_approximate_prefill_equals_the_reference_executor(servers: tuple[Server
     assert int(served["reused"]) > 0 and served["fallback"] == ""
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert_served_equals_reference(reply, model, first, reordered)
+
+
+def assert_served_equals_reference(reply: dict[str, Any], model: torch.nn.Module, first: SegmentedPrompt,
+                                   reordered: SegmentedPrompt) -> None:
+    """The server's reply to ``reordered`` (sent after ``first``, at ratio 0.15 and ``L_full`` 2) against the
+    reference executor on the same weights and cache contents: the plan's counts, the rows the sparse
+    layers computed and the first token's top logprobs."""
+    served = reuse_counts(reply["meta_info"])
     executor = ReferenceExecutor(model)
     cache = ReferenceSegmentCache(executor, num_slots=4 * len(first.input_ids), gap_block=GAP_BLOCK)
     assert cache.store(first.input_ids, first.spans, executor.prefill_full(first.input_ids))
     config = method_config("sparsex", 0.15, 2)
     assert config is not None
     ours = cache.prefill(reordered.input_ids, reordered.spans, config)
-
     plan = cache.plan(reordered.input_ids, reordered.spans)
     assert (int(served["prefix"]), int(served["reused"]), int(served["recomputed"])) == (
         plan.prefix_len, ours.stats.n_reused, ours.stats.n_selected)

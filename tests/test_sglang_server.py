@@ -365,16 +365,14 @@ ENGINE_SCRIPT = textwrap.dedent(
 def test_prometheus_metrics_equal_the_stats_endpoint(servers: tuple[Server, Server], prompts: list) -> None:
     """``--enable-metrics``: SparseX's counters are on SGLang's own ``/metrics`` (parsed with prometheus_client's
     parser, beside SGLang's metrics) and equal ``/sparsex/stats`` once requests have finished."""
-    import urllib.request
-
+    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     _, sparsex = servers
     generate(sparsex, prompts[1][0])
     generate(sparsex, prompts[1][2])  # reuses the paragraphs in another order
     expected = stats(sparsex)
-    with urllib.request.urlopen(sparsex.url + "/metrics", timeout=60) as resp:
-        text = resp.read().decode()
+    text = httpx.get(sparsex.url + "/metrics", timeout=60).text
     samples = {(s.name, s.labels.get("reason")): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}
     assert any(name.startswith("sglang:") for name, _ in samples)  # SGLang's own metrics are still there

@@ -1,8 +1,12 @@
-"""Start and stop real SGLang servers on 127.0.0.1 (CPU flags by default), for the tests and the benchmarks."""
+"""Start and stop real SGLang servers on 127.0.0.1 (CPU flags by default), for the tests and the benchmarks.
+
+SGLang's ``popen_launch_server`` / ``kill_process_tree`` (its test utilities) do not fit here: a server's
+output goes to its own log file (the tests print its tail on failure), servers start side by side and are
+waited for together, and a stop is a SIGTERM to the server's process group first, so SGLang shuts down its
+scheduler and frees the port before anything is killed."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -10,13 +14,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 CPU_FLAGS = (
     "--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
@@ -38,32 +41,27 @@ class Server:
     log: Path
 
     def post(self, path: str, payload: dict[str, Any], timeout: float = 600) -> tuple[int, Any]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, _decode(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, _decode(err.read())
+        response = httpx.post(self.url + path, json=payload, timeout=timeout)
+        return response.status_code, _decode(response.content)
 
     def hang_up_after(self, payload: dict[str, Any], events: int) -> None:
         """Send a streaming ``/generate`` and close the connection after ``events`` server-sent events (0: at
         once), as a client that gives up does: the server must abort the request and free what it held."""
-        url = urllib.parse.urlparse(self.url)
-        conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=600)
-        conn.request("POST", "/generate", json.dumps({**payload, "stream": True}), {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        seen = 0
-        while seen < events:
-            line = response.readline()
-            if not line:
-                break
-            seen += line.startswith(b"data:")
-        conn.close()
+        with httpx.Client(timeout=600) as client, client.stream(
+                "POST", self.url + "/generate", json={**payload, "stream": True}) as response:
+            seen = 0
+            lines = response.iter_lines()
+            while seen < events:
+                line = next(lines, None)
+                if line is None:
+                    break
+                seen += line.startswith("data:")
+        # leaving both blocks closes the connection mid-stream
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=60) as resp:
-            return json.loads(resp.read())
+        response = httpx.get(self.url + path, timeout=60)
+        response.raise_for_status()
+        return response.json()
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -82,14 +80,12 @@ def flush_cache(url: str, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(urllib.request.Request(url + "/flush_cache", data=b"", method="POST"),
-                                        timeout=60) as resp:
-                if resp.status == 200:
-                    return True
-        except urllib.error.HTTPError as err:
-            if err.code != 400:
-                return False
-        except OSError:
+            status = httpx.post(url + "/flush_cache", timeout=60).status_code
+        except httpx.HTTPError:
+            return False
+        if status == 200:
+            return True
+        if status != 400:
             return False
         if time.monotonic() > deadline:
             return False
@@ -125,10 +121,9 @@ def wait_ready(server: Server, timeout: float = 600) -> None:
         if server.process.poll() is not None:
             raise RuntimeError(f"server exited with {server.process.returncode}; log tail:\n{tail(server.log)}")
         try:
-            with urllib.request.urlopen(server.url + "/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if httpx.get(server.url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
             pass
         time.sleep(1)
     server.stop()

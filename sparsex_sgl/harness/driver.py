@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
+import httpx
 from tqdm import tqdm
 
 from sparsex_sgl.frontend import reuse_counts
@@ -69,48 +69,51 @@ def arrival_times(n: int, rate: float | None, seed: int) -> list[float]:
     return times
 
 
-async def _one(session: aiohttp.ClientSession, url: str, request: PreparedRequest, result: RequestResult,
+async def _one(client: httpx.AsyncClient, url: str, request: PreparedRequest, result: RequestResult,
                timeout: float) -> None:
-    start = time.perf_counter()
-    last_time, last_tokens = start, 0
     try:
-        async with session.post(url + "/generate", json=request.body(),
-                                timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-            if response.status != 200:
-                result.error = f"HTTP {response.status}: {(await response.text())[:300]}"
-                return
-            meta: dict[str, Any] = {}
-            async for raw in response.content:
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[len("data:"):])
-                if "error" in chunk:
-                    result.error = f"stream error: {str(chunk['error'])[:300]}"
-                    return
-                now = time.perf_counter()
-                meta = chunk.get("meta_info", {})
-                tokens = int(meta.get("completion_tokens", last_tokens + 1))
-                if result.ttft is None:
-                    result.ttft = now - start
-                elif tokens > last_tokens:
-                    gap = (now - last_time) / (tokens - last_tokens)
-                    result.token_gaps.extend([gap] * (tokens - last_tokens))
-                last_time, last_tokens = now, tokens
-                result.text = chunk.get("text", result.text)
-            if result.ttft is None:
-                result.error = "the stream ended without a chunk"
-                return
-            result.latency = time.perf_counter() - start
-            result.output_tokens = last_tokens
-            result.prompt_tokens = int(meta.get("prompt_tokens", len(request.input_ids)))
-            result.cached_tokens = int(meta.get("cached_tokens", 0))
-            result.reuse = dict(reuse_counts(meta))
-            result.ok = True
+        await asyncio.wait_for(_stream(client, url, request, result), timeout)
     except asyncio.TimeoutError:
         result.error = f"timeout after {timeout:.0f} s"
-    except (aiohttp.ClientError, ValueError) as exc:
+    except (httpx.HTTPError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:300]
+
+
+async def _stream(client: httpx.AsyncClient, url: str, request: PreparedRequest, result: RequestResult) -> None:
+    start = time.perf_counter()
+    last_time, last_tokens = start, 0
+    async with client.stream("POST", url + "/generate", json=request.body()) as response:
+        if response.status_code != 200:
+            result.error = f"HTTP {response.status_code}: {(await response.aread()).decode('utf-8', 'replace')[:300]}"
+            return
+        meta: dict[str, Any] = {}
+        async for raw in response.aiter_lines():
+            line = raw.strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data:"):])
+            if "error" in chunk:
+                result.error = f"stream error: {str(chunk['error'])[:300]}"
+                return
+            now = time.perf_counter()
+            meta = chunk.get("meta_info", {})
+            tokens = int(meta.get("completion_tokens", last_tokens + 1))
+            if result.ttft is None:
+                result.ttft = now - start
+            elif tokens > last_tokens:
+                gap = (now - last_time) / (tokens - last_tokens)
+                result.token_gaps.extend([gap] * (tokens - last_tokens))
+            last_time, last_tokens = now, tokens
+            result.text = chunk.get("text", result.text)
+        if result.ttft is None:
+            result.error = "the stream ended without a chunk"
+            return
+        result.latency = time.perf_counter() - start
+        result.output_tokens = last_tokens
+        result.prompt_tokens = int(meta.get("prompt_tokens", len(request.input_ids)))
+        result.cached_tokens = int(meta.get("cached_tokens", 0))
+        result.reuse = dict(reuse_counts(meta))
+        result.ok = True
 
 
 async def run_load(url: str, requests: list[PreparedRequest], results: list[RequestResult], *,
@@ -124,14 +127,14 @@ async def run_load(url: str, requests: list[PreparedRequest], results: list[Requ
     arrivals = arrival_times(len(requests), rate, seed)
     bar = tqdm(total=len(requests), desc=label or url, unit="req", disable=not progress)
     started = time.perf_counter()
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    unlimited = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(limits=unlimited, timeout=httpx.Timeout(timeout)) as client:
 
         async def send(request: PreparedRequest, at: float) -> None:
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - started)))
             async with limit:
                 result = RequestResult(request.id, arrival=time.perf_counter() - started)
-                await _one(session, url, request, result, timeout)
+                await _one(client, url, request, result, timeout)
             results.append(result)
             bar.update(1)
             bar.set_postfix(errors=sum(not r.ok for r in results))

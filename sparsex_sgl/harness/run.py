@@ -24,12 +24,12 @@ import platform
 import shlex
 import sys
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from sparsex_sgl.harness import quality, report
@@ -209,9 +209,10 @@ def _cpu_count() -> int:
 
 def _get_json(url: str) -> Any:
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            return json.loads(response.read())
-    except (OSError, ValueError) as exc:
+        response = httpx.get(url, timeout=60)
+        response.raise_for_status()
+        return response.json()
+    except (httpx.HTTPError, ValueError) as exc:
         return {"error": str(exc)}
 
 

@@ -43,6 +43,7 @@ from sparsex_sgl.protocol import (
     parse_ratio,
     parse_spans,
 )
+from sparsex_sgl.request import GAP_BLOCK, RequestOutcome, RequestPlan, SparseXRequest
 from sparsex_sgl.segments import (
     NamespaceKey,
     Piece,
@@ -54,7 +55,7 @@ from sparsex_sgl.segments import (
     validate_spans,
 )
 from sparsex_sgl.sglang.metrics import PrometheusExport
-from sparsex_sgl.sglang.runtime import GAP_BLOCK, RequestOutcome, RequestPlan, SparseXRuntime
+from sparsex_sgl.sglang.runtime import SparseXRuntime
 
 logger = logging.getLogger("sparsex_sgl")
 
@@ -146,8 +147,7 @@ class SegmentGraphCache(BasePrefixCache):
         except Exception as exc:  # noqa: BLE001 - a SparseX bug must not stop the scheduler: serve it unshared
             self.runtime.internal_error("match_prefix", exc)
             if params.req is not None:
-                self.runtime.forget(params.req.rid)
-                params.req.sparsex_outcome = None
+                self.runtime.drop(params.req)
             return self._result(MatchHandle(), 0)
 
     def _match(self, params: MatchPrefixParams) -> MatchResult:
@@ -155,7 +155,7 @@ class SegmentGraphCache(BasePrefixCache):
         limit = len(params.key)
         if req is None or limit == 0:
             return self._result(MatchHandle(), 0)
-        rid = req.rid
+        state = self.runtime.request(req)
         token_ids = list(req.origin_input_ids) + list(req.output_ids or [])
         n_prompt = len(req.origin_input_ids)
         try:
@@ -163,7 +163,7 @@ class SegmentGraphCache(BasePrefixCache):
         except InvalidSegmentsError as exc:
             self.runtime.fallback("invalid_segments", str(exc))
             spans, ratio = [], self.runtime.config.recompute_ratio
-        reason = self._no_reuse_reason(req)
+        reason = self._no_reuse_reason(req, state.reuse_refused)
         key_ns = self._namespace(req)
         auto_segmented = False
         try:
@@ -178,7 +178,7 @@ class SegmentGraphCache(BasePrefixCache):
                 reason = "extend_longer_than_chunks"
         except SegmentHashCollisionError as exc:
             self.runtime.fallback("hash_collision", str(exc))
-            self.runtime.plans.pop(rid, None)
+            state.matched = state.outcome = None
             return self._result(MatchHandle(), 0)
         fallback = reason if plan.reused and reason else ""
         if fallback:
@@ -187,15 +187,13 @@ class SegmentGraphCache(BasePrefixCache):
             limit = min(limit, plan.exact_prefix_len)  # blended KV only where the client accepts approximation
         if (plan.reused and (reason or len(token_ids) != n_prompt)) or plan.prefix_len > limit:
             plan = self.graph.prefix_only(plan, min(plan.prefix_len, limit))
-        self.runtime.plans[rid] = RequestPlan(plan, tuple(pieces), tuple(spans), ratio,
-                                              segments_it_caches(pieces, plan), segments_it_computes(pieces, plan),
-                                              auto_segmented)
+        state.matched = RequestPlan(plan, tuple(pieces), tuple(spans), ratio, segments_it_caches(pieces, plan),
+                                    segments_it_computes(pieces, plan), auto_segmented)
         n = plan.n_tokens
         outcome = RequestOutcome(prompt=n, prefix=plan.prefix_len, blended_prefix=plan.prefix_len - plan.exact_prefix_len,
                                  computed=n - plan.prefix_len, fallback=fallback)
         outcome.exact_len = outcome.exact_bound
-        self.runtime.outcomes[rid] = outcome
-        req.sparsex_outcome = outcome  # read by the meta_info hook; the model hook updates it in place
+        state.outcome = outcome  # the model hook fills it in; the checkpoint and the meta_info hook read it
         node_ids = plan.prefix_node_ids[-1:] + tuple(r.node_id for r in plan.reused)
         slots = torch.tensor(plan.prefix_slots, dtype=torch.int64, device=self.device)
         return self._result(MatchHandle(node_ids, slots), plan.prefix_len)
@@ -212,10 +210,10 @@ class SegmentGraphCache(BasePrefixCache):
         limit = self.runtime.max_extend_tokens
         return limit is not None and extend > limit
 
-    def _no_reuse_reason(self, req: object) -> str:
+    def _no_reuse_reason(self, req: object, reuse_refused: bool) -> str:
         if self.runtime.disabled_reason:
             return "unsupported_model"
-        if req.rid in self.runtime.reuse_refused:  # type: ignore[attr-defined]
+        if reuse_refused:
             return "no_room_for_reuse"
         if getattr(req, "return_logprob", False):
             custom = getattr(getattr(req, "sampling_params", None), "custom_params", None) or {}
@@ -269,17 +267,17 @@ class SegmentGraphCache(BasePrefixCache):
             self.runtime.internal_error("checkpoint", exc)
 
     def _checkpoint(self, req: object, up_to: int) -> None:
-        rid = req.rid  # type: ignore[attr-defined]
         kv = req.kv  # type: ignore[attr-defined]
         token_ids = list(req.full_untruncated_fill_ids[:up_to])  # type: ignore[attr-defined]
         if not token_ids:
             return
-        entry = self.runtime.plans.get(rid)
-        outcome = self.runtime.outcomes.get(rid)
+        state: SparseXRequest | None = getattr(req, "sparsex", None)
+        entry = None if state is None else state.matched
+        outcome = None if state is None else state.outcome
         if outcome is not None:
             outcome.settle()
-        if up_to >= len(req.origin_input_ids):  # type: ignore[attr-defined]
-            self.runtime.landed(rid)  # its whole prompt is cached now (a chunk's checkpoint is not enough)
+        if state is not None and up_to >= len(req.origin_input_ids):  # type: ignore[attr-defined]
+            state.landed()  # its whole prompt is cached now (a chunk's checkpoint is not enough)
         pieces = self._cut_to_cache(req, token_ids, entry)
         if not pieces:
             return
@@ -335,9 +333,10 @@ class SegmentGraphCache(BasePrefixCache):
 
     def on_release(self, req: object, *, checkpointed: bool) -> None:
         rid = req.rid  # type: ignore[attr-defined]
-        entry = self.runtime.plans.get(rid)
-        outcome = self.runtime.outcomes.get(rid)
-        self.runtime.forget(rid)
+        state: SparseXRequest | None = getattr(req, "sparsex", None)
+        entry = None if state is None else state.matched
+        outcome = None if state is None else state.outcome
+        self.runtime.close(req)
         try:
             if outcome is not None:
                 outcome.settle()
@@ -349,8 +348,8 @@ class SegmentGraphCache(BasePrefixCache):
             self.runtime.internal_error("on_release", exc)
 
     def release_aborted_request(self, handle: CacheRequestHandle) -> None:
-        """A request aborted while queued leaves without a release: drop what its match planned."""
-        self.runtime.forget(handle.rid)
+        """A request aborted while queued leaves without a release (its state goes with its ``Req``)."""
+        self.runtime.open_requests.discard(handle.rid)
 
     # ------------------------------------------------------------------ memory
     def evict(self, params: EvictParams) -> EvictResult:
@@ -382,11 +381,6 @@ class SegmentGraphCache(BasePrefixCache):
         leaked = self.graph.reset()
         if leaked:
             logger.error("SparseX: %d cache nodes were still locked at a cache flush (a lock leak); dropped", leaked)
-        self.runtime.plans.clear()
-        self.runtime.outcomes.clear()
-        self.runtime.in_flight.clear()
-        self.runtime.reuse_refused.clear()
-        self.runtime.deferrals.clear()
 
     def pretty_print(self) -> None:
         logger.info("SegmentGraphCache: %d nodes, %d tokens (%d protected)", len(self.graph),

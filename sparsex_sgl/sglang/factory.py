@@ -9,9 +9,7 @@ logged once and reported in the statistics.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any
 
 import torch
@@ -31,11 +29,11 @@ CHUNKS_PER_REUSE_STEP = 4
 (``--chunked-prefill-size``); longer ones are chunked with exact prefix reuse only."""
 
 def config_of(server_args: Any) -> HybridConfig:
-    values = getattr(server_args, "_sparsex_config", None)
-    if values is None:
-        raw = os.environ.get(runtime.CONFIG_ENV)
-        values = json.loads(raw) if raw else {}
-    return HybridConfig.from_mapping(values)
+    """The server's SparseX settings (``plugin.server_config``); the defaults where the ``sparsex`` backends
+    were chosen by their SGLang flags rather than ``--enable-sparsex``."""
+    from sparsex_sgl.sglang.plugin import server_config
+
+    return server_config(server_args) or HybridConfig()
 
 
 def build(ctx: Any) -> SegmentGraphCache:
@@ -73,7 +71,6 @@ def build(ctx: Any) -> SegmentGraphCache:
     if not reason:
         reason = model_hook.install(model_runner.model, model_runner, state)
     state.disabled_reason = reason
-    runtime.install(state)
     if reason:
         logger.warning("SparseX is off for this model (%s); requests get exact prefix caching only", reason)
     else:

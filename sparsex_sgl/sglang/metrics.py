@@ -2,7 +2,7 @@
 
 SGLang serves ``/metrics`` from the HTTP process in prometheus_client's multiprocess mode: every process
 writes its metrics to files under ``PROMETHEUS_MULTIPROC_DIR`` and the endpoint merges them. The
-counters live in the scheduler process (``runtime.Counters``), so this exporter runs there and mirrors
+counters live in the scheduler process (``request.Counters``), so this exporter runs there and mirrors
 them into prometheus_client metrics: counters grow by the difference since the last sync, gauges take
 the graph's size. It syncs when a request's outcome is recorded and after an eviction, so once requests
 have finished ``/metrics`` and ``/sparsex/stats`` agree.
@@ -10,10 +10,9 @@ have finished ``/metrics`` and ``/sparsex/stats`` agree.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
-from sparsex_sgl.sglang.runtime import Counters
+from sparsex_sgl.request import Counters
 
 COUNTERS: dict[str, str] = {
     "requests": "Requests recorded by the SparseX cache",
@@ -53,7 +52,8 @@ class PrometheusExport:
 
     def sync(self, counters: Counters, graph_nodes: int, graph_tokens: int) -> None:
         """Bring the metrics up to ``counters`` and the graph's size."""
-        now = asdict(counters)
+        now: dict[str, Any] = {key: getattr(counters, key) for key in self._counters}
+        now["fallbacks"] = dict(counters.fallbacks)  # not asdict: it rebuilds a Counter from its items
         for key, metric in self._counters.items():
             delta = now[key] - self._exported.get(key, 0)
             if delta > 0:
@@ -62,6 +62,6 @@ class PrometheusExport:
             delta = count - self._exported["fallbacks"].get(reason, 0)
             if delta > 0:
                 self._fallbacks.labels(**self.labels, reason=reason).inc(delta)
-        self._exported = {**now, "fallbacks": dict(now["fallbacks"])}
+        self._exported = now
         self._graph_nodes.labels(**self.labels).set(graph_nodes)
         self._graph_tokens.labels(**self.labels).set(graph_tokens)

@@ -28,9 +28,10 @@ import torch
 from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
+from sparsex_sgl.request import RequestOutcome, SparseXRequest
 from sparsex_sgl.select import SIGNAL_SELECTIONS
 from sparsex_sgl.sglang.batch import SparseBatch
-from sparsex_sgl.sglang.runtime import RequestOutcome, SparseXRuntime
+from sparsex_sgl.sglang.runtime import SparseXRuntime
 from sparsex_sgl.sparse_extend import ExtendRequest, SparseExtendPlan
 
 logger = logging.getLogger("sparsex_sgl")
@@ -102,32 +103,31 @@ class SparseXForward:
 
     def _batch_state(self, fb: Any, outcomes: list[tuple[int, RequestOutcome]]) -> SparseBatch | None:
         """The batch's plan, or None when no request in it reuses a segment (then nothing else is done).
-        ``outcomes`` receives (index in the batch, outcome) of every request that will run sparse."""
-        rids = fb.rids or []
+        The requests' SparseX state comes with the batch (``ForwardBatch.sparsex_requests``, carried from
+        each ``Req.sparsex`` by the plugin). ``outcomes`` receives (index in the batch, outcome) of every
+        request that will run sparse."""
+        states: list[SparseXRequest | None] = getattr(fb, "sparsex_requests", None) or []
         prefix_lens, extend_lens = fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu
-        if not rids or prefix_lens is None or extend_lens is None:
-            return None
-        entries = [self.runtime.plans.get(rid) for rid in rids]
-        if not any(entry is not None and entry.plan.reused for entry in entries):
+        if not any(s is not None and s.reuses for s in states) or prefix_lens is None or extend_lens is None:
             return None
         pool_indices = (fb.req_pool_indices_cpu if fb.req_pool_indices_cpu is not None else fb.req_pool_indices).tolist()
         requests: list[ExtendRequest] = []
         start = 0
-        for rid, entry, pool_index, p, e in zip(rids, entries, pool_indices, prefix_lens, extend_lens, strict=True):
+        for request, pool_index, p, e in zip(states, pool_indices, prefix_lens, extend_lens, strict=True):
             p, e = int(p), int(e)
-            lookup = entry.plan if entry is not None and entry.plan.reused else None
+            matched = request.matched if request is not None and request.reuses else None
+            lookup = None if matched is None else matched.plan
             if lookup is not None and (lookup.prefix_len != p or lookup.n_tokens != p + e):
-                self.runtime.fallback("plan_mismatch", f"request {rid}: planned prefix {lookup.prefix_len} of "
-                                      f"{lookup.n_tokens}, scheduled prefix {p} + {e}")
+                self.runtime.fallback("plan_mismatch", f"request {request.rid}: planned prefix "  # type: ignore[union-attr]
+                                      f"{lookup.prefix_len} of {lookup.n_tokens}, scheduled prefix {p} + {e}")
                 lookup = None
-            outcome = self.runtime.outcomes.get(rid)
-            if lookup is None or entry is None:
+            if lookup is None or matched is None:
                 requests.append(ExtendRequest(pool_index, start, p, p + e, range(p, p + e), (), 0.0))
             else:
                 requests.append(ExtendRequest(pool_index, start, p, p + e, lookup.new_rows, lookup.reused,
-                                              entry.recompute_ratio))
-                if outcome is not None:
-                    outcomes.append((len(requests) - 1, outcome))
+                                              matched.recompute_ratio))
+                if request is not None and request.outcome is not None:
+                    outcomes.append((len(requests) - 1, request.outcome))
             start += e
         if not any(r.reused for r in requests):
             return None

@@ -19,17 +19,19 @@ stock SGLang, and prefill CUDA graphs are refused for batches that carry a Spars
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from sparsex_sgl.hybrid import KERNEL_CHOICES, HybridConfig, describe_error
-from sparsex_sgl.sglang.runtime import CONFIG_ENV
+
+if TYPE_CHECKING:
+    from sparsex_sgl.request import SparseXRequest
+    from sparsex_sgl.sglang.runtime import SparseXRuntime
 
 logger = logging.getLogger("sparsex_sgl")
 
@@ -57,7 +59,6 @@ def register() -> None:
     hooks = [
         ("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AROUND),
         ("sglang.srt.server_args.ServerArgs.from_cli_args", _from_cli_args, HookType.AROUND),
-        ("sglang.srt.sampling.sampling_params.SamplingParams.verify", _verify_custom_params, HookType.AFTER),
         ("sglang.srt.managers.tokenizer_manager.TokenizerManager._tokenize_one_request", _segment_text, HookType.BEFORE),
         ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", _validate_prompt,
          HookType.BEFORE),
@@ -68,6 +69,8 @@ def register() -> None:
         ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", _admit, HookType.AROUND),
         ("sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph",
          _refuse_prefill_graph, HookType.AROUND),
+        ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _carry_requests, HookType.AFTER),
+        ("sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch", _carry_to_static_batch, HookType.AFTER),
     ]
     for target, hook, kind in hooks:
         HookRegistry.register(target, hook, kind)
@@ -76,9 +79,14 @@ def register() -> None:
         _apply_cpu_shim()
 
 
-def enabled() -> bool:
-    """Whether this process tree serves with SparseX (the launcher exports the config to its children)."""
-    return CONFIG_ENV in os.environ
+def server_config(server_args: Any) -> HybridConfig | None:
+    """The SparseX settings a server (or ``sgl.Engine``) was started with, None without ``--enable-sparsex``.
+
+    They travel on the ``ServerArgs`` object itself (``_sparsex_config``, set at parsing and pickled with it
+    into the scheduler processes), so two engines in one process each keep their own, and a hook of a
+    server without the flag does nothing."""
+    values = getattr(server_args, "_sparsex_config", None)
+    return None if values is None else HybridConfig.from_mapping(values)
 
 
 # ---------------------------------------------------------------------- backends
@@ -190,7 +198,6 @@ def _export(server_args: Any, config: HybridConfig | None) -> None:
         _apply_cpu_shim()
     if config is not None:
         server_args._sparsex_config = asdict(config)
-        os.environ[CONFIG_ENV] = json.dumps(asdict(config))
 
 
 def _from_cli_args(original: Any, cls: Any, args: argparse.Namespace) -> Any:
@@ -245,18 +252,6 @@ def _patch_engine_kwargs() -> None:
 
 
 # ---------------------------------------------------------------------- requests
-def _verify_custom_params(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
-    """Malformed ``custom_params`` is the client's error: a short 400 from the tokenizer manager. Besides
-    our keys, the whole value must have the type SGLang's scheduler decodes it as (``CustomParamValue``):
-    anything else would pass the HTTP layer and then fail the scheduler's typed decoder, which does not
-    catch it."""
-    if enabled():
-        from sparsex_sgl.protocol import check_custom_params
-
-        check_custom_params(self.custom_params)
-        _check_wire_type(self.custom_params)
-
-
 def _check_wire_type(custom: Any) -> None:
     import msgspec
     from sglang.srt.sampling.sampling_params import CustomParamValue
@@ -269,14 +264,21 @@ def _check_wire_type(custom: Any) -> None:
 
 
 def _validate_prompt(self: Any, obj: Any, input_ids: Any, *args: Any, **kwargs: Any) -> None:
-    """Token ids the model cannot run are the client's error (stock SGLang's scheduler dies on an empty
-    prompt and on ids outside the vocabulary); segment spans are checked against the prompt here too, so
-    the scheduler gets only requests it can serve."""
-    if not enabled() or input_ids is None:
+    """Input the scheduler cannot serve is the client's error, a short 400 from the tokenizer manager:
+    malformed ``custom_params`` (our keys, and any value of a type SGLang's scheduler cannot decode as
+    ``CustomParamValue``: its typed decoder does not catch that), an empty prompt and token ids outside the
+    vocabulary (stock SGLang's scheduler dies on both), and segment spans outside the prompt."""
+    if server_config(self.server_args) is None:
         return
     from sparsex_sgl import protocol
     from sparsex_sgl.segments import validate_spans
 
+    params = obj.sampling_params if isinstance(getattr(obj, "sampling_params", None), dict) else {}
+    custom = params.get("custom_params")
+    protocol.check_custom_params(custom)
+    _check_wire_type(custom)
+    if input_ids is None:
+        return
     if len(input_ids) == 0:
         raise ValueError("the prompt is empty")
     vocab = int(self.model_config.vocab_size)
@@ -285,8 +287,6 @@ def _validate_prompt(self: Any, obj: Any, input_ids: Any, *args: Any, **kwargs: 
     if min(input_ids) < 0 or max(input_ids) >= vocab:
         bad = next(t for t in input_ids if not 0 <= t < vocab)
         raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab})")
-    params = obj.sampling_params if isinstance(getattr(obj, "sampling_params", None), dict) else {}
-    custom = params.get("custom_params")
     if isinstance(custom, dict) and custom.get(protocol.SPANS_KEY):
         validate_spans(protocol.parse_spans(custom[protocol.SPANS_KEY]), len(input_ids))
 
@@ -297,7 +297,8 @@ def _segment_text(self: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
     ``--sparsex-markers``, asks for them) is tokenized piece by piece; a token prompt with a listed
     ``sparsex_segments`` (the chat template's ids of ``/v1/chat/completions``) gets the spans where the
     segments' own ids occur in it (``protocol.locate_segments``)."""
-    if not enabled():
+    config = server_config(self.server_args)
+    if config is None:
         return
     from sparsex_sgl import protocol
 
@@ -322,7 +323,7 @@ def _segment_text(self: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
     protocol.check_custom_params(raw)
     custom = dict(raw or {})
     listed = custom.get(protocol.SEGMENTS_KEY)
-    markers = bool(custom.get(protocol.MARKERS_KEY)) or _server_config().markers
+    markers = bool(custom.get(protocol.MARKERS_KEY)) or config.markers
     if not listed and not (markers and protocol.has_markers(text)):
         return
     if params is None:
@@ -336,11 +337,6 @@ def _segment_text(self: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
     obj.sampling_params = {**params, "custom_params": custom}
     obj.text = "".join(p.text for p in pieces)
     obj.input_ids = ids
-
-
-def _server_config() -> HybridConfig:
-    """This server's SparseX settings, in the launcher process (which runs the tokenizer manager)."""
-    return HybridConfig.from_mapping(json.loads(os.environ.get(CONFIG_ENV) or "{}"))
 
 
 def _admit(original: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
@@ -363,22 +359,22 @@ def _admit(original: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any
     """
     from sglang.srt.managers.schedule_policy import AddReqResult
 
-    from sparsex_sgl.sglang.runtime import current
-
-    runtime = current()
-    if runtime is None:
+    runtime: SparseXRuntime | None = getattr(self.tree_cache, "runtime", None)
+    request: SparseXRequest | None = getattr(req, "sparsex", None)
+    if runtime is None or request is None:
         return original(self, req, *args, **kwargs)
     budget = self.rem_chunk_tokens
     try:
-        running = {r.rid for r in self.running_batch.reqs} if self.running_batch is not None else set()
-        if runtime.should_defer(req.rid, [r.rid for r in self.can_run_list], running):
+        running_reqs = self.running_batch.reqs if self.running_batch is not None else []
+        running = [getattr(r, "sparsex", None) for r in running_reqs]
+        if runtime.should_defer(request, [getattr(r, "sparsex", None) for r in self.can_run_list], running):
             return AddReqResult.CONTINUE
-        entry = runtime.plans.get(req.rid)
-        reuses = entry is not None and bool(entry.plan.reused)
-        whole = reuses and budget is not None and entry.plan.n_tokens - entry.plan.prefix_len > budget  # type: ignore[union-attr]
+        reuses = request.reuses
+        lookup = request.matched.plan if request.matched is not None else None
+        whole = reuses and budget is not None and lookup is not None and lookup.n_tokens - lookup.prefix_len > budget
     except Exception as exc:  # noqa: BLE001 - a SparseX bug: admit it as stock SGLang would, without its plan
         runtime.internal_error("admission", exc)
-        runtime.forget(req.rid)
+        runtime.drop(req)
         return original(self, req, *args, **kwargs)
     if not whole:
         result = original(self, req, *args, **kwargs)
@@ -394,32 +390,28 @@ def _admit(original: Any, self: Any, req: Any, *args: Any, **kwargs: Any) -> Any
         # Nothing runs, so no memory will come free by waiting: the reused segments' nodes (with the cached
         # paths they hang on, which they keep from eviction) and the extend do not fit the pool together.
         # Serve the request as stock SGLang would, with exact prefix reuse only.
-        runtime.refuse_reuse(req.rid)
+        request.reuse_refused = True
         req.init_next_round_input(self.tree_cache)  # match again, now without reuse (counted there)
         result = original(self, req, *args, **kwargs)
     if req in self.can_run_list:
-        runtime.admitted(req.rid)
+        request.admitted()
     return result
 
 
 def _refuse_prefill_graph(original: Any, self: Any, forward_batch: Any) -> bool:
     """No prefill CUDA graph for a batch that carries a SparseX plan: its sparse layers change the row
     count mid-forward, which a captured graph cannot follow. Other batches keep SGLang's choice."""
-    from sparsex_sgl.sglang.runtime import current
-
-    runtime = current()
-    if runtime is not None and runtime.has_reuse(forward_batch.rids or ()):
+    requests = getattr(forward_batch, "sparsex_requests", None) or ()
+    if any(request is not None and request.reuses for request in requests):
         return False
     return bool(original(self, forward_batch))
 
 
 def _add_details(result: Any, self: Any, req: Any) -> Any:
     """Per-request SparseX counts in ``meta_info["cached_tokens_details"]`` (unless ``--sparsex-hide-counts``)."""
-    from sparsex_sgl.sglang.runtime import current
-
-    outcome = getattr(req, "sparsex_outcome", None)
-    runtime = current()
-    if outcome is None or runtime is None or not runtime.config.report_counts:
+    request: SparseXRequest | None = getattr(req, "sparsex", None)
+    outcome = None if request is None else request.outcome
+    if outcome is None or request is None or not request.report_counts:
         return result
     details = dict(result) if result else {"device": req.cached_tokens, "host": 0}
     outcome.settle()  # the batch's results are out, so its device values are ready
@@ -428,9 +420,28 @@ def _add_details(result: Any, self: Any, req: Any) -> Any:
 
 
 def _add_internal_state(result: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
-    stats = getattr(self.scheduler.tree_cache, "stats", None)
-    if callable(stats) and enabled():
-        result.internal_state["sparsex"] = stats()
+    tree_cache = self.scheduler.tree_cache
+    if getattr(tree_cache, "runtime", None) is not None:  # the sparsex cache
+        result.internal_state["sparsex"] = tree_cache.stats()
+    return result
+
+
+def _carry_requests(result: Any, cls: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    """``ForwardBatch.init_new``: the batch's requests' SparseX state (``Req.sparsex``, in batch order) goes
+    with the forward batch, where the model hook and the prefill-graph check read it."""
+    if batch.forward_mode.is_extend():  # the batch may be the overlap scheduler's copy, without the cache
+        states = [getattr(req, "sparsex", None) for req in batch.reqs]
+        if any(state is not None for state in states):
+            result.sparsex_requests = states
+    return result
+
+
+def _carry_to_static_batch(result: Any, self: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
+    """``EagerRunner.load_batch`` copies the live forward batch into its static buffers as a new
+    ``ForwardBatch``: the requests' state goes along (the model hook reads it there)."""
+    requests = getattr(forward_batch, "sparsex_requests", None)
+    if requests is not None:
+        result.sparsex_requests = requests
     return result
 
 
