@@ -247,6 +247,9 @@ def run_summary(results: dict[str, Any], folder: Path) -> str:
     lines = ["", "Summary"]
     by_setting: dict[tuple[str, Any, Any], dict[str, dict[str, Any]]] = defaultdict(dict)
     for run in results["runs"]:
+        if "summary" not in run:  # its server did not start; results.md says why
+            lines.append(f"- {run.get('system')}: no requests ran ({run.get('server_error', 'see results.md')[:200]})")
+            continue
         by_setting[(run["workload"], run["rate"], run["concurrency"])][run["system"]] = run["summary"]
     for (workload, rate, concurrency), systems in by_setting.items():
         load = f"rate {rate}/s" if rate else f"concurrency {concurrency}"
