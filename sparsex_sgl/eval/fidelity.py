@@ -230,7 +230,7 @@ def evaluate(
             for key, value in figures.items():
                 totals[run.name]["kl_mean" if key == "kl" else key] += value
             for key in PER_QUESTION:
-                per_question[run.name].setdefault(key, []).append(figures[key])
+                per_question[run.name][key].append(figures[key])
         report = _report(totals, per_question, context, done, prompt_tokens, started)
         if checkpoint is not None:
             checkpoint(report)

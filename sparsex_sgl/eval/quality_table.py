@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sparsex_sgl.harness.report import paired_difference
+from sparsex_sgl.harness.report import interval_text, paired_difference
 
 
 def _header(meta: dict[str, Any]) -> str:
@@ -44,13 +44,8 @@ def paired_table(report: dict[str, Any]) -> str:
         for other in others:
             f1 = paired_difference(per[name]["f1"], per[other]["f1"])
             kl = paired_difference(per[name]["kl"], per[other]["kl"])
-            lines.append(f"| {name} | {other} | {_interval(f1, 100)} | {_interval(kl, 1)} |")
+            lines.append(f"| {name} | {other} | {interval_text(f1, 100)} | {interval_text(kl, 1)} |")
     return "\n".join(lines)
-
-
-def _interval(figures: tuple[float, float, float], scale: float) -> str:
-    mean, low, high = (scale * x for x in figures)
-    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
 def render(report: dict[str, Any]) -> str:

@@ -106,7 +106,7 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
         lines += ["", "SparseX minus the other method on the same questions (mean, 95% bootstrap interval):", "",
                   "| SparseX setting | vs | ΔF1 | ΔKL (lower is closer to full) |", "|---|---|---|---|"]
         for setting, other, f1, kl in pairs:
-            lines.append(f"| {setting} | {other} | {_interval(f1, 100)} pt | {_interval(kl, 1)} |")
+            lines.append(f"| {setting} | {other} | {interval_text(f1, 100)} pt | {interval_text(kl, 1)} |")
     return "\n".join(lines)
 
 
@@ -154,8 +154,9 @@ def sparsex_pairs(sweep: dict[str, Any]) -> list[tuple[str, str, tuple[float, fl
     return pairs
 
 
-def _interval(stats: tuple[float, float, float], scale: float) -> str:
-    mean, low, high = (scale * x for x in stats)
+def interval_text(figures: tuple[float, float, float], scale: float) -> str:
+    """A ``paired_difference`` result as ``mean [low, high]``, each times ``scale`` (100: F1 points)."""
+    mean, low, high = (scale * x for x in figures)
     return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
