@@ -410,6 +410,14 @@ def test_openai_chat_marks_segments_and_its_next_round_hits_through_the_reply(se
 
     first, reordered = [0, 1, 2, 3], [2, 0, 3, 1]
     assert chat(sparsex, messages_for(first)) == chat(stock, messages_for(first))  # no segment data: stock
+    from openai import BadRequestError
+
+    client = OpenAI(base_url=sparsex.url + "/v1", api_key="none")
+    for bad in ({"sparsex_segments": ["a text that is not in the prompt at all"]},  # not in the templated ids
+                {"sparsex_segments": [docs[0]], "sparsex_spans": [0, 8]}):  # both kinds of segment data
+        with pytest.raises(BadRequestError):
+            client.chat.completions.create(model=str(resolve_model("smollm2")), messages=messages_for(first),  # type: ignore[arg-type]
+                                           max_tokens=2, extra_body={"custom_params": bad})
     chat(sparsex, messages_for(first), first)
     before = stats(sparsex)
     exact = chat(sparsex, messages_for(reordered), reordered, sparsex_recompute_ratio=1.0)
