@@ -440,6 +440,43 @@ def test_openai_chat_marks_segments_and_its_next_round_hits_through_the_reply(se
     assert after["prefix_tokens"] - before["prefix_tokens"] >= first_round_tokens - 16
 
 
+def test_openai_completions_marks_text_segments(servers: tuple[Server, Server]) -> None:
+    """``/v1/completions`` through the OpenAI SDK: a text prompt with ``sparsex_segments`` in
+    ``extra_body.custom_params`` reuses the documents when they come back in another order; recomputing
+    every reused token gives stock SGLang's completion; segment text absent from the prompt is a 400."""
+    from openai import BadRequestError, OpenAI
+    from transformers import AutoTokenizer
+
+    stock, sparsex = servers
+    docs = list(load_examples(hotpotqa_path(), 1, offset=34)[0].paragraphs[:4])
+    model = str(resolve_model("smollm2"))
+
+    def prompt_for(order: list[int]) -> str:
+        return "Answer from the documents.\n\n" + "".join(docs[i] for i in order) + "Question: what is this about?\nAnswer:"
+
+    def complete(server: Server, order: list[int], segments: bool = True, **custom: Any) -> str:
+        client = OpenAI(base_url=server.url + "/v1", api_key="none")
+        extra = {"custom_params": {"sparsex_segments": [docs[i] for i in order], **custom}} if segments else None
+        reply = client.completions.create(model=model, prompt=prompt_for(order), temperature=0,
+                                          max_tokens=NEW_TOKENS, extra_body=extra)
+        return reply.choices[0].text
+
+    first, reordered = [0, 1, 2, 3], [3, 1, 0, 2]
+    assert complete(sparsex, first, segments=False) == complete(stock, first, segments=False)
+    with pytest.raises(BadRequestError):
+        OpenAI(base_url=sparsex.url + "/v1", api_key="none").completions.create(
+            model=model, prompt=prompt_for(first), max_tokens=2,
+            extra_body={"custom_params": {"sparsex_segments": ["a text that is not in the prompt at all"]}})
+    complete(sparsex, first)
+    before = stats(sparsex)
+    exact = complete(sparsex, reordered, sparsex_recompute_ratio=1.0)
+    after = stats(sparsex)
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    doc_tokens = sum(len(tok.encode(d, add_special_tokens=False)) for d in docs)
+    assert after["reused_tokens"] - before["reused_tokens"] >= doc_tokens - 4 * len(docs)
+    assert exact == complete(stock, reordered, segments=False)
+
+
 def test_engine_with_enable_sparsex(prompts: list, tmp_path: Path) -> None:
     import json
 
