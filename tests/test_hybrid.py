@@ -108,6 +108,18 @@ def test_sparsex_pairs_compare_like_settings_only() -> None:
     assert all(f1 == (0.0, 0.0, 0.0) for _, _, f1, _ in pairs)
 
 
+def test_quality_table_compares_an_adaptive_budget_with_its_signal_at_fixed_ratios() -> None:
+    from sparsex_sgl.eval.quality_table import references
+
+    runs = method_runs(["full", "cacheblend", "sparsex"], [0.15, 0.3], [2, 4], signals=["sparse_q", "mass_all"],
+                       coverages=[0.0, 0.5])
+    methods = {r.name: {"method": r.method, "ratio": r.ratio, "full_layers": r.full_layers, "signal": r.signal,
+                        "coverage": r.coverage} for r in runs}
+    assert references(methods, "sparsex:mass_all[r=0.3,L=4]") == ["full", "cacheblend[r=0.3,L=4]"]
+    assert references(methods, "sparsex:mass_all[r=0.3,L=4,cov=0.5]") == [
+        "full", "cacheblend[r=0.3,L=4]", "sparsex:mass_all[r=0.15,L=4]", "sparsex:mass_all[r=0.3,L=4]"]
+
+
 def test_mass_priors_expand_sparsex_only() -> None:
     runs = method_runs(["cacheblend", "sparsex"], [0.15], [2], mass_priors=[0.0, 4.0])
     assert [r.name for r in runs] == ["cacheblend", "sparsex[prior=0.0]", "sparsex[prior=4.0]"]

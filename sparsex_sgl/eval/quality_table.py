@@ -2,8 +2,9 @@
 
 ``python -m sparsex_sgl.eval.quality_table REPORT.json [...]`` prints, per report, every method's F1, EM,
 KL mean / median, greedy agreement with full prefill, recompute and FLOPs fractions, then every SparseX
-setting minus CacheBlend-style (same ratio and ``L_full``) and minus full prefill, question by question,
-with 95% paired bootstrap intervals (``harness.report.paired_difference``).
+setting minus CacheBlend-style (same ratio and ``L_full``), minus full prefill and, for an adaptive
+budget, minus the same signal at a fixed ratio, question by question, with 95% paired bootstrap
+intervals (``harness.report.paired_difference``).
 """
 
 from __future__ import annotations
@@ -32,16 +33,26 @@ def methods_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def references(methods: dict[str, dict[str, Any]], name: str) -> list[str]:
+    """What a SparseX setting is compared with: full prefill, CacheBlend-style at its ratio and ``L_full``,
+    and, for an adaptive budget (``coverage`` > 0), the same signal at each fixed ratio and its ``L_full``
+    (the budget must match fixed-ratio quality at a lower mean recompute fraction)."""
+    m = methods[name]
+    adaptive = bool(m.get("coverage"))
+    return [other for other, om in methods.items() if om["method"] == "full" or (
+        om["method"] == "cacheblend" and om["ratio"] == m["ratio"] and om["full_layers"] == m["full_layers"]) or (
+        adaptive and om["method"] == "sparsex" and not om.get("coverage") and om["signal"] == m["signal"]
+        and om["full_layers"] == m["full_layers"])]
+
+
 def paired_table(report: dict[str, Any]) -> str:
-    """Each SparseX setting minus CacheBlend-style at its ratio and ``L_full``, and minus full prefill."""
+    """Each SparseX setting minus each of its ``references``, question by question."""
     methods, per = report["methods"], report["per_question"]
     lines = ["| SparseX setting | vs | ΔF1 (points) | ΔKL (lower: closer to full) |", "|---|---|---|---|"]
     for name, m in methods.items():
         if m["method"] != "sparsex":
             continue
-        others = [o for o, om in methods.items() if om["method"] == "full" or (
-            om["method"] == "cacheblend" and om["ratio"] == m["ratio"] and om["full_layers"] == m["full_layers"])]
-        for other in others:
+        for other in references(methods, name):
             f1 = paired_difference(per[name]["f1"], per[other]["f1"])
             kl = paired_difference(per[name]["kl"], per[other]["kl"])
             lines.append(f"| {name} | {other} | {interval_text(f1, 100)} | {interval_text(kl, 1)} |")
