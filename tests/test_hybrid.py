@@ -136,6 +136,10 @@ def test_signals_and_coverage_expand_sparsex_only() -> None:
     assert by_name["sparsex:mass_all[cov=0.5]"] == HybridConfig(full_layers=2, recompute_ratio=0.15, coverage=0.5,
                                                                 selection="query_mass", mass_layers="all")
     assert by_name["sparsex:lookahead"].selection == "lookahead"  # type: ignore[union-attr]
+    limited = method_runs(["sparsex"], [0.15], [2], signals=["sparse_q", "mass_all"], coverages=[0.0, 0.5],
+                          coverage_signals=["mass_all"])
+    assert [r.name for r in limited] == ["sparsex", "sparsex:mass_all", "sparsex:mass_all[cov=0.5]"]
+    assert limited[0].config == HybridConfig(full_layers=2, recompute_ratio=0.15)  # fixed ratio, no budget
     with pytest.raises(ValueError, match="unknown SparseX signal"):
         method_config("sparsex", 0.15, 2, "attention")
 

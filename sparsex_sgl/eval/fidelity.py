@@ -94,13 +94,14 @@ class MethodRun:
 
 def method_runs(methods: list[str], ratios: list[float], full_layers: list[int],
                 mass_priors: list[float] | None = None, signals: list[str] | None = None,
-                coverages: list[float] | None = None) -> list[MethodRun]:
+                coverages: list[float] | None = None, coverage_signals: list[str] | None = None) -> list[MethodRun]:
     """Expand methods over the settings they depend on; names carry a setting only when several are swept.
 
     ``mass_priors`` (``HybridConfig.mass_prior``; default: the shipped value), ``signals`` (keys of
     ``hybrid.SPARSEX_SIGNALS``; default: the shipped ``sparse_q``) and ``coverages`` (adaptive budget; 0:
-    the fixed ratio) expand SparseX only. A SparseX signal other than ``sparse_q`` is named
-    ``sparsex:<signal>``."""
+    the fixed ratio) expand SparseX only; ``coverage_signals`` (default: every signal) limits the adaptive
+    budgets to those signals, the others run at the fixed ratio. A SparseX signal other than ``sparse_q``
+    is named ``sparsex:<signal>``."""
     priors, signals, coverages = mass_priors or [MASS_PRIOR], signals or ["sparse_q"], coverages or [0.0]
     many = len(ratios) > 1 or len(full_layers) > 1
     runs: list[MethodRun] = []
@@ -113,7 +114,8 @@ def method_runs(methods: list[str], ratios: list[float], full_layers: list[int],
                 for signal in signals if sparsex else [None]:
                     uses_prior = signal == "sparse_q"
                     for prior in priors if uses_prior else [None]:
-                        for coverage in coverages if sparsex else [None]:
+                        adaptive = sparsex and (coverage_signals is None or signal in coverage_signals)
+                        for coverage in coverages if adaptive else [0.0] if sparsex else [None]:
                             cfg = method_config(method, ratio or 0.0, layers or 0, signal or "sparse_q",
                                                 coverage or 0.0)
                             if cfg is not None and prior is not None:
@@ -308,6 +310,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"SparseX signal(s), comma-separated, from {','.join(SPARSEX_SIGNALS)}")
     parser.add_argument("--coverage", type=parse_floats, default=[0.0],
                         help="SparseX adaptive budget(s): share of the signal to cover, at most --ratio (0: fixed)")
+    parser.add_argument("--coverage-signals", default=None,
+                        help="signals that get the --coverage budgets (default: all); the others run at --ratio")
     parser.add_argument("--seed", type=int, default=0, help="seed of the paragraph shuffles")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
@@ -342,7 +346,11 @@ def run(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"unknown signals {sorted(unknown)}; choose from {tuple(SPARSEX_SIGNALS)}")
     split_of(args.data, args.offset, args.n)
-    runs = method_runs(methods, args.ratio, args.full_layers, args.mass_prior, signals, args.coverage)
+    coverage_signals = args.coverage_signals.split(",") if args.coverage_signals else None
+    if coverage_signals is not None and not set(coverage_signals) <= set(signals):
+        raise SystemExit(f"--coverage-signals {sorted(set(coverage_signals) - set(signals))} are not in --signals")
+    runs = method_runs(methods, args.ratio, args.full_layers, args.mass_prior, signals, args.coverage,
+                       coverage_signals)
     grid = (
         f"--model {args.model} --data {args.data} --offset {args.offset} --ratio {','.join(map(str, args.ratio))} "
         f"--full-layers {','.join(map(str, args.full_layers))} --methods {args.methods} "
@@ -350,6 +358,8 @@ def run(args: argparse.Namespace) -> None:
     )
     if args.signals != "sparse_q" or args.coverage != [0.0]:  # older reports resume under their own grid
         grid += f" --signals {args.signals} --coverage {','.join(map(str, args.coverage))}"
+    if coverage_signals is not None:
+        grid += f" --coverage-signals {args.coverage_signals}"
     command = f"sparsex-sgl eval fidelity --n {args.n} {grid}"
     resume = _resumable(args.out, grid) if args.resume else None
 
