@@ -124,3 +124,20 @@ def test_server_that_cannot_start_is_reported(workload_files: list[Path], tmp_pa
     (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert "server exited" in run["server_error"]
     assert "did not start" in (tmp_path / "results.md").read_text()
+
+
+def test_offline_sweep_and_its_report(tmp_path: Path) -> None:
+    """``bench sweep`` runs every method on the reference executor (SmolLM2, one question), and ``bench
+    report --sweep`` renders its quality tables (SparseX against CacheBlend-style and full) and F1 plot."""
+    sweep = tmp_path / "sweep.json"
+    done = sparsex_sgl("bench", "sweep", "--model", "smollm2", "--n", "1", "--offset", "3", "--ratio", "0.15",
+                       "--full-layers", "2", "--out", str(sweep))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(sweep.read_text())
+    assert list(report["methods"]) == ["full", "naive", "cacheblend", "epic", "sparsex"] and report["meta"]["n"] == 1
+    assert sweep.with_suffix(".png").exists()
+    done = sparsex_sgl("bench", "report", "--sweep", str(sweep), "--out", str(tmp_path / "report"))
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| sparsex | cacheblend |" in text and "| sparsex | full |" in text
+    assert "F1 significantly above CacheBlend-style" in text and "f1-vs-recompute.png" in text

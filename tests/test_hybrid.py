@@ -31,12 +31,12 @@ def test_presets_exist() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(recompute_ratio=1.5), "recompute_ratio"),
-        (dict(selection="random"), "selection must be one of"),
-        (dict(full_layers=-1), "full_layers"),
-        (dict(mass_prior=-0.5), "mass_prior"),
-        (dict(full_layers=0, selection="sparse_q"), "full_layers >= 1"),
-        (dict(auto_segment_tokens=3), "auto_segment_tokens"),
+        ({"recompute_ratio": 1.5}, "recompute_ratio"),
+        ({"selection": "random"}, "selection must be one of"),
+        ({"full_layers": -1}, "full_layers"),
+        ({"mass_prior": -0.5}, "mass_prior"),
+        ({"full_layers": 0, "selection": "sparse_q"}, "full_layers >= 1"),
+        ({"auto_segment_tokens": 3}, "auto_segment_tokens"),
     ],
 )
 def test_invalid_configs_are_rejected(kwargs: dict, message: str) -> None:  # type: ignore[type-arg]
@@ -84,7 +84,7 @@ def test_sweep_pivot_has_one_row_per_method_and_ratio() -> None:
 
 
 def test_paired_difference_interval_brackets_the_mean() -> None:
-    from sparsex_sgl.harness.report import paired_difference
+    from sparsex_sgl.eval.quality_table import paired_difference
 
     base = [0.0, 1.0, 0.5, 0.25]
     assert paired_difference([x + 0.1 for x in base], base) == pytest.approx((0.1, 0.1, 0.1))  # constant gap
@@ -94,18 +94,33 @@ def test_paired_difference_interval_brackets_the_mean() -> None:
         paired_difference([1.0], [1.0, 2.0])
 
 
-def test_sparsex_pairs_compare_like_settings_only() -> None:
-    from sparsex_sgl.harness.report import sparsex_pairs
+def test_quality_targets_read_the_paired_intervals() -> None:
+    """Two SparseX settings over 40 questions: one 0.1 F1 above CacheBlend-style on every other question,
+    one 0.1 below on every question; an adaptive budget identical to its fixed twin at a lower fraction."""
+    from sparsex_sgl.eval.quality_table import comparisons, summary_table, targets
 
-    runs = method_runs(["full", "cacheblend", "epic", "sparsex"], [0.05, 0.3], [1, 4])
-    sweep = {"methods": {r.name: {"method": r.method, "ratio": r.ratio, "full_layers": r.full_layers} for r in runs},
-             "per_question": {r.name: {"f1": [0.5, 0.5], "kl": [0.1, 0.2]} for r in runs}}
-    pairs = sparsex_pairs(sweep)
-    # 4 SparseX settings, each against full, one CacheBlend-style (same ratio and L_full), one EPIC-style (same ratio)
-    assert len(pairs) == 4 * 3
-    assert sorted(other for setting, other, _, _ in pairs if setting == "ratio 0.30, L_full 4") == [
-        "cacheblend", "epic", "full"]
-    assert all(f1 == (0.0, 0.0, 0.0) for _, _, f1, _ in pairs)
+    runs = method_runs(["full", "cacheblend", "sparsex"], [0.15], [2, 4], signals=["mass_all"], coverages=[0.0, 0.5])
+    n = 40
+    base = [0.2 + 0.6 * (q % 3 == 0) for q in range(n)]  # spread across questions, as real F1 is
+    f1 = {r.name: base for r in runs}
+    f1["full"] = [x + 0.2 for x in base]
+    f1["sparsex:mass_all[r=0.15,L=2]"] = [x + 0.1 * (q % 2) for q, x in enumerate(base)]
+    f1["sparsex:mass_all[r=0.15,L=4]"] = f1["sparsex:mass_all[r=0.15,L=4,cov=0.5]"] = [x - 0.1 for x in base]
+    figures = {"f1": 0.0, "em": 0.0, "kl_mean": 0.1, "kl_median": 0.1, "greedy_exact": 0.0, "flops_frac": 0.3}
+    report = {"meta": {"offset": 0, "n": n, "mean_prompt_tokens": 1000.0},
+              "methods": {r.name: {"method": r.method, "ratio": r.ratio, "full_layers": r.full_layers,
+                                   "signal": r.signal, "coverage": r.coverage, **figures,
+                                   "recompute_frac": 0.1 if r.coverage else 0.16} for r in runs},
+              "per_question": {r.name: {"f1": f1[r.name], "kl": [0.1] * n} for r in runs}}
+    pairs = comparisons(report)
+    lines = targets(report, pairs)
+    assert lines[0].startswith("- F1 significantly above CacheBlend-style: sparsex:mass_all[r=0.15,L=2] (+5.00 [")
+    assert lines[1].count("sparsex:mass_all[r=0.15,L=4") == 2  # the fixed setting and its adaptive twin
+    assert lines[2].startswith("- closest to full prefill on F1: sparsex:mass_all[r=0.15,L=2], -15.00 [")
+    assert any(line.startswith("- sparsex:mass_all[r=0.15,L=4,cov=0.5]: mean recompute fraction 0.100 vs 0.160")
+               and "ΔF1 +0.00 [+0.00, +0.00] (n.s.)" in line for line in lines)
+    row = next(line for line in summary_table(report, pairs).splitlines() if line.startswith("| sparsex:mass_all[r=0.15,L=4] "))
+    assert row.endswith("| -10.00 [-10.00, -10.00] | +0.00 [+0.00, +0.00] | -30.00 [-30.00, -30.00] | +0.00 [+0.00, +0.00] |")
 
 
 def test_quality_table_compares_an_adaptive_budget_with_its_signal_at_fixed_ratios() -> None:

@@ -1,20 +1,49 @@
-"""The quality tables of the README's results: one fidelity report (a model on a task) as markdown.
+"""The quality tables of a fidelity report (one model on one task), and the statistics behind them.
 
 ``python -m sparsex_sgl.eval.quality_table REPORT.json [...]`` prints, per report, every method's F1, EM,
 KL mean / median, greedy agreement with full prefill, recompute and FLOPs fractions, then every SparseX
 setting minus CacheBlend-style (same ratio and ``L_full``), minus full prefill and, for an adaptive
 budget, minus the same signal at a fixed ratio, question by question, with 95% paired bootstrap
-intervals (``harness.report.paired_difference``).
+intervals, and which of the quality targets the report meets. ``--summary`` prints the README's form:
+one row per method with its intervals against CacheBlend-style and full prefill in the row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sparsex_sgl.harness.report import interval_text, paired_difference
+import numpy as np
+from scipy import stats
+
+Interval = tuple[float, float, float]
+"""A paired difference: mean, and the low and high ends of its 95% interval."""
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], resamples: int = 2000, seed: int = 0) -> Interval:
+    """Mean of ``a - b`` over paired questions and its 95% percentile-bootstrap interval
+    (``scipy.stats.bootstrap`` over the per-question differences).
+
+    Paired, because methods differ far less from each other on one question than questions differ
+    from each other: the unpaired spread would hide every difference that matters here."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need two equally long, non-empty series, got {len(a)} and {len(b)}")
+    diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if np.ptp(diffs) == 0:  # every resample has the same mean; scipy warns on such data
+        return float(diffs[0]), float(diffs[0]), float(diffs[0])
+    result = stats.bootstrap((diffs,), np.mean, n_resamples=resamples, confidence_level=0.95, method="percentile",
+                             rng=np.random.default_rng(seed))
+    interval = result.confidence_interval
+    return float(diffs.mean()), float(interval.low), float(interval.high)
+
+
+def interval_text(figures: Interval, scale: float) -> str:
+    """A ``paired_difference`` result as ``mean [low, high]``, each times ``scale`` (100: F1 points)."""
+    mean, low, high = (scale * x for x in figures)
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
 def _header(meta: dict[str, Any]) -> str:
@@ -24,12 +53,15 @@ def _header(meta: dict[str, Any]) -> str:
             f"{meta['mean_prompt_tokens']:.0f} prompt tokens on average)")
 
 
+def _figures(m: dict[str, Any]) -> str:
+    return (f"{m['f1']:.3f} | {m['em']:.3f} | {m['kl_mean']:.3f} / {m['kl_median']:.3f} | {m['greedy_exact']:.2f} "
+            f"| {m['recompute_frac']:.3f} | {m['flops_frac']:.3f}")
+
+
 def methods_table(report: dict[str, Any]) -> str:
     lines = ["| method | F1 | EM | KL mean / median | greedy = full | recompute frac | FLOPs frac |",
              "|---|---|---|---|---|---|---|"]
-    for name, m in report["methods"].items():
-        lines.append(f"| {name} | {m['f1']:.3f} | {m['em']:.3f} | {m['kl_mean']:.3f} / {m['kl_median']:.3f} "
-                     f"| {m['greedy_exact']:.2f} | {m['recompute_frac']:.3f} | {m['flops_frac']:.3f} |")
+    lines += [f"| {name} | {_figures(m)} |" for name, m in report["methods"].items()]
     return "\n".join(lines)
 
 
@@ -45,29 +77,80 @@ def references(methods: dict[str, dict[str, Any]], name: str) -> list[str]:
         and om["full_layers"] == m["full_layers"])]
 
 
-def paired_table(report: dict[str, Any]) -> str:
-    """Each SparseX setting minus each of its ``references``, question by question."""
+def comparisons(report: dict[str, Any]) -> list[tuple[str, str, Interval, Interval]]:
+    """Each SparseX setting minus each of its ``references``, question by question: (setting, reference,
+    ΔF1, ΔKL)."""
     methods, per = report["methods"], report["per_question"]
+    return [(name, other, paired_difference(per[name]["f1"], per[other]["f1"]),
+             paired_difference(per[name]["kl"], per[other]["kl"]))
+            for name, m in methods.items() if m["method"] == "sparsex" for other in references(methods, name)]
+
+
+def paired_table(pairs: list[tuple[str, str, Interval, Interval]]) -> str:
     lines = ["| SparseX setting | vs | ΔF1 (points) | ΔKL (lower: closer to full) |", "|---|---|---|---|"]
-    for name, m in methods.items():
-        if m["method"] != "sparsex":
-            continue
-        for other in references(methods, name):
-            f1 = paired_difference(per[name]["f1"], per[other]["f1"])
-            kl = paired_difference(per[name]["kl"], per[other]["kl"])
-            lines.append(f"| {name} | {other} | {interval_text(f1, 100)} | {interval_text(kl, 1)} |")
+    lines += [f"| {name} | {other} | {interval_text(f1, 100)} | {interval_text(kl, 1)} |"
+              for name, other, f1, kl in pairs]
     return "\n".join(lines)
 
 
-def render(report: dict[str, Any]) -> str:
-    return "\n\n".join([f"**{_header(report['meta'])}**", methods_table(report), paired_table(report)])
+def summary_table(report: dict[str, Any], pairs: list[tuple[str, str, Interval, Interval]]) -> str:
+    """The README's form: each method's figures, and for SparseX its ΔF1 / ΔKL against CacheBlend-style
+    (same ratio and ``L_full``) and full prefill in the same row."""
+    methods = report["methods"]
+    by_kind = {(name, methods[other]["method"]): (f1, kl) for name, other, f1, kl in pairs}
+    header = ("| method | F1 | EM | KL mean / median | greedy = full | recompute frac | FLOPs frac "
+              "| ΔF1 vs CacheBlend-style | ΔKL vs CacheBlend-style | ΔF1 vs full | ΔKL vs full |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        cells = []
+        for kind in ("cacheblend", "full"):
+            f1, kl = by_kind.get((name, kind), (None, None))
+            cells += ["" if f1 is None else interval_text(f1, 100), "" if kl is None else interval_text(kl, 1)]
+        lines.append(f"| {name} | {_figures(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets(report: dict[str, Any], pairs: list[tuple[str, str, Interval, Interval]]) -> list[str]:
+    """The issue's quality targets, read off the paired intervals: SparseX significantly above
+    CacheBlend-style on F1 somewhere and significantly below it nowhere; the closest SparseX setting to
+    full prefill; each adaptive budget's mean recompute fraction against its fixed-ratio twin."""
+    methods = report["methods"]
+    vs_cb = [(name, f1) for name, other, f1, _ in pairs if methods[other]["method"] == "cacheblend"]
+    above = [f"{name} ({interval_text(f1, 100)})" for name, f1 in vs_cb if f1[1] > 0]
+    below = [f"{name} ({interval_text(f1, 100)})" for name, f1 in vs_cb if f1[2] < 0]
+    lines = [f"- F1 significantly above CacheBlend-style: {', '.join(above) or 'none'}",
+             f"- F1 significantly below CacheBlend-style: {', '.join(below) or 'none'}"]
+    vs_full = [(f1, name) for name, other, f1, _ in pairs if methods[other]["method"] == "full"]
+    if vs_full:
+        f1, name = max(vs_full)
+        lines.append(f"- closest to full prefill on F1: {name}, {interval_text(f1, 100)} points")
+    for name, other, f1, kl in pairs:
+        m, om = methods[name], methods[other]
+        if m.get("coverage") and om["method"] == "sparsex" and om["ratio"] == m["ratio"]:
+            lines.append(f"- {name}: mean recompute fraction {m['recompute_frac']:.3f} vs {om['recompute_frac']:.3f} "
+                         f"for {other}; ΔF1 {interval_text(f1, 100)} ({_direction(f1)}), "
+                         f"ΔKL {interval_text(kl, 1)} ({_direction(kl)})")
+    return lines
+
+
+def _direction(figures: Interval) -> str:
+    """Whether a paired interval excludes 0, and on which side."""
+    return "significantly higher" if figures[1] > 0 else "significantly lower" if figures[2] < 0 else "n.s."
+
+
+def render(report: dict[str, Any], summary: bool = False) -> str:
+    pairs = comparisons(report)
+    tables = [summary_table(report, pairs)] if summary else [methods_table(report), paired_table(pairs)]
+    return "\n\n".join([f"**{_header(report['meta'])}**", *tables, "\n".join(targets(report, pairs))])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sparsex_sgl.eval.quality_table")
     parser.add_argument("reports", type=Path, nargs="+")
+    parser.add_argument("--summary", action="store_true",
+                        help="one row per method, intervals against CacheBlend-style and full in the row (README)")
     args = parser.parse_args(argv)
-    print("\n\n".join(render(json.loads(path.read_text())) for path in args.reports))
+    print("\n\n".join(render(json.loads(path.read_text()), args.summary) for path in args.reports))
 
 
 if __name__ == "__main__":

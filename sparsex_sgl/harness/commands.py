@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 from sparsex_sgl.harness import report, run, workloads
-from sparsex_sgl.hybrid import MASS_PRIOR
 
 
 def _workload(args: argparse.Namespace) -> None:
@@ -36,8 +35,11 @@ def _sweep(args: argparse.Namespace) -> None:
     """The offline quality sweep: `eval fidelity` on the sweep grid, then the F1 plot next to the JSON."""
     from sparsex_sgl.eval import fidelity
 
-    args.data, args.methods, args.threads, args.mass_prior = "hotpotqa", ",".join(fidelity.METHODS), 0, [MASS_PRIOR]
-    args.signals, args.coverage = "sparse_q", [0.0]
+    defaults = argparse.ArgumentParser()
+    fidelity.add_arguments(defaults)
+    for key, value in vars(defaults.parse_args([])).items():  # every method, the shipped signal, HotpotQA
+        if not hasattr(args, key):
+            setattr(args, key, value)
     fidelity.run(args)
     sweep = json.loads(args.out.read_text())
     print(f"wrote {report.plot_sweep(sweep, args.out.with_suffix('.png'))}")

@@ -12,12 +12,10 @@ import argparse
 import json
 import re
 from collections import defaultdict
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from scipy import stats
+from sparsex_sgl.eval import quality_table
 
 
 def _f(value: Any, spec: str = ".2f", scale: float = 1.0) -> str:
@@ -89,75 +87,6 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
     if not numerator or not denominator:
         return "-"
     return f"{numerator / denominator:.2f}x"
-
-
-def sweep_markdown(sweep: dict[str, Any]) -> str:
-    meta = sweep["meta"]
-    lines = [(f"Sweep: `{meta.get('command', '')}` ({meta['n']} questions, {meta['mean_prompt_tokens']:.0f} prompt "
-              f"tokens on average, {meta['seconds']} s)"), "",
-             "| method | ratio | L_full | recompute frac | F1 | EM | KL(full‖m) mean / median | greedy equal to full |",
-             "|---|---|---|---|---|---|---|---|"]
-    for m in sweep["methods"].values():
-        lines.append(f"| {m['method']} | {_f(m['ratio'])} | {m['full_layers'] if m['full_layers'] is not None else '-'} "
-                     f"| {m['recompute_frac']:.3f} | {m['f1']:.3f} | {m['em']:.3f} "
-                     f"| {m['kl_mean']:.3f} / {_f(m.get('kl_median'), '.3f')} | {m['greedy_exact']:.2f} |")
-    pairs = sparsex_pairs(sweep)
-    if pairs:
-        lines += ["", "SparseX minus the other method on the same questions (mean, 95% bootstrap interval):", "",
-                  "| SparseX setting | vs | ΔF1 | ΔKL (lower is closer to full) |", "|---|---|---|---|"]
-        for setting, other, f1, kl in pairs:
-            lines.append(f"| {setting} | {other} | {interval_text(f1, 100)} pt | {interval_text(kl, 1)} |")
-    return "\n".join(lines)
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float], resamples: int = 2000,
-                      seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``a - b`` over paired questions and its 95% percentile-bootstrap interval
-    (``scipy.stats.bootstrap`` over the per-question differences).
-
-    Paired, because methods differ far less from each other on one question than questions differ
-    from each other: the unpaired spread would hide every difference that matters here."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"need two equally long, non-empty series, got {len(a)} and {len(b)}")
-    diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if np.ptp(diffs) == 0:  # every resample has the same mean; scipy warns on such data
-        return float(diffs[0]), float(diffs[0]), float(diffs[0])
-    result = stats.bootstrap((diffs,), np.mean, n_resamples=resamples, confidence_level=0.95, method="percentile",
-                             rng=np.random.default_rng(seed))
-    interval = result.confidence_interval
-    return float(diffs.mean()), float(interval.low), float(interval.high)
-
-
-def sparsex_pairs(sweep: dict[str, Any]) -> list[tuple[str, str, tuple[float, float, float],
-                                                       tuple[float, float, float]]]:
-    """Each SparseX setting against full prefill, CacheBlend-style at the same ratio and L_full, and
-    EPIC-style at the same ratio: (setting, other, ΔF1, ΔKL), from the per-question figures."""
-    per = sweep.get("per_question")
-    if not per:
-        return []
-    methods = sweep["methods"]
-    several_priors = len({m.get("mass_prior") for m in methods.values()} - {None}) > 1
-    pairs = []
-    for name, m in methods.items():
-        if m["method"] != "sparsex":
-            continue
-        others = [o for o, om in methods.items() if om["method"] == "full" or (
-            om["method"] in ("cacheblend", "epic") and om["ratio"] == m["ratio"]
-            and om["full_layers"] in (None, m["full_layers"]))]
-        setting = f"ratio {_f(m['ratio'])}, L_full {m['full_layers']}"
-        if several_priors:
-            setting += f", mass_prior {m['mass_prior']}"
-        for other in others:
-            pairs.append((setting, methods[other]["method"],
-                          paired_difference(per[name]["f1"], per[other]["f1"]),
-                          paired_difference(per[name]["kl"], per[other]["kl"])))
-    return pairs
-
-
-def interval_text(figures: tuple[float, float, float], scale: float) -> str:
-    """A ``paired_difference`` result as ``mean [low, high]``, each times ``scale`` (100: F1 points)."""
-    mean, low, high = (scale * x for x in figures)
-    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
 def _pyplot() -> Any:
@@ -294,7 +223,7 @@ def main(args: argparse.Namespace) -> None:
     plots += plot_throughput({"runs": all_runs}, args.out)  # one curve per system over every folder's loads
     if args.sweep:
         sweep = json.loads(args.sweep.read_text())
-        sections += ["## Quality sweep", "", sweep_markdown(sweep)]
+        sections += ["## Quality sweep", "", quality_table.render(sweep)]
         plots.append(plot_sweep(sweep, args.out / "f1-vs-recompute.png"))
     sections += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
     (args.out / "report.md").write_text("\n".join(sections) + "\n")
