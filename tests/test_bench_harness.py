@@ -141,3 +141,17 @@ def test_offline_sweep_and_its_report(tmp_path: Path) -> None:
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| sparsex | cacheblend |" in text and "| sparsex | full |" in text
     assert "F1 significantly above CacheBlend-style" in text and "f1-vs-recompute.png" in text
+
+
+def test_heldout_quality_script_runs_its_grid(tmp_path: Path) -> None:
+    """``bench/quality_heldout.sh --smoke``: the held-out grid (15 settings, the look-ahead and the adaptive
+    budget included) on SmolLM2, one held-out HotpotQA question, with its tables and target lines."""
+    done = subprocess.run(["bash", str(Path(__file__).parents[1] / "bench" / "quality_heldout.sh"), "--smoke",
+                           str(tmp_path)], capture_output=True, text=True, check=False, timeout=1500)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "quality-smoke-smollm2-hotpotqa.json").read_text())
+    assert report["meta"]["split"] == "heldout" and report["meta"]["n"] == 1
+    assert len(report["methods"]) == 15 and "sparsex:mass_all[r=0.15,L=4,cov=0.5]" in report["methods"]
+    assert report["methods"]["sparsex:lookahead[r=0.15,L=2]"]["flops_frac"] > report["methods"][
+        "sparsex[r=0.15,L=2]"]["flops_frac"]  # the look-ahead pass is counted
+    assert "- F1 significantly above CacheBlend-style:" in done.stdout

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The held-out quality runs (docs/results.md "Held-out runs"): one 15-setting grid (full, naive,
+# CacheBlend-style, EPIC-style, SparseX signals sparse_q / mass / mass_all / lookahead at ratio 0.15 and
+# L_full 2 and 4, mass_all with an adaptive budget) on Qwen2.5-0.5B HotpotQA (200 questions), Qwen2.5-0.5B
+# SQuAD (200) and Qwen2.5-1.5B HotpotQA (100), one after another. Each run resumes its checkpoint in
+# bench/results/ (a stopped run continues after its last whole question), then prints its tables.
+# On 2 cores: about 60 s, 60 s and 160 s a question (3.3 h, 3.3 h, 4.4 h).
+# Usage: bench/quality_heldout.sh [RUN ...]    RUN: qwen05-hotpotqa qwen05-squad qwen15-hotpotqa (default: all)
+#        bench/quality_heldout.sh --smoke DIR  the same grid on SmolLM2, one HotpotQA question, into DIR (CI)
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$here/scripts/setup" >/dev/null
+cd "$here"
+grid=(--methods full,naive,cacheblend,epic,sparsex --ratio 0.15 --full-layers 2,4
+      --signals sparse_q,mass,mass_all,lookahead --coverage 0,0.5 --coverage-signals mass_all)
+
+sweep() {  # MODEL TASK N OUT
+  .venv/bin/sparsex-sgl eval fidelity --model "$1" --data "$2" --n "$3" --offset 0 "${grid[@]}" --out "$4" --resume
+  .venv/bin/python -m sparsex_sgl.eval.quality_table "$4"
+}
+
+if [ "${1:-}" = "--smoke" ]; then
+  sweep smollm2 hotpotqa 1 "$2/quality-smoke-smollm2-hotpotqa.json"
+  exit 0
+fi
+runs=("$@")
+[ ${#runs[@]} -gt 0 ] || runs=(qwen05-hotpotqa qwen05-squad qwen15-hotpotqa)
+for name in "${runs[@]}"; do
+  case "$name" in
+    qwen05-hotpotqa) sweep qwen2.5-0.5b hotpotqa 200 bench/results/quality-heldout-qwen05-hotpotqa.json ;;
+    qwen05-squad) sweep qwen2.5-0.5b squad 200 bench/results/quality-heldout-qwen05-squad.json ;;
+    qwen15-hotpotqa) sweep qwen2.5-1.5b hotpotqa 100 bench/results/quality-heldout-qwen15-hotpotqa.json ;;
+    *) echo "unknown run $name (qwen05-hotpotqa, qwen05-squad, qwen15-hotpotqa)" >&2; exit 2 ;;
+  esac
+done
