@@ -22,11 +22,11 @@ def tiny_model(family: str, n_heads: int = 4, n_kv_heads: int = 2, layers: int =
     """A randomly initialised Llama / Qwen2 / Qwen3 with a real architecture and small shapes."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
-    common = dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
+    common = {
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
+        "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads, "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    }
     configs = {
         "llama": lambda: LlamaConfig(**common, rope_theta=10000.0),
         "qwen2": lambda: Qwen2Config(**common, rope_theta=1e6),

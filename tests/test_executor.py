@@ -14,7 +14,7 @@ from sparsex_sgl.reference import ReferenceExecutor
 from sparsex_sgl.reference.cache import ReferenceSegmentCache
 
 # Float32 logits of a 4-layer model with O(1) activations agree to ~1e-5 between two summation orders.
-TOL = dict(rtol=1e-4, atol=1e-4)
+TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
 def segmented_prompt(seed: int) -> tuple[list[int], list[list[int]], list[list[int]]]:

@@ -10,11 +10,11 @@ from sparsex_sgl.errors import UnsupportedModelError
 from sparsex_sgl.rope import RopeConfig, apply_rope, realign_keys
 
 VARIANTS = {
-    "default": dict(scaling="default"),
-    "linear": dict(scaling="linear", factor=4.0),
-    "llama3": dict(scaling="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=8192, theta=500000.0),
-    "yarn": dict(scaling="yarn", factor=4.0, original_max_position_embeddings=4096, attention_factor=1.1386),
+    "default": {"scaling": "default"},
+    "linear": {"scaling": "linear", "factor": 4.0},
+    "llama3": {"scaling": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192, "theta": 500000.0},
+    "yarn": {"scaling": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "attention_factor": 1.1386},
 }
 
 
@@ -94,15 +94,15 @@ def test_length_dependent_rope_is_refused(rope_type: str) -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(rotary_dim=63), "rotary_dim"),
-        (dict(rotary_dim=256), "rotary_dim"),
-        (dict(style="rotated"), "style"),
-        (dict(scaling="llama3", factor=8.0), "original_max_position_embeddings"),
-        (dict(theta=-1.0), "positive"),
+        ({"rotary_dim": 63}, "rotary_dim"),
+        ({"rotary_dim": 256}, "rotary_dim"),
+        ({"style": "rotated"}, "style"),
+        ({"scaling": "llama3", "factor": 8.0}, "original_max_position_embeddings"),
+        ({"theta": -1.0}, "positive"),
     ],
 )
 def test_invalid_rope_configs_name_the_problem(kwargs: dict, message: str) -> None:  # type: ignore[type-arg]
-    base = dict(head_dim=128, rotary_dim=128, theta=10000.0)
+    base = {"head_dim": 128, "rotary_dim": 128, "theta": 10000.0}
     base.update(kwargs)
     with pytest.raises(ValueError, match=message):
         RopeConfig(**base)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 # 30 float32 layers over ~1.4k tokens: two summation orders of the same logits differ by ~1e-4 at
 # logit magnitudes of ~20; 2e-3 absolute is still far below the naive-reuse error (order 1).
-TOL = dict(rtol=1e-4, atol=2e-3)
+TOL = {"rtol": 1e-4, "atol": 2e-3}
 
 
 @pytest.fixture(scope="module")
