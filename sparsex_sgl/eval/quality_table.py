@@ -116,8 +116,8 @@ def targets(report: dict[str, Any], pairs: list[tuple[str, str, Interval, Interv
     full prefill; each adaptive budget's mean recompute fraction against its fixed-ratio twin."""
     methods = report["methods"]
     vs_cb = [(name, f1) for name, other, f1, _ in pairs if methods[other]["method"] == "cacheblend"]
-    above = [f"{name} ({interval_text(f1, 100)})" for name, f1 in vs_cb if f1[1] > 0]
-    below = [f"{name} ({interval_text(f1, 100)})" for name, f1 in vs_cb if f1[2] < 0]
+    above = [f"{name} ({interval_text(f1, 100)})" for name, f1 in vs_cb if _direction(f1) == "significantly higher"]
+    below = [f"{name} ({interval_text(f1, 100)})" for name, f1 in vs_cb if _direction(f1) == "significantly lower"]
     lines = [f"- F1 significantly above CacheBlend-style: {', '.join(above) or 'none'}",
              f"- F1 significantly below CacheBlend-style: {', '.join(below) or 'none'}"]
     vs_full = [(f1, name) for name, other, f1, _ in pairs if methods[other]["method"] == "full"]
