@@ -4,7 +4,7 @@
 # L_full 2 and 4, mass_all with an adaptive budget) on Qwen2.5-0.5B HotpotQA (200 questions), Qwen2.5-0.5B
 # SQuAD (200) and Qwen2.5-1.5B HotpotQA (100), one after another. Each run resumes its checkpoint in
 # bench/results/ (a stopped run continues after its last whole question), then prints its tables.
-# Measured on 2 cores: 53 s, about 60 s and 158 s a question (3.0 h, 3.3 h, 4.4 h).
+# Measured on 2 cores: 53 s, 47 s and 158 s a question (3.0 h, 2.6 h, 4.4 h).
 # Usage: bench/quality_heldout.sh [RUN ...]    RUN: qwen05-hotpotqa qwen05-squad qwen15-hotpotqa (default: all)
 #        bench/quality_heldout.sh --smoke DIR  the same grid on SmolLM2, one HotpotQA question, into DIR (CI)
 set -euo pipefail
