@@ -18,12 +18,13 @@ from typing import Any
 from pydantic import ConfigDict, ValidationError
 from pydantic.dataclasses import dataclass as validated_dataclass
 
-from sparsex_sgl.select import SELECTIONS, SIGNAL_SELECTIONS
+from sparsex_sgl.select import MASS_SELECTIONS, SELECTIONS, SIGNAL_SELECTIONS
 
 KERNEL_CHOICES: tuple[str, ...] = ("auto", "torch", "triton")
 MASS_ROWS: tuple[str, ...] = ("new", "answer")
 MASS_LAYERS: tuple[str, ...] = ("last", "all")
 MASS_HEADS: tuple[str, ...] = ("sum", "max")
+MASS_PASSES: tuple[str, ...] = ("threshold", "lookahead")
 MASS_PRIOR = 4.0
 """Prior weight of ``sparse_q``'s attention-mass factor (``select.sparse_q_signal``), in mean masses; chosen
 on development questions (HotpotQA offsets 500+), apart from the questions the README reports."""
@@ -51,6 +52,11 @@ class HybridConfig:
     mass_heads: str = "sum"
     """How heads combine per reused token, within each layer: "sum" (all heads' mass) or "max" (the head
     that reads it most); layers then add up."""
+    mass_pass: str = "threshold"
+    """Which attention gives the mass: "threshold" (the full layers of the one forward, as ``mass_layers``
+    says) or "lookahead" (a second pass of the new rows alone through every layer over the stale re-aligned
+    KV, every layer's mass summed; ``select``'s docstring says why). The look-ahead is an offline comparison
+    point: the reference executor runs it and counts its FLOPs, the server refuses it."""
     coverage: float = 0.0
     """Adaptive budget: 0 takes ``recompute_ratio`` of the reused tokens; in (0, 1] takes per request the
     fewest top tokens whose signal covers that share of its total, at most ``recompute_ratio`` of them."""
@@ -88,9 +94,12 @@ class HybridConfig:
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
         for name, value, choices in (("mass_rows", self.mass_rows, MASS_ROWS), ("mass_layers", self.mass_layers,
-                                     MASS_LAYERS), ("mass_heads", self.mass_heads, MASS_HEADS)):
+                                     MASS_LAYERS), ("mass_heads", self.mass_heads, MASS_HEADS),
+                                     ("mass_pass", self.mass_pass, MASS_PASSES)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if self.mass_pass == "lookahead" and self.selection not in MASS_SELECTIONS:
+            raise ValueError(f"mass_pass 'lookahead' needs a mass selection {MASS_SELECTIONS}, got {self.selection!r}")
         if not 0.0 <= self.coverage <= 1.0:
             raise ValueError(f"coverage must be in [0, 1], got {self.coverage}")
         if self.coverage and self.selection not in SIGNAL_SELECTIONS:
@@ -129,10 +138,13 @@ SPARSEX_SIGNALS: dict[str, dict[str, Any]] = {
     "mass_max": {"selection": "query_mass", "mass_heads": "max"},
     "mass_all_max": {"selection": "query_mass", "mass_layers": "all", "mass_heads": "max"},
     "answer_mass": {"selection": "query_mass", "mass_rows": "answer"},
-    "lookahead": {"selection": "lookahead"},
+    "lookahead": {"selection": "query_mass", "mass_pass": "lookahead"},
+    "lookahead_q": {"mass_pass": "lookahead"},
 }
 """SparseX's candidate signals by name (``select``'s module docstring says why each), as settings over the
-shipped ``HybridConfig``: ``sparse_q`` is the shipped one, the others are its query-mass variants."""
+shipped ``HybridConfig``: ``sparse_q`` is the shipped one, the others are its query-mass variants;
+``lookahead`` is the look-ahead pass's mass alone, ``lookahead_q`` weighs deviation by it as ``sparse_q``
+weighs it by the threshold layer's mass."""
 
 
 def describe_error(exc: ValueError) -> str:

@@ -13,10 +13,12 @@ computed in every layer anyway) put on each reused token, from the log-sum-exp o
   salient to the whole prompt but not to the question use up the budget ("crowding out"). Which rows'
   mass, at which layers and how heads combine are ``HybridConfig.mass_rows`` / ``mass_layers`` /
   ``mass_heads``.
-- ``lookahead`` (a comparison point, reference executor only): the new rows first run alone through
-  every layer over the stale re-aligned KV, and their mass summed over all layers picks the set. It
-  sees the mass of the layers that will read the stale KV, at the price of a second pass over the new
-  rows (counted in the FLOPs), so it departs from the single-pass design.
+- Where the mass comes from is ``HybridConfig.mass_pass``: the full layers of the one forward, or (a
+  comparison point, reference executor only) a *look-ahead* pass: the new rows first run alone through
+  every layer over the stale re-aligned KV, and their mass summed over all layers scores the tokens. It
+  sees the mass of the very layers that will read the stale KV, where the threshold layer sees only an
+  early layer's broad attention, at the price of a second pass over the new rows (counted in the FLOPs),
+  so it departs from the single-pass design. Both mass policies take either source.
 - ``kv_deviation`` (CacheBlend-style): distance between the fresh value vectors of the full layers and
   the re-aligned cached ones.
 - ``first_k`` (EPIC-style): the first tokens of every moved segment, which acted as attention sinks
@@ -38,11 +40,11 @@ import torch
 
 from sparsex_sgl.graph import ReusedSegment
 
-Selection = Literal["sparse_q", "query_mass", "lookahead", "kv_deviation", "first_k", "none"]
-SELECTIONS: tuple[str, ...] = ("sparse_q", "query_mass", "lookahead", "kv_deviation", "first_k", "none")
-SIGNAL_SELECTIONS: tuple[str, ...] = ("sparse_q", "query_mass", "lookahead", "kv_deviation")
+Selection = Literal["sparse_q", "query_mass", "kv_deviation", "first_k", "none"]
+SELECTIONS: tuple[str, ...] = ("sparse_q", "query_mass", "kv_deviation", "first_k", "none")
+SIGNAL_SELECTIONS: tuple[str, ...] = ("sparse_q", "query_mass", "kv_deviation")
 """Policies that select after a computed layer, hence at least one full layer."""
-MASS_SELECTIONS: tuple[str, ...] = ("sparse_q", "query_mass", "lookahead")
+MASS_SELECTIONS: tuple[str, ...] = ("sparse_q", "query_mass")
 """Policies that read the new rows' attention mass."""
 
 

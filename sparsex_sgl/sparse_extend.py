@@ -184,8 +184,8 @@ class SparseExtendPlan:
         if config.selection == "none":
             budgets = [0] * len(reqs)
         elif config.selection == "first_k":  # only moved segments' tokens are candidates
-            moved = [sum(s.length for s in segs if s.delta != 0) for segs in segments]
-            budgets = [min(b, m) for b, m in zip(budgets, moved, strict=True)]
+            movable = [sum(s.length for s in segs if s.delta != 0) for segs in segments]
+            budgets = [min(b, m) for b, m in zip(budgets, movable, strict=True)]
         self.n_reused = n_reused
         self.key_offsets = _csr(n_reused)
         # The rows whose attention mass scores a request's reused tokens: its new rows, or with
@@ -265,7 +265,7 @@ class SparseExtendPlan:
     def observes_full_layers(self) -> bool:
         """Whether every full layer before the threshold should be passed to ``observe``."""
         return self.config.selection in MASS_SELECTIONS and self.config.mass_layers == "all" \
-            and self.config.selection != "lookahead" and self.reused_dst.numel() > 0
+            and self.config.mass_pass == "threshold" and self.reused_dst.numel() > 0
 
     def observe(self, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, scale: float) -> None:
         """Add one layer's attention mass (from ``q [E, hq, d]``, the batch's extend rows) to the signal;
@@ -299,12 +299,12 @@ class SparseExtendPlan:
             if selection in ("sparse_q", "kv_deviation"):
                 src = d["r_src"].long()
                 score = (v_buffer[self.reused_dst].float() - v_source[src].float()).norm(dim=(-2, -1))
-            if selection in ("sparse_q", "query_mass"):
-                self.observe(q, k_buffer, v_buffer, scale)
             if selection in MASS_SELECTIONS:
-                if self._mass_sum is None:
-                    raise ValueError("lookahead selection needs the look-ahead pass's mass (observe_new) first")
+                if self.config.mass_pass == "threshold":
+                    self.observe(q, k_buffer, v_buffer, scale)
                 mass = self._mass_sum
+                if mass is None:
+                    raise ValueError("mass_pass 'lookahead' needs the look-ahead pass's mass (observe_new) first")
                 score = mass if score is None else torch.cat(
                     [sparse_q_signal(mass[a:b], score[a:b], self.config.mass_prior)
                      for a, b in itertools.pairwise(self.key_offsets)])

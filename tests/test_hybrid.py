@@ -150,7 +150,8 @@ def test_signals_and_coverage_expand_sparsex_only() -> None:
     by_name = {r.name: r.config for r in runs}
     assert by_name["sparsex:mass_all[cov=0.5]"] == HybridConfig(full_layers=2, recompute_ratio=0.15, coverage=0.5,
                                                                 selection="query_mass", mass_layers="all")
-    assert by_name["sparsex:lookahead"].selection == "lookahead"  # type: ignore[union-attr]
+    assert by_name["sparsex:lookahead"] == HybridConfig(full_layers=2, recompute_ratio=0.15, selection="query_mass",
+                                                        mass_pass="lookahead")
     limited = method_runs(["sparsex"], [0.15], [2], signals=["sparse_q", "mass_all"], coverages=[0.0, 0.5],
                           coverage_signals=["mass_all"])
     assert [r.name for r in limited] == ["sparsex", "sparsex:mass_all", "sparsex:mass_all[cov=0.5]"]

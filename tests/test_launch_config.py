@@ -18,7 +18,7 @@ from sparsex_sgl.sglang.plugin import resolve_config
     [
         (["--sparsex-selection", "bogus"], None, "selection must be one of ('sparse_q', 'query_mass'"),
         (["--sparsex-recompute-ratio", "1.5"], None, "recompute_ratio must be in [0, 1], got 1.5"),
-        (["--sparsex-selection", "lookahead"], None, "offline comparison point"),
+        ([], "hybrid:\n  mass_pass: lookahead\n", "offline comparison point"),
         ([], "hybrid:\n  full_layers: two\n", "full_layers: Input should be a valid integer"),
         ([], "hybrid:\n  mass_heads: mean\n", "mass_heads must be one of ('sum', 'max'), got 'mean'"),
         ([], "hybrid:\n  ratio: 0.2\n", "unknown hybrid settings ['ratio']"),

@@ -4,7 +4,9 @@ The oracle is independent of our attention and mass code: HF's forward with ``ou
 gives every layer's softmax weights. SparseX's full layers compute every row above the cached prefix
 exactly, so the mass the new rows put on each reused token at those layers is read off HF's full forward;
 the look-ahead pass is HF's forward of the question over the stale KV (naive reuse's cache) as
-``past_key_values``. The selected set must be the top of that mass (``select.select_tokens``).
+``past_key_values``. The selected set must be the top of that mass (``select.select_tokens``), or for the
+signals that weigh value deviation by it, of deviation (HF's values of the whole prompt against those of
+each segment alone) times that mass.
 """
 
 from __future__ import annotations
@@ -33,14 +35,18 @@ def eager_executor(family: str) -> ReferenceExecutor:
 def oracle_rows(executor: ReferenceExecutor, ids: list[int], spans: list[list[int]], config: HybridConfig,
                 attentions: list[torch.Tensor], scored_rows: torch.Tensor) -> list[int]:
     """New rows plus the reused tokens ``select_tokens`` picks from the mass in ``attentions`` (per layer
-    ``[heads, rows, keys]`` of the rows ``scored_rows``)."""
+    ``[heads, rows, keys]`` of the rows ``scored_rows``); for ``sparse_q`` the mass weighs the deviation
+    (``value_deviation``) as ``deviation * (mass / mean mass + mass_prior)``."""
     plan = filled_cache(executor, [ids[a:b] for a, b in spans]).plan(ids, spans)
     reused = reused_tokens(plan.reused)
     per_head = torch.stack([a[:, :, reused.positions] for a in attentions]).double().sum(dim=2)  # [layers, heads, r]
     # Heads combine within each layer (a layer's strongest head under "max"), then layers add up.
     mass = (per_head.sum(dim=1) if config.mass_heads == "sum" else per_head.amax(dim=1)).sum(dim=0)
+    signal = mass
+    if config.selection == "sparse_q":
+        signal = value_deviation(executor, ids, spans, config.full_layers - 1) * (mass / mass.mean() + config.mass_prior)
     budget = selection_budget(len(reused), config.recompute_ratio)
-    chosen = select_tokens(reused, budget, config.selection, mass, config.min_tokens_per_segment)
+    chosen = select_tokens(reused, budget, config.selection, signal, config.min_tokens_per_segment)
     taken = set(reused.positions.tolist())
     new = [p for p in range(len(ids)) if p not in taken]
     assert set(scored_rows.tolist()) <= set(new)
@@ -65,12 +71,25 @@ def test_query_mass_selects_the_top_of_hf_attention(family: str, signal: str) ->
     assert list(result.rows) == oracle_rows(executor, ids, spans, config, picked, rows)
 
 
+def value_deviation(executor: ReferenceExecutor, ids: list[int], spans: list[list[int]], layer: int) -> torch.Tensor:
+    """Per reused token (prompt order): the distance between its value vectors at ``layer`` in HF's forward of
+    the whole prompt and in HF's forward of its segment alone (values carry no position)."""
+    def values(tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            cache = executor.model(torch.tensor([tokens]), use_cache=True).past_key_values
+        return cache.layers[layer].values[0].transpose(0, 1)  # [tokens, kv_heads, head_dim]
+
+    whole = values(ids)
+    return torch.cat([(whole[a:b] - values(ids[a:b])).double().norm(dim=(-2, -1)) for a, b in spans])
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_lookahead_selects_by_the_mass_over_the_stale_kv(family: str) -> None:
+@pytest.mark.parametrize("signal", ["lookahead", "lookahead_q"])
+def test_lookahead_selects_by_the_mass_over_the_stale_kv(family: str, signal: str) -> None:
     executor = eager_executor(family)
     ids, spans, segs = segmented_prompt(4)
     cache = filled_cache(executor, segs)
-    config = method_config("sparsex", RATIO, 2, "lookahead")
+    config = method_config("sparsex", RATIO, 2, signal)
     naive = method_config("naive", 0.0, 0)
     assert config is not None and naive is not None
     result = cache.prefill(ids, spans, config)

@@ -99,7 +99,8 @@ def method_runs(methods: list[str], ratios: list[float], full_layers: list[int],
 
     ``mass_priors`` (``HybridConfig.mass_prior``; default: the shipped value), ``signals`` (keys of
     ``hybrid.SPARSEX_SIGNALS``; default: the shipped ``sparse_q``) and ``coverages`` (adaptive budget; 0:
-    the fixed ratio) expand SparseX only; ``coverage_signals`` (default: every signal) limits the adaptive
+    the fixed ratio) expand SparseX only, the priors only its signals that weigh deviation by mass
+    (``sparse_q``, ``lookahead_q``); ``coverage_signals`` (default: every signal) limits the adaptive
     budgets to those signals, the others run at the fixed ratio. A SparseX signal other than ``sparse_q``
     is named ``sparsex:<signal>``."""
     priors, signals, coverages = mass_priors or [MASS_PRIOR], signals or ["sparse_q"], coverages or [0.0]
@@ -112,7 +113,7 @@ def method_runs(methods: list[str], ratios: list[float], full_layers: list[int],
         for ratio in ratios if uses_ratio else [None]:
             for layers in full_layers if uses_layers else [None]:
                 for signal in signals if sparsex else [None]:
-                    uses_prior = signal == "sparse_q"
+                    uses_prior = signal is not None and SPARSEX_SIGNALS[signal].get("selection", "sparse_q") == "sparse_q"
                     for prior in priors if uses_prior else [None]:
                         adaptive = sparsex and (coverage_signals is None or signal in coverage_signals)
                         for coverage in coverages if adaptive else [0.0] if sparsex else [None]:

@@ -319,7 +319,7 @@ class ReferenceExecutor:
         extend = ExtendRequest(0, 0, plan.prefix_len, n, plan.new_rows, plan.reused, config.recompute_ratio)
         sparse = SparseExtendPlan([extend], config, self.spec.rope, slot_row, dims.n_heads, dims.n_kv_heads,
                                   self.kernels)
-        extra_flops = self._look_ahead(request, sparse, kv.clone()) if config.selection == "lookahead" else 0
+        extra_flops = self._look_ahead(request, sparse, kv.clone()) if config.mass_pass == "lookahead" else 0
         if state is None:
             sparse.select()
         else:
@@ -354,7 +354,7 @@ class ReferenceExecutor:
         return PrefillResult(self._logits(h[-1]), kv, n, stats, exact, tuple(row_list))
 
     def _look_ahead(self, request: _Request, sparse: SparseExtendPlan, kv: RequestKV) -> int:
-        """The look-ahead pass of ``selection="lookahead"``: the new rows alone through every layer over the
+        """The look-ahead pass of ``mass_pass="lookahead"``: the new rows alone through every layer over the
         stale re-aligned KV (``kv``, a scratch copy), each layer's mass observed by ``sparse``. Returns its
         modeled FLOPs (the logits row excluded: it is not computed)."""
         plan, dims = request.plan, self.spec.dims

@@ -170,8 +170,8 @@ def _resolve_config(options: dict[str, Any]) -> HybridConfig:
             values[field_name] = options[key]
     if options.get("sparsex_hide_counts"):
         values["report_counts"] = False
-    if values["selection"] == "lookahead":
-        raise ValueError("selection 'lookahead' is an offline comparison point (a second pass over the new rows, "
+    if values["mass_pass"] == "lookahead":
+        raise ValueError("mass_pass 'lookahead' is an offline comparison point (a second pass over the new rows, "
                          "reference executor only); the server serves the single-pass signals")
     return HybridConfig.from_mapping(values)
 
