@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsex_sgl.assets import hotpotqa_path
-from sparsex_sgl.eval.fidelity import evaluate, method_runs
+from sparsex_sgl.eval.fidelity import CACHE_SOURCES, evaluate, fill_cache, method_runs
 from sparsex_sgl.eval.hotpotqa import build_prompt, load_examples
 from sparsex_sgl.hybrid import HybridConfig
 from sparsex_sgl.reference import ReferenceExecutor
@@ -84,3 +84,25 @@ def test_resumed_sweep_equals_one_run(smollm2) -> None:  # type: ignore[no-untyp
     for key, value in whole["methods"]["naive"].items():
         assert resumed["methods"]["naive"][key] == pytest.approx(value), key
     assert whole["per_question"]["naive"]["kl"][0] != whole["per_question"]["naive"]["kl"][1]  # two questions
+
+
+def test_paragraphs_cached_in_another_order_are_reused_with_their_context(smollm2) -> None:  # type: ignore[no-untyped-def]
+    """``--cached other-order`` stores an exact prefill of the same paragraphs in another shuffle: every
+    paragraph of the prompt is then reused (only the question is computed by naive reuse), and its KV, which
+    has seen the instruction and other paragraphs, leaves naive reuse closer to full prefill than KV of
+    paragraphs cached alone (whose first tokens were attention sinks and which saw no other text)."""
+    model, tokenizer = smollm2
+    executor = ReferenceExecutor(model)
+    example = load_examples(hotpotqa_path(), 1, offset=3)[0]
+    prompt, earlier = build_prompt(tokenizer, example, seed=0), build_prompt(tokenizer, example, seed=1)
+    assert prompt.input_ids != earlier.input_ids  # another order
+    cache = ReferenceSegmentCache(executor, num_slots=2 * len(prompt.input_ids))
+    fill_cache(cache, prompt, earlier)
+    naive = cache.prefill(prompt.input_ids, prompt.spans,
+                          HybridConfig(full_layers=0, recompute_ratio=0.0, selection="none", min_tokens_per_segment=0))
+    assert naive.stats.computed_rows == len(prompt.input_ids) - prompt.spans[-1][1]
+
+    runs = method_runs(["naive"], [0.15], [2])
+    kl = {cached: evaluate(executor, tokenizer, n=1, offset=3, runs=runs, progress=False,
+                           cached=cached)["methods"]["naive"]["kl_mean"] for cached in CACHE_SOURCES}
+    assert 0 < kl["other-order"] < kl["alone"]

@@ -1,9 +1,10 @@
 """``sparsex-sgl eval fidelity``: how close each reuse method stays to exact full prefill.
 
 Per question (HotpotQA, or SQuAD v2 with the gold paragraph among nine of its article: ``eval.squad``):
-the 10 paragraphs in a shuffled order are segments, each cached once alone (from position 0), and the
-instruction is cached as an exact prefix. Full prefill of the prompt is the
-reference; every method prefills the same prompt from the cache. Metrics per method:
+the 10 paragraphs in a shuffled order are segments, and the instruction is an exact prefix. How the
+paragraphs' KV was cached is ``CACHE_SOURCES``: each alone from position 0 (the default), or from an exact
+prefill of the same prompt in another order. Full prefill of the prompt is the reference; every method
+prefills the same prompt from the cache. Metrics per method:
 
 - ``kl_mean``: KL(full || method) of the next-token distribution at the answer start;
 - ``top1_agree``: share of 16 teacher-forced answer steps (full prefill's greedy tokens as history)
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
 from sparsex_sgl.eval import hotpotqa, squad
-from sparsex_sgl.eval.hotpotqa import QAExample, build_prompt, first_line
+from sparsex_sgl.eval.hotpotqa import QAExample, SegmentedPrompt, build_prompt, first_line
 from sparsex_sgl.harness.quality import gold_scores
 from sparsex_sgl.hybrid import MASS_PRIOR, METHODS, SPARSEX_SIGNALS, HybridConfig, method_config
 from sparsex_sgl.reference.cache import ReferenceSegmentCache
@@ -56,6 +57,13 @@ SPLITS: dict[str, dict[str, tuple[int, int]]] = {
 }
 """Question index ranges ``[start, end)`` per task: signals and parameters are chosen on ``dev`` only, and
 ``heldout`` is what the README reports."""
+CACHE_SOURCES = ("alone", "other-order")
+"""Where the reused paragraphs' KV comes from. ``alone``: each paragraph prefilled by itself from position 0
+(the CacheBlend paper's protocol, and the harshest: a paragraph's KV has seen no other text, and its first
+token was an attention sink). ``other-order``: the same prompt with the paragraphs in another shuffle,
+prefilled exactly and stored as the server stores a served request, so each paragraph's KV has seen the
+instruction and the paragraphs before it there; the traffic the project is built for (RAG chunks that come
+back in another order)."""
 
 
 def split_of(task: str, offset: int, n: int) -> str:
@@ -172,12 +180,16 @@ def evaluate(
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
     resume: dict[str, Any] | None = None,
     task: str = "hotpotqa",
+    cached: str = "alone",
 ) -> dict[str, Any]:
     """Run every method on ``n`` questions of ``task`` from ``offset``; returns the report dict.
 
     ``checkpoint`` gets the report over the questions done so far after each question (``meta.n`` says
     how many), so a long sweep that is stopped keeps its figures. ``resume`` is such a report of the
-    same sweep: its questions are not run again, and the new ones are averaged in with them."""
+    same sweep: its questions are not run again, and the new ones are averaged in with them. ``cached``:
+    where the paragraphs' KV comes from (``CACHE_SOURCES``); another order is the shuffle of ``seed + 1``."""
+    if cached not in CACHE_SOURCES:
+        raise ValueError(f"unknown cache source {cached!r}; choose one of {CACHE_SOURCES}")
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     per_question: dict[str, dict[str, list[float]]] = {run.name: {key: [] for key in PER_QUESTION} for run in runs}
     skip, prompt_tokens, earlier_seconds = 0, 0, 0.0
@@ -195,7 +207,7 @@ def evaluate(
         earlier_seconds = float(resume["meta"]["seconds"])
     examples = load_task(task, n - skip, offset + skip) if n > skip else []
     started = time.perf_counter() - earlier_seconds
-    context = _Context(runs, offset, seed, task, executor)
+    context = _Context(runs, offset, seed, task, executor, cached)
     report = _report(totals, per_question, context, skip, prompt_tokens, started) if skip else {}
     for done, example in enumerate(tqdm(examples, desc="fidelity", unit="q", disable=not progress), start=skip + 1):
         prompt = build_prompt(tokenizer, example, seed)
@@ -204,10 +216,7 @@ def evaluate(
         full_greedy = executor.greedy_decode(full, ANSWER_TOKENS)
         full_flops = full.stats.flops
         cache = ReferenceSegmentCache(executor, num_slots=2 * len(prompt.input_ids) + 2)
-        head = prompt.input_ids[: prompt.head_len]
-        cache.store(head, [], executor.prefill_full(head))
-        for index in range(len(prompt.spans)):
-            cache.fill_segment(prompt.segment_ids(index))
+        fill_cache(cache, prompt, build_prompt(tokenizer, example, seed + 1) if cached == "other-order" else None)
         # Every method's prefill from one lookup, then one batched decode of all of them (same figures as
         # one method at a time; the full layers and the decode weight reads are shared).
         approximate = [index for index, run in enumerate(runs) if run.config is not None]
@@ -240,6 +249,19 @@ def evaluate(
     return report
 
 
+def fill_cache(cache: ReferenceSegmentCache, prompt: SegmentedPrompt, earlier: SegmentedPrompt | None) -> None:
+    """Cache ``prompt``'s instruction and paragraphs: each paragraph alone from position 0 when ``earlier`` is
+    None, else ``earlier`` (the same paragraphs in another order) prefilled exactly and stored whole."""
+    executor = cache.executor
+    if earlier is not None:
+        cache.store(earlier.input_ids, earlier.spans, executor.prefill_full(earlier.input_ids))
+        return
+    head = prompt.input_ids[: prompt.head_len]
+    cache.store(head, [], executor.prefill_full(head))
+    for index in range(len(prompt.spans)):
+        cache.fill_segment(prompt.segment_ids(index))
+
+
 @dataclass(frozen=True)
 class _Context:
     """What every checkpoint of one sweep reports besides its figures."""
@@ -249,6 +271,7 @@ class _Context:
     seed: int
     task: str
     executor: ReferenceExecutor
+    cached: str
 
 
 def _report(totals: dict[str, dict[str, float]], per_question: dict[str, dict[str, list[float]]],
@@ -267,6 +290,7 @@ def _report(totals: dict[str, dict[str, float]], per_question: dict[str, dict[st
         "split": split_of(context.task, context.offset, n),
         "offset": context.offset,
         "seed": context.seed,
+        "cached": context.cached,
         "mean_prompt_tokens": prompt_tokens / n,
         "answer_tokens": ANSWER_TOKENS,
         "architecture": executor.spec.architecture,
@@ -314,6 +338,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coverage-signals", default=None,
                         help="signals that get the --coverage budgets (default: all); the others run at --ratio")
     parser.add_argument("--seed", type=int, default=0, help="seed of the paragraph shuffles")
+    parser.add_argument("--cached", default="alone", choices=CACHE_SOURCES,
+                        help="where the paragraphs' KV comes from: each alone from position 0, or an exact "
+                             "prefill of the same prompt in another order (as served traffic caches it)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--resume", action="store_true",
@@ -361,6 +388,8 @@ def run(args: argparse.Namespace) -> None:
         grid += f" --signals {args.signals} --coverage {','.join(map(str, args.coverage))}"
     if coverage_signals is not None:
         grid += f" --coverage-signals {args.coverage_signals}"
+    if args.cached != "alone":
+        grid += f" --cached {args.cached}"
     command = f"sparsex-sgl eval fidelity --n {args.n} {grid}"
     resume = _resumable(args.out, grid) if args.resume else None
 
@@ -370,7 +399,7 @@ def run(args: argparse.Namespace) -> None:
             write_atomic(args.out, partial)
 
     report = evaluate(executor, tokenizer, args.n, args.offset, runs, seed=args.seed, checkpoint=checkpoint,
-                      resume=resume, task=args.data)
+                      resume=resume, task=args.data, cached=args.cached)
     report["meta"].update(command=command, grid=grid)
     print(format_table(report))
     meta = report["meta"]

@@ -50,7 +50,8 @@ def _header(meta: dict[str, Any]) -> str:
     model = meta.get("command", "").split("--model ")[-1].split(" ")[0] or "?"
     return (f"{model}, {meta.get('task', 'hotpotqa')} ({meta.get('split', 'other')} questions "
             f"{meta['offset']}..{meta['offset'] + meta['n'] - 1}, {meta['n']} questions, "
-            f"{meta['mean_prompt_tokens']:.0f} prompt tokens on average)")
+            f"{meta['mean_prompt_tokens']:.0f} prompt tokens on average"
+            f"{'' if meta.get('cached', 'alone') == 'alone' else ', paragraphs cached in another order'})")
 
 
 def _figures(m: dict[str, Any]) -> str:
