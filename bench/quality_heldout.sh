@@ -6,8 +6,10 @@
 # bench/results/ (a stopped run continues after its last whole question), then prints its tables.
 # Measured on 2 cores: 53 s, 47 s and 158 s a question (3.0 h, 2.6 h, 4.4 h).
 # qwen15-hotpotqa-ratios: the shipped SparseX setting at ratios 0.3 / 0.5 / 0.75 on the same 100 questions.
+# qwen05-hotpotqa-served: the served case, paragraphs cached in another order (--cached other-order), at
+# L_full 2 with mass_prior 4 (shipped) and 64 (chosen on development questions for this case).
 # Usage: bench/quality_heldout.sh [RUN ...]    RUN: qwen05-hotpotqa qwen05-squad qwen15-hotpotqa
-#                                              qwen15-hotpotqa-ratios (default: all)
+#                                              qwen15-hotpotqa-ratios qwen05-hotpotqa-served (default: all)
 #        bench/quality_heldout.sh --smoke DIR  the same grid on SmolLM2, one HotpotQA question, into DIR (CI)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,6 +20,10 @@ grid=(--methods full,naive,cacheblend,epic,sparsex --ratio 0.15 --full-layers 2,
 
 # How far SparseX's shipped setting is from full prefill as its budget grows (the 1.5B gap at 0.15).
 ratios=(--methods full,sparsex --ratio 0.3,0.5,0.75 --full-layers 2)
+
+# The served case: paragraphs' KV from an exact prefill of the same prompt in another order.
+served=(--methods full,naive,cacheblend,epic,sparsex --ratio 0.15 --full-layers 2 --signals sparse_q,mass,lookahead
+        --mass-prior 4,64 --cached other-order)
 
 sweep() {  # MODEL TASK N OUT [GRID...]
   local model=$1 task=$2 n=$3 out=$4
@@ -32,7 +38,7 @@ if [ "${1:-}" = "--smoke" ]; then
   exit 0
 fi
 runs=("$@")
-[ ${#runs[@]} -gt 0 ] || runs=(qwen05-hotpotqa qwen05-squad qwen15-hotpotqa qwen15-hotpotqa-ratios)
+[ ${#runs[@]} -gt 0 ] || runs=(qwen05-hotpotqa qwen05-squad qwen15-hotpotqa qwen15-hotpotqa-ratios qwen05-hotpotqa-served)
 for name in "${runs[@]}"; do
   case "$name" in
     qwen05-hotpotqa) sweep qwen2.5-0.5b hotpotqa 200 bench/results/quality-heldout-qwen05-hotpotqa.json ;;
@@ -40,7 +46,10 @@ for name in "${runs[@]}"; do
     qwen15-hotpotqa) sweep qwen2.5-1.5b hotpotqa 100 bench/results/quality-heldout-qwen15-hotpotqa.json ;;
     qwen15-hotpotqa-ratios)
       sweep qwen2.5-1.5b hotpotqa 100 bench/results/quality-heldout-qwen15-hotpotqa-ratios.json "${ratios[@]}" ;;
-    *) echo "unknown run $name (qwen05-hotpotqa, qwen05-squad, qwen15-hotpotqa, qwen15-hotpotqa-ratios)" >&2
+    qwen05-hotpotqa-served)
+      sweep qwen2.5-0.5b hotpotqa 200 bench/results/quality-heldout-qwen05-hotpotqa-served.json "${served[@]}" ;;
+    *) echo "unknown run $name (qwen05-hotpotqa, qwen05-squad, qwen15-hotpotqa, qwen15-hotpotqa-ratios," \
+            "qwen05-hotpotqa-served)" >&2
        exit 2 ;;
   esac
 done
