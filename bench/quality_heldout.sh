@@ -15,11 +15,12 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$here/scripts/setup" >/dev/null
 cd "$here"
+# mass_prior is pinned at the value these runs started with, so their checkpoints resume whatever the default.
 grid=(--methods full,naive,cacheblend,epic,sparsex --ratio 0.15 --full-layers 2,4
-      --signals sparse_q,mass,mass_all,lookahead --coverage 0,0.5 --coverage-signals mass_all)
+      --signals sparse_q,mass,mass_all,lookahead --coverage 0,0.5 --coverage-signals mass_all --mass-prior 4)
 
 # How far SparseX's shipped setting is from full prefill as its budget grows (the 1.5B gap at 0.15).
-ratios=(--methods full,sparsex --ratio 0.3,0.5,0.75 --full-layers 2)
+ratios=(--methods full,sparsex --ratio 0.3,0.5,0.75 --full-layers 2 --mass-prior 4)
 
 # The served case: paragraphs' KV from an exact prefill of the same prompt in another order.
 served=(--methods full,naive,cacheblend,epic,sparsex --ratio 0.15 --full-layers 2 --signals sparse_q,mass,lookahead
