@@ -361,6 +361,25 @@ def _resumable(out: Path | None, grid: str) -> dict[str, Any] | None:
     return report
 
 
+def sweep_grid(args: argparse.Namespace) -> str:
+    """Every setting that decides a question's figures, as the report's ``meta.grid``: ``--resume`` continues
+    a report only under the same grid, so a changed default (``MASS_PRIOR``) cannot mix two settings in one
+    report. Settings added after reports were written appear only when they differ from their default, so
+    the older reports keep resuming."""
+    grid = (
+        f"--model {args.model} --data {args.data} --offset {args.offset} --ratio {','.join(map(str, args.ratio))} "
+        f"--full-layers {','.join(map(str, args.full_layers))} --methods {args.methods} "
+        f"--mass-prior {','.join(map(str, args.mass_prior))} --seed {args.seed}"
+    )
+    if args.signals != "sparse_q" or args.coverage != [0.0]:
+        grid += f" --signals {args.signals} --coverage {','.join(map(str, args.coverage))}"
+    if args.coverage_signals:
+        grid += f" --coverage-signals {args.coverage_signals}"
+    if args.cached != "alone":
+        grid += f" --cached {args.cached}"
+    return grid
+
+
 def run(args: argparse.Namespace) -> None:
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS)
@@ -379,17 +398,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"--coverage-signals {sorted(set(coverage_signals) - set(signals))} are not in --signals")
     runs = method_runs(methods, args.ratio, args.full_layers, args.mass_prior, signals, args.coverage,
                        coverage_signals)
-    grid = (
-        f"--model {args.model} --data {args.data} --offset {args.offset} --ratio {','.join(map(str, args.ratio))} "
-        f"--full-layers {','.join(map(str, args.full_layers))} --methods {args.methods} "
-        f"--mass-prior {','.join(map(str, args.mass_prior))} --seed {args.seed}"
-    )
-    if args.signals != "sparse_q" or args.coverage != [0.0]:  # older reports resume under their own grid
-        grid += f" --signals {args.signals} --coverage {','.join(map(str, args.coverage))}"
-    if coverage_signals is not None:
-        grid += f" --coverage-signals {args.coverage_signals}"
-    if args.cached != "alone":
-        grid += f" --cached {args.cached}"
+    grid = sweep_grid(args)
     command = f"sparsex-sgl eval fidelity --n {args.n} {grid}"
     resume = _resumable(args.out, grid) if args.resume else None
 

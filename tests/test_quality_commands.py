@@ -1,0 +1,51 @@
+"""Every quality sweep documented with ``--resume`` continues its committed report as written.
+
+docs/results.md gives, beside each table, the command that made its report in bench/results/. A sweep
+resumes only a report made under the same settings (``fidelity.sweep_grid``), so a changed default (the
+selection's ``mass_prior``) or an edited command silently turns "resume this report" into "refuse to run".
+This reads the commands from the document, parses them with the CLI's own parser and compares their grid
+with the one recorded in the report they name; no model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+from pathlib import Path
+
+from sparsex_sgl.eval import fidelity
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DOC = ROOT / "docs" / "results.md"
+
+
+def documented_sweeps() -> list[list[str]]:
+    """The arguments after ``eval fidelity`` of every documented ``--resume`` sweep, shell variables of the
+    same block (``G="..."``) expanded."""
+    sweeps = []
+    for block in re.findall(r"```bash\n(.*?)```", RESULTS_DOC.read_text(), flags=re.DOTALL):
+        variables: dict[str, str] = {}
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            assignment = re.fullmatch(r"(\w+)=(.*)", line.strip())
+            if assignment:
+                variables[assignment[1]] = " ".join(shlex.split(assignment[2]))
+                continue
+            for name, value in variables.items():
+                line = line.replace(f"${name}", value)
+            words = shlex.split(line, comments=True)
+            if words[:3] == [".venv/bin/sparsex-sgl", "eval", "fidelity"] and "--resume" in words:
+                sweeps.append(words[3:])
+    return sweeps
+
+
+def test_every_documented_sweep_resumes_its_committed_report() -> None:
+    parser = argparse.ArgumentParser()
+    fidelity.add_arguments(parser)
+    sweeps = documented_sweeps()
+    assert len(sweeps) >= 10, "the commands were not found: has the document's layout changed?"
+    for words in sweeps:
+        args = parser.parse_args(words)
+        report = json.loads((ROOT / args.out).read_text())
+        assert report["meta"]["grid"] == fidelity.sweep_grid(args), f"{args.out} does not resume with: {words}"
