@@ -7,7 +7,8 @@
 # Measured on 2 cores: 53 s, 47 s and 158 s a question (3.0 h, 2.6 h, 4.4 h).
 # qwen15-hotpotqa-ratios: the shipped SparseX setting at ratios 0.3 / 0.5 / 0.75 on the same 100 questions.
 # qwen05-hotpotqa-served: the served case, paragraphs cached in another order (--cached other-order), at
-# L_full 2 with mass_prior 4 (shipped) and 64 (the development questions' candidate for this case; this run kept 4).
+# L_full 2 with mass_prior 4 (shipped) and 64 (the development questions' candidate for this case; the run
+# kept 4).
 # Usage: bench/quality_heldout.sh [RUN ...]    RUN: qwen05-hotpotqa qwen05-squad qwen15-hotpotqa
 #                                              qwen15-hotpotqa-ratios qwen05-hotpotqa-served (default: all)
 #        bench/quality_heldout.sh --smoke DIR  the same grid on SmolLM2, one HotpotQA question, into DIR (CI)
