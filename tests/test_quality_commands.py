@@ -1,10 +1,13 @@
-"""Every quality sweep documented with ``--resume`` continues its committed report as written.
+"""Every quality sweep documented with ``--resume`` continues its committed report as written, and the
+README's held-out tables are those reports' figures as they stand.
 
 docs/results.md gives, beside each table, the command that made its report in bench/results/. A sweep
 resumes only a report made under the same settings (``fidelity.sweep_grid``), so a changed default (the
 selection's ``mass_prior``) or an edited command silently turns "resume this report" into "refuse to run".
 This reads the commands from the document, parses them with the CLI's own parser and compares their grid
-with the one recorded in the report they name; no model is loaded.
+with the one recorded in the report they name; no model is loaded. The README's held-out tables are copied
+from ``quality_table --summary``; a report resumed to more questions and a table not refreshed would
+publish figures no report holds.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import re
 import shlex
 from pathlib import Path
 
-from sparsex_sgl.eval import fidelity
+from sparsex_sgl.eval import fidelity, quality_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DOC = ROOT / "docs" / "results.md"
+README = ROOT / "README.md"
 
 
 def documented_sweeps() -> list[list[str]]:
@@ -49,3 +53,13 @@ def test_every_documented_sweep_resumes_its_committed_report() -> None:
         args = parser.parse_args(words)
         report = json.loads((ROOT / args.out).read_text())
         assert report["meta"]["grid"] == fidelity.sweep_grid(args), f"{args.out} does not resume with: {words}"
+
+
+def test_readme_holds_every_held_out_report_as_committed() -> None:
+    reports = sorted((ROOT / "bench" / "results").glob("quality-heldout-*.json"))
+    assert reports, "no held-out report found"
+    readme = README.read_text()
+    for path in reports:
+        report = json.loads(path.read_text())
+        table = quality_table.summary_table(report, quality_table.comparisons(report))
+        assert table in readme, f"README does not hold {path.name} as `quality_table --summary` renders it"

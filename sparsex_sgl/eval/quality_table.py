@@ -94,20 +94,26 @@ def paired_table(pairs: list[tuple[str, str, Interval, Interval]]) -> str:
     return "\n".join(lines)
 
 
+_REFERENCE_LABELS = {"cacheblend": "CacheBlend-style", "full": "full"}
+"""The references a summary row carries, in column order, with their column labels."""
+
+
 def summary_table(report: dict[str, Any], pairs: list[tuple[str, str, Interval, Interval]]) -> str:
     """The README's form: each method's figures, and for SparseX its ΔF1 / ΔKL against CacheBlend-style
-    (same ratio and ``L_full``) and full prefill in the same row."""
+    (same ratio and ``L_full``) and full prefill in the same row; a reference the report did not run (a
+    ratio run has no CacheBlend-style) gets no columns, so the README prints this table as it is."""
     methods = report["methods"]
     by_kind = {(name, methods[other]["method"]): (f1, kl) for name, other, f1, kl in pairs}
-    header = ("| method | F1 | EM | KL mean / median | greedy = full | recompute frac | FLOPs frac "
-              "| ΔF1 vs CacheBlend-style | ΔKL vs CacheBlend-style | ΔF1 vs full | ΔKL vs full |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    kinds = [kind for kind in _REFERENCE_LABELS if any(k == kind for _, k in by_kind)]
+    header = "| method | F1 | EM | KL mean / median | greedy = full | recompute frac | FLOPs frac |" + "".join(
+        f" ΔF1 vs {_REFERENCE_LABELS[kind]} | ΔKL vs {_REFERENCE_LABELS[kind]} |" for kind in kinds)
+    lines = [header, "|---" * (7 + 2 * len(kinds)) + "|"]
     for name, m in methods.items():
         cells = []
-        for kind in ("cacheblend", "full"):
+        for kind in kinds:
             f1, kl = by_kind.get((name, kind), (None, None))
             cells += ["" if f1 is None else interval_text(f1, 100), "" if kl is None else interval_text(kl, 1)]
-        lines.append(f"| {name} | {_figures(m)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {_figures(m)} |" + "".join(f" {cell} |" for cell in cells))
     return "\n".join(lines)
 
 
@@ -120,7 +126,7 @@ def targets(report: dict[str, Any], pairs: list[tuple[str, str, Interval, Interv
     above = [f"{name} ({interval_text(f1, 100)})" for name, f1 in vs_cb if _direction(f1) == "significantly higher"]
     below = [f"{name} ({interval_text(f1, 100)})" for name, f1 in vs_cb if _direction(f1) == "significantly lower"]
     lines = [f"- F1 significantly above CacheBlend-style: {', '.join(above) or 'none'}",
-             f"- F1 significantly below CacheBlend-style: {', '.join(below) or 'none'}"]
+             f"- F1 significantly below CacheBlend-style: {', '.join(below) or 'none'}"] if vs_cb else []
     vs_full = [(f1, name) for name, other, f1, _ in pairs if methods[other]["method"] == "full"]
     if vs_full:
         f1, name = max(vs_full)
