@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sparsex_sgl.graph import SegmentGraph
-from sparsex_sgl.segments import Piece, make_piece, namespace_key
+from sparsex_sgl.core.graph import SegmentGraph
+from sparsex_sgl.core.segments import Piece, make_piece, namespace_key
 
 SEGMENT = 16
 PER_REQUEST = 32

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sparsex_sgl.hybrid import method_config
+from sparsex_sgl.core.config import method_config
 from sparsex_sgl.reference import ReferenceExecutor
 from sparsex_sgl.reference.cache import ReferenceSegmentCache
 
@@ -113,8 +113,8 @@ def main() -> None:
         cache = ReferenceSegmentCache(sparse_exec, num_slots=n + 1)
         for seg in segs:
             assert cache.fill_segment(seg)
-        lookup_s = timed(args.repeats, "cpu", cache.plan, ids, spans)  # host work: the segment graph's lookup
-        plan = cache.plan(ids, spans)
+        lookup_s = timed(args.repeats, "cpu", cache.lookup, ids, spans)  # host work: the segment graph's lookup
+        plan = cache.lookup(ids, spans)
         full_s = timed(args.repeats, device, full_exec.prefill_full, ids)
         sparse_s = timed(args.repeats, device, sparse_exec.prefill_reuse, ids, plan, cache.pool, config)
         stats = sparse_exec.prefill_reuse(ids, plan, cache.pool, config).stats

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsex_sgl.assets import resolve_model
-from sparsex_sgl.eval.server import launch, wait_ready
+from sparsex_sgl.testing import launch, wait_ready
 
 SYSTEMS = {"stock": [], "sparsex": ["--enable-sparsex"]}
 METRICS = ("median_ttft_ms", "mean_ttft_ms", "request_throughput", "output_throughput", "median_e2e_latency_ms")

@@ -34,9 +34,9 @@ from typing import Any
 import psutil
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
+from sparsex_sgl.core.protocol import flatten_spans
 from sparsex_sgl.eval.hotpotqa import SegmentedPrompt, build_prompt, load_examples
-from sparsex_sgl.eval.server import Server, flush_cache, launch, wait_ready
-from sparsex_sgl.protocol import flatten_spans
+from sparsex_sgl.testing import Server, flush_cache, launch, wait_ready
 
 INVALID: list[dict[str, Any]] = [
     {"text": ""},

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsex_sgl.rope import RopeConfig
+from sparsex_sgl.core.rope import RopeConfig
 
 
 @triton.jit

@@ -4,7 +4,7 @@ The package root holds the engine-agnostic core (segments, graph, rope, select, 
 adapter lives in ``sparsex_sgl.sglang`` and is imported only by SGLang's plugin loader.
 """
 
-from sparsex_sgl.errors import (
+from sparsex_sgl.core.errors import (
     InvalidSegmentsError,
     SegmentHashCollisionError,
     SparseXError,

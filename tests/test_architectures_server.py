@@ -19,10 +19,10 @@ import torch
 from conftest import tiny_model
 from test_served_pipeline import TOP, assert_served_equals_reference
 
+from sparsex_sgl.client import reuse_counts
+from sparsex_sgl.core.protocol import flatten_spans
 from sparsex_sgl.eval.hotpotqa import SegmentedPrompt
-from sparsex_sgl.eval.server import Server, launch, wait_ready
-from sparsex_sgl.frontend import reuse_counts
-from sparsex_sgl.protocol import flatten_spans
+from sparsex_sgl.testing import Server, launch, wait_ready
 
 pytestmark = pytest.mark.slow
 FAMILIES = ("qwen2", "qwen3")

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
+from sparsex_sgl.client import reuse_counts
 from sparsex_sgl.eval.hotpotqa import SegmentedPrompt, build_prompt, load_examples
-from sparsex_sgl.eval.server import Server, launch, wait_ready
-from sparsex_sgl.frontend import reuse_counts
+from sparsex_sgl.testing import Server, launch, wait_ready
 
 pytestmark = pytest.mark.slow
 

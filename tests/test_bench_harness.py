@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from sparsex_sgl.eval.server import free_port
+from sparsex_sgl.testing import free_port
 
 pytestmark = pytest.mark.slow
 

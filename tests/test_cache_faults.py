@@ -20,16 +20,17 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.sampling.sampling_params import SamplingParams
 
-from sparsex_sgl.hybrid import HybridConfig
+from sparsex_sgl.core.config import ServerConfig
+from sparsex_sgl.core.ops import op_set
 from sparsex_sgl.sglang.cache import MatchHandle, SegmentGraphCache
-from sparsex_sgl.sglang.runtime import SparseXRuntime
+from sparsex_sgl.sglang.runtime import SchedulerRuntime
 
 
 def make_cache() -> SegmentGraphCache:
     allocator = TokenToKVPoolAllocator(256, torch.float32, "cpu", None, False)
     params = SimpleNamespace(req_to_token_pool=ReqToTokenPool(4, 128, "cpu", False),
                              token_to_kv_pool_allocator=allocator, page_size=1)
-    return SegmentGraphCache(params, SparseXRuntime(HybridConfig(), None, 2), torch.device("cpu"))
+    return SegmentGraphCache(params, SchedulerRuntime(ServerConfig(), None, 2, op_set("torch")), torch.device("cpu"))
 
 
 def make_req(rid: str, ids: list[int], spans: list[int] | None = None) -> Req:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from sparsex_sgl.errors import UnsupportedModelError
-from sparsex_sgl.hybrid import HybridConfig, method_config
+from sparsex_sgl.core.config import SelectionConfig
+from sparsex_sgl.core.errors import UnsupportedModelError
+from sparsex_sgl.eval.methods import method_config
 from sparsex_sgl.reference import ReferenceExecutor
 from sparsex_sgl.reference.cache import ReferenceSegmentCache
 
@@ -72,7 +73,7 @@ def test_approximate_reuse_differs_from_full_prefill(executor: ReferenceExecutor
     ids, spans, segs = segmented_prompt(2)
     cache = filled_cache(executor, segs)
     full = executor.prefill_full(ids).logits
-    naive = cache.prefill(ids, spans, HybridConfig(full_layers=0, recompute_ratio=0.0, selection="none"))
+    naive = cache.prefill(ids, spans, SelectionConfig(full_layers=0, recompute_ratio=0.0, selection="none"))
     assert naive.stats.computed_rows == 8 + 6  # the question and the uncached head
     assert (naive.logits - full).abs().max() > 1e-2
 
@@ -82,9 +83,9 @@ def test_exact_cached_path_needs_no_recompute(executor: ReferenceExecutor) -> No
     cache = ReferenceSegmentCache(executor, num_slots=512)
     full = executor.prefill_full(ids, extra_capacity=4)
     assert cache.store(ids, spans, full)
-    plan = cache.plan(ids, spans)
+    plan = cache.lookup(ids, spans)
     assert plan.prefix_len == len(ids) - 1 and plan.reused == () and plan.new_rows == (len(ids) - 1,)
-    result = cache.prefill(ids, spans, HybridConfig(full_layers=2, recompute_ratio=0.15), extra_capacity=4)
+    result = cache.prefill(ids, spans, SelectionConfig(full_layers=2, recompute_ratio=0.15), extra_capacity=4)
     assert result.stats.computed_rows == 1 and result.stats.n_selected == 0 and result.exact
     torch.testing.assert_close(result.logits, full.logits, **TOL)
     assert executor.greedy_decode(result, 4) == executor.greedy_decode(full, 4)
@@ -93,7 +94,7 @@ def test_exact_cached_path_needs_no_recompute(executor: ReferenceExecutor) -> No
 def test_sparsex_recomputes_within_budget_and_models_fewer_flops(executor: ReferenceExecutor) -> None:
     ids, spans, segs = segmented_prompt(4)
     cache = filled_cache(executor, segs)
-    result = cache.prefill(ids, spans, HybridConfig(full_layers=1, recompute_ratio=0.25))
+    result = cache.prefill(ids, spans, SelectionConfig(full_layers=1, recompute_ratio=0.25))
     assert result.stats.n_selected == round(0.25 * 47)
     assert result.stats.computed_rows == 6 + 8 + result.stats.n_selected
     assert result.stats.flops < executor.full_flops(len(ids))
@@ -119,7 +120,7 @@ def test_non_exact_result_cannot_enter_the_graph_as_a_path() -> None:
     executor = ReferenceExecutor(tiny_model("llama"))
     ids, spans, segs = segmented_prompt(5)
     cache = filled_cache(executor, segs)
-    result = cache.prefill(ids, spans, HybridConfig(full_layers=1, recompute_ratio=0.1))
+    result = cache.prefill(ids, spans, SelectionConfig(full_layers=1, recompute_ratio=0.1))
     with pytest.raises(ValueError, match="exactly computed"):
         cache.store(ids, spans, result)
 

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_model
 from test_executor import filled_cache, segmented_prompt
 
-from sparsex_sgl.hybrid import method_config
+from sparsex_sgl.eval.methods import method_config
 from sparsex_sgl.reference import ReferenceExecutor
 
 # float32 with different summation orders (online softmax in blocks vs one softmax): ~1e-5 on O(1) logits.

@@ -15,10 +15,11 @@ import os
 import pytest
 import torch
 from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
-from test_sparse_extend import CONFIGS, make_batch, oracle_rows
+from test_sparse_extend import CONFIGS, make_batch, oracle_rows, run_select
 
-from sparsex_sgl.rope import RopeConfig, delta_rotation_table, realign_keys
-from sparsex_sgl.sparse_extend import SparseExtendPlan
+from sparsex_sgl.core.ops import OP_SETS, op_set
+from sparsex_sgl.core.rope import RopeConfig, delta_rotation_table, realign_keys
+from sparsex_sgl.core.sparse_extend import SparseExtendPlan
 
 GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not GPU and os.environ.get("SPARSEX_GPU_DRY_RUN") != "1", reason="needs a CUDA device")
@@ -131,19 +132,19 @@ def test_pipeline_full_size_matches_torch_pipeline_and_oracle(policy: str) -> No
     requests, r2t, k, v, q = make_batch(shapes, seed=4, hq=32, hkv=8, d=128)
     config = CONFIGS[policy]
     scale = 128**-0.5
-    plans = {}
-    for kernels in ("torch", "triton"):
-        plan = SparseExtendPlan(requests, config, RopeConfig(128, 128, 1e6), r2t.to(DEVICE), 32, 8, kernels)  # type: ignore[arg-type]
-        plan.select(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), v.to(DEVICE), scale)
-        plans[kernels] = plan
-    torch_rows, triton_rows = (plans[x].rows for x in ("torch", "triton"))
-    assert torch_rows is not None and triton_rows is not None
-    assert torch.equal(torch_rows.positions, triton_rows.positions)
-    assert torch.equal(plans["torch"].exact_len, plans["triton"].exact_len)
-    for i, (request, (a, b)) in enumerate(zip(requests, itertools.pairwise(torch_rows.offsets), strict=True)):
+    plans, chosen = {}, {}
+    for kernels in OP_SETS:
+        plans[kernels] = SparseExtendPlan.build(requests, config, RopeConfig(128, 128, 1e6), r2t.to(DEVICE), 32, 8,
+                                                op_set(kernels))
+        chosen[kernels] = run_select(plans[kernels], [(q, k, v)], scale)
+    torch_rows, triton_rows = chosen["torch"], chosen["triton"]
+    assert torch.equal(torch_rows.layout.positions, triton_rows.layout.positions)
+    assert torch.equal(torch_rows.exact_len, triton_rows.exact_len)
+    for i, (request, (a, b)) in enumerate(zip(requests, itertools.pairwise(torch_rows.layout.indptr), strict=True)):
         rows, exact = oracle_rows(request, config, r2t.to(DEVICE), k.to(DEVICE), v.to(DEVICE), q.to(DEVICE), scale)
-        assert torch_rows.positions[a:b].cpu().tolist() == rows, f"request {i}"
-        assert int(plans["torch"].exact_len[i]) == exact
-    rows_q = torch.randn(torch_rows.positions.numel(), 32, 128, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    outs = [plans[x].attend(rows_q, k.to(DEVICE), v.to(DEVICE), scale) for x in ("torch", "triton")]
+        assert torch_rows.layout.positions[a:b].cpu().tolist() == rows, f"request {i}"
+        assert int(torch_rows.exact_len[i]) == exact
+    rows_q = torch.randn(torch_rows.layout.positions.numel(), 32, 128,
+                         generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    outs = [plans[x].run(chosen[x], rows_q, k.to(DEVICE), v.to(DEVICE), scale) for x in OP_SETS]
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)

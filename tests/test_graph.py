@@ -10,11 +10,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from sparsex_sgl.errors import SegmentHashCollisionError
-from sparsex_sgl.graph import SegmentGraph, segments_it_caches, segments_it_computes
-from sparsex_sgl.reference.pool import FreeListAllocator
-from sparsex_sgl.request import MAX_DEFERRALS, RequestPlan, SparseXRequest, should_defer
-from sparsex_sgl.segments import (
+from sparsex_sgl.core.errors import SegmentHashCollisionError
+from sparsex_sgl.core.graph import SegmentGraph, segments_it_caches, segments_it_computes
+from sparsex_sgl.core.request import MAX_DEFERRALS, Match, RequestState, should_defer
+from sparsex_sgl.core.segments import (
     SHARED,
     NamespaceKey,
     Piece,
@@ -24,6 +23,7 @@ from sparsex_sgl.segments import (
     namespace_key,
     split_into_pieces,
 )
+from sparsex_sgl.reference.pool import FreeListAllocator
 
 A, B, C, Q1, Q2 = [1] * 4, [2] * 3, [3] * 5, [7, 8], [9]
 
@@ -87,24 +87,25 @@ def test_segments_it_caches_stop_at_the_first_reused_segment() -> None:
     assert segments_it_caches(novel, graph.lookup(novel)) == {key[tuple(d)], key[tuple(e)]}
 
 
-def planned(graph: SegmentGraph, rid: str, pieces: list) -> SparseXRequest:  # type: ignore[type-arg]
-    """A request's SparseX state after its match on ``graph`` (the core's ``request.SparseXRequest``)."""
+def planned(graph: SegmentGraph, rid: str, pieces: list) -> RequestState:  # type: ignore[type-arg]
+    """A request's SparseX state after its match on ``graph`` (the core's ``request.RequestState``)."""
     plan = graph.lookup(pieces)
-    return SparseXRequest(rid, RequestPlan(plan, tuple(pieces), (), 0.15, segments_it_caches(pieces, plan),
+    return RequestState(rid, Match(plan, tuple(pieces), (), 0.15, segments_it_caches(pieces, plan),
                                            segments_it_computes(pieces, plan)))
 
 
 def test_a_request_waits_only_for_segments_an_admitted_request_caches() -> None:
     """The in-batch deferral rule: wait when a request already in the batch caches one of your segments;
     never when nothing is shared, when nothing is admitted yet, or when you have no plan."""
-    from sparsex_sgl.hybrid import HybridConfig
-    from sparsex_sgl.sglang.runtime import SparseXRuntime
+    from sparsex_sgl.core.config import ServerConfig
+    from sparsex_sgl.core.ops import op_set
+    from sparsex_sgl.sglang.runtime import SchedulerRuntime
 
-    runtime = SparseXRuntime(HybridConfig(), None, num_layers=4)
+    runtime = SchedulerRuntime(ServerConfig(), None, 4, op_set("torch"))
     graph = SegmentGraph(FreeListAllocator(64), max_tokens=63)
     ab, ba, c = (planned(graph, rid, split_into_pieces(*prompt(*parts)))
                  for rid, parts in (("ab", (A, B, Q1)), ("ba", (B, A, Q2)), ("c", (C, Q1))))
-    unplanned = SparseXRequest("unplanned")
+    unplanned = RequestState("unplanned")
     assert not runtime.should_defer(ab, [], [])  # the first request of a batch
     assert runtime.should_defer(ba, [ab], []) and runtime.should_defer(ba, [c, ab], [])
     assert not runtime.should_defer(c, [ab, ba], []) and not runtime.should_defer(unplanned, [ab], [])
@@ -140,7 +141,7 @@ def test_a_request_waits_for_a_segment_it_computes_after_a_reused_one() -> None:
     x = planned(graph, "x", split_into_pieces(*prompt(C, B, Q1)))
     y = planned(graph, "y", split_into_pieces(Q2 + A + B + Q1, [[1, 5], [5, 8]]))  # a gap, A (cached alone), B
     assert y.matched is not None
-    assert [r.target_start for r in y.matched.plan.reused] == [1] and not y.matched.caches
+    assert [r.target_start for r in y.matched.lookup.reused] == [1] and not y.matched.caches
     assert len(y.matched.computes) == 1
     assert not should_defer(y, [], [])
     x.admitted()  # x computes and caches C and B
@@ -150,13 +151,13 @@ def test_a_request_waits_for_a_segment_it_computes_after_a_reused_one() -> None:
 def test_prefill_cuda_graph_is_refused_only_for_batches_with_reuse() -> None:
     from types import SimpleNamespace
 
-    from sparsex_sgl.graph import LookupPlan, ReusedSegment
+    from sparsex_sgl.core.graph import Lookup, ReusedSegment
     from sparsex_sgl.sglang.plugin import _refuse_prefill_graph
 
-    reuse = LookupPlan(8, 0, (), (), (ReusedSegment(1, 0, 2, 4, (5, 6, 7, 8)),), (0, 1, 6, 7), 2)
-    plain = LookupPlan(8, 4, (1,), (5, 6, 7, 8), (), (4, 5, 6, 7), 4)
-    r = SparseXRequest("r", RequestPlan(reuse, (), (), 0.15))
-    p = SparseXRequest("p", RequestPlan(plain, (), (), 0.15))
+    reuse = Lookup(8, 0, (), (), (ReusedSegment(1, 0, 2, 4, (5, 6, 7, 8)),), (0, 1, 6, 7), 2)
+    plain = Lookup(8, 4, (1,), (5, 6, 7, 8), (), (4, 5, 6, 7), 4)
+    r = RequestState("r", Match(reuse, (), (), 0.15))
+    p = RequestState("p", Match(plain, (), (), 0.15))
 
     def stock_says_yes(self: object, fb: object) -> bool:
         return True

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 
 from sparsex_sgl.assets import resolve_model
-from sparsex_sgl.sglang.plugin import resolve_config
+from sparsex_sgl.sglang.settings import resolve_config
 
 
 @pytest.mark.parametrize(
     "flags, preset, expected",
     [
-        (["--sparsex-selection", "bogus"], None, "selection must be one of ('sparse_q', 'query_mass'"),
+        (["--sparsex-selection", "bogus"], None, "selection: Input should be 'sparse_q', 'query_mass', 'kv_deviation'"),
         (["--sparsex-recompute-ratio", "1.5"], None, "recompute_ratio must be in [0, 1], got 1.5"),
-        ([], "hybrid:\n  mass_pass: lookahead\n", "offline comparison point"),
-        ([], "hybrid:\n  full_layers: two\n", "full_layers: Input should be a valid integer"),
-        ([], "hybrid:\n  mass_heads: mean\n", "mass_heads must be one of ('sum', 'max'), got 'mean'"),
-        ([], "hybrid:\n  ratio: 0.2\n", "unknown hybrid settings ['ratio']"),
+        ([], "sparsex:\n  mass_pass: lookahead\n", "unknown SparseX settings ['mass_pass']"),
+        ([], "sparsex:\n  full_layers: two\n", "full_layers: Input should be a valid integer"),
+        ([], "sparsex:\n  mass_heads: mean\n", "mass_heads: Input should be 'sum' or 'max' (got 'mean')"),
+        ([], "sparsex:\n  ratio: 0.2\n", "unknown SparseX settings ['ratio']"),
         ([], "- 1\n- 2\n", "a preset is a mapping of settings"),
     ],
 )
@@ -41,4 +41,4 @@ def test_bad_settings_stop_the_launch_in_one_line(tmp_path: Path, flags: list[st
 def test_engine_keywords_are_validated_the_same_way() -> None:
     with pytest.raises(ValueError, match="full_layers: Input should be a valid integer"):
         resolve_config({"sparsex_full_layers": "two"})
-    assert resolve_config({"sparsex_full_layers": 4, "sparsex_selection": "query_mass"}).full_layers == 4
+    assert resolve_config({"sparsex_full_layers": 4, "sparsex_selection": "query_mass"}).selection.full_layers == 4

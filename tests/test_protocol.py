@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sparsex_sgl.errors import InvalidSegmentsError
-from sparsex_sgl.frontend import segment
-from sparsex_sgl.protocol import (
+from sparsex_sgl.client import segment
+from sparsex_sgl.core.errors import InvalidSegmentsError
+from sparsex_sgl.core.protocol import (
     MARKER_BEGIN,
     MARKER_END,
     TextPiece,
@@ -17,7 +17,7 @@ from sparsex_sgl.protocol import (
     split_listed_segments,
     split_marked_text,
 )
-from sparsex_sgl.segments import split_into_pieces
+from sparsex_sgl.core.segments import split_into_pieces
 
 
 def test_parse_spans_pairs_the_flat_list() -> None:

@@ -5,6 +5,11 @@ CPU launch command starts a real server (``MODEL`` replaced by the SmolLM2 folde
 the curl commands and the Python examples then run against it as written, and ``scripts/demo`` runs
 whole. Commands that cannot run here are named with the reason (the GPU launch on a machine without
 CUDA, and ``scripts/test``, which runs this test); any other command fails the test until it runs.
+
+The README stays a short manual: at most ``README_MAX_BYTES``, its relative links name files that exist, and
+its links into docs/results.md (where the tables and their reading live) name anchors that a heading there
+produces, by GitHub's rules. Those checks only read files and are not marked slow; the tests above them
+(the command census, the server and the demo) are, one by one.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ import torch
 
 from sparsex_sgl.assets import resolve_model
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+RESULTS_DOC = ROOT / "docs" / "results.md"
+README_MAX_BYTES = 15_000
 NOT_RUN = {"scripts/test": "runs the test suite this test is part of"}
 SERVER_URL = "http://127.0.0.1:30000"
 
@@ -67,6 +72,7 @@ def classify(command: str) -> str:
     return "script"
 
 
+@pytest.mark.slow
 def test_every_readme_command_is_known() -> None:
     kinds = [classify(c) for c in commands()]
     assert kinds.count("cpu server") == 1 and kinds.count("gpu server") == 1 and "curl" in kinds
@@ -90,6 +96,7 @@ def _wait_ready(process: subprocess.Popen[bytes], log: Path, timeout: float = 60
     raise TimeoutError(log.read_text()[-3000:])
 
 
+@pytest.mark.slow
 def test_readme_server_curl_and_python_examples_run_as_written(tmp_path: Path) -> None:
     kind = "gpu server" if torch.cuda.is_available() else "cpu server"
     (launch,) = [c for c in commands() if classify(c) == kind]
@@ -120,6 +127,7 @@ def test_readme_server_curl_and_python_examples_run_as_written(tmp_path: Path) -
             server.wait()
 
 
+@pytest.mark.slow
 def test_demo_runs_as_written() -> None:
     done = subprocess.run(["bash", "-c", "scripts/demo"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=1800, check=False)
@@ -129,3 +137,71 @@ def test_demo_runs_as_written() -> None:
     summary = done.stdout[done.stdout.rindex("Summary"):]  # it ends with what was shown, for a newcomer
     assert "against stock SGLang's" in summary and "equal to full prefill's" in summary
     assert "Full table: " in summary and "results/demo/results.md" in summary
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks (a ``# comment`` in a bash block is not a heading)."""
+    return re.sub(r"^```.*?^```[^\n]*$", "", text, flags=re.DOTALL | re.MULTILINE)
+
+
+def links(text: str) -> list[str]:
+    """Targets of the inline Markdown links outside code (fenced blocks and code spans)."""
+    prose = re.sub(r"`[^`\n]*`", "", _prose(text))
+    return re.findall(r"\[[^\]\n]*\]\(([^)\s]+)\)", prose)
+
+
+def github_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives the headings of a Markdown file: the heading's text lowercased, every
+    character but letters, digits, ``_``, ``-`` and spaces dropped, spaces turned into ``-``; a repeated
+    slug gets ``-1``, ``-2``, ... in order."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", _prose(text), flags=re.MULTILINE):
+        heading = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link in a heading: its text
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def test_github_anchors_follow_githubs_slug_rules() -> None:
+    doc = "# A: b (`c`), 0.15 + d\n```bash\n# not a heading\n```\n## Same\n## Same\n### It's `L_full`\n"
+    assert github_anchors(doc) == {"a-b-c-015--d", "same", "same-1", "its-l_full"}
+
+
+def test_readme_is_a_short_manual() -> None:
+    size = len(README.read_bytes())
+    assert size <= README_MAX_BYTES, f"README.md is {size} bytes (at most {README_MAX_BYTES}): move tables to docs/"
+
+
+def test_readme_relative_links_name_existing_files() -> None:
+    relative = [t for t in links(README.read_text()) if not re.match(r"[a-z][a-z0-9+.-]*:", t)]
+    assert relative, "no relative link found: has the README's layout changed?"
+    for target in relative:
+        path = target.split("#", 1)[0]
+        if path:
+            assert (README.parent / path).exists(), f"README links to {target}, and {path} does not exist"
+
+
+def test_readme_links_into_the_results_doc_name_its_headings() -> None:
+    anchors = github_anchors(RESULTS_DOC.read_text())
+    into_doc = [t for t in links(README.read_text()) if t.split("#", 1)[0] == "docs/results.md"]
+    named = [t.split("#", 1)[1] for t in into_doc if "#" in t]
+    assert named, "the README links to no section of docs/results.md"
+    missing = [anchor for anchor in named if anchor not in anchors]
+    assert not missing, f"README links to anchors no heading of docs/results.md produces: {missing}"
+    own = github_anchors(README.read_text())  # and links within the README name its own headings
+    for target in links(README.read_text()):
+        if target.startswith("#"):
+            assert target[1:] in own, f"README links to {target}, which no README heading produces"
+
+
+def test_every_results_row_links_to_its_section() -> None:
+    text = README.read_text()
+    section = text[text.index("\n## Results"):]
+    section = section[:section.find("\n## ", 1)] if "\n## " in section[1:] else section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| what ")]
+    assert len(rows) >= 5, "the README's results table was not found"
+    for row in rows:
+        assert re.search(r"\]\(docs/results\.md#[^)\s]+\)", row), f"this results row links to no section: {row}"

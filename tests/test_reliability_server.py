@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
+from sparsex_sgl.core.protocol import MARKER_BEGIN, MARKER_END, flatten_spans
 from sparsex_sgl.eval.hotpotqa import SegmentedPrompt, build_prompt, load_examples
-from sparsex_sgl.eval.server import Server, flush_cache, launch, wait_ready
-from sparsex_sgl.protocol import MARKER_BEGIN, MARKER_END, flatten_spans
+from sparsex_sgl.testing import Server, flush_cache, launch, wait_ready
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsex_sgl.errors import UnsupportedModelError
-from sparsex_sgl.rope import RopeConfig, apply_rope, realign_keys
+from sparsex_sgl.core.errors import UnsupportedModelError
+from sparsex_sgl.core.rope import RopeConfig, apply_rope, realign_keys
 
 VARIANTS = {
     "default": {"scaling": "default"},

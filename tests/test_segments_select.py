@@ -6,10 +6,11 @@ import itertools
 
 import pytest
 import torch
+from oracles import ReusedTokens, select_tokens, selection_budget
 
-from sparsex_sgl.errors import InvalidSegmentsError
-from sparsex_sgl.segments import AUTO_WINDOW, auto_spans, namespace_key, segment_hash, split_into_pieces
-from sparsex_sgl.select import ReusedTokens, select_tokens, selection_budget, sparse_q_signal
+from sparsex_sgl.core.errors import InvalidSegmentsError
+from sparsex_sgl.core.segments import AUTO_WINDOW, auto_spans, namespace_key, segment_hash, split_into_pieces
+from sparsex_sgl.core.selection import recompute_budget, sparse_q_signal
 
 
 def test_hash_is_128_bit_and_namespaced() -> None:
@@ -107,6 +108,11 @@ def test_budget_rounds_and_caps() -> None:
     assert selection_budget(200, 0.15) == 30
     assert selection_budget(3, 1.0) == 3
     assert selection_budget(0, 0.5) == 0
+    for n in range(0, 60, 7):  # the served budget is the oracle's, capped by candidates and coverage
+        for ratio in (0.0, 0.1, 0.15, 0.5, 1.0):
+            assert recompute_budget(n, ratio, n) == selection_budget(n, ratio)
+            assert recompute_budget(n, ratio, 3) == min(3, selection_budget(n, ratio))
+            assert recompute_budget(n, ratio, n, covering=2) == min(2, selection_budget(n, ratio))
 
 
 def test_signal_policy_takes_top_scores_after_segment_minimums() -> None:

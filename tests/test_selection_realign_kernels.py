@@ -15,7 +15,7 @@ from sparsex_sgl.kernels.realign import realign_copy
 from sparsex_sgl.kernels.selection import BLOCK_R, selection_scores
 from sparsex_sgl.kernels.tiles import csr_tiles
 
-from sparsex_sgl.rope import RopeConfig, delta_rotation_table, realign_keys
+from sparsex_sgl.core.rope import RopeConfig, delta_rotation_table, realign_keys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -23,14 +23,14 @@ import pytest
 import torch
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
+from sparsex_sgl.client import reuse_counts
+from sparsex_sgl.core.protocol import flatten_spans
+from sparsex_sgl.core.request import GAP_BLOCK
 from sparsex_sgl.eval.hotpotqa import SegmentedPrompt, build_prompt, load_examples
-from sparsex_sgl.eval.server import Server, flush_cache, launch, wait_ready
-from sparsex_sgl.frontend import reuse_counts
-from sparsex_sgl.hybrid import method_config
-from sparsex_sgl.protocol import flatten_spans
+from sparsex_sgl.eval.methods import method_config
 from sparsex_sgl.reference import ReferenceExecutor
 from sparsex_sgl.reference.cache import ReferenceSegmentCache
-from sparsex_sgl.request import GAP_BLOCK
+from sparsex_sgl.testing import Server, flush_cache, launch, wait_ready
 
 pytestmark = pytest.mark.slow
 TOP = 5
@@ -98,7 +98,7 @@ def assert_served_equals_reference(reply: dict[str, Any], model: torch.nn.Module
     config = method_config("sparsex", 0.15, 2)
     assert config is not None
     ours = cache.prefill(reordered.input_ids, reordered.spans, config)
-    plan = cache.plan(reordered.input_ids, reordered.spans)
+    plan = cache.lookup(reordered.input_ids, reordered.spans)
     assert (int(served["prefix"]), int(served["reused"]), int(served["recomputed"])) == (
         plan.prefix_len, ours.stats.n_reused, ours.stats.n_selected)
     assert int(served["rows_crc32"]) == _crc(ours.rows), "the server computed other rows than the reference"

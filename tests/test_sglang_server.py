@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
+from sparsex_sgl.client import Segment, SparseXClient, reuse_counts
+from sparsex_sgl.core.protocol import flatten_spans
 from sparsex_sgl.eval.hotpotqa import SegmentedPrompt, build_prompt, load_examples
-from sparsex_sgl.eval.server import Server, flush_cache, launch, wait_ready
-from sparsex_sgl.frontend import Segment, SparseXClient, reuse_counts
-from sparsex_sgl.protocol import flatten_spans
+from sparsex_sgl.testing import Server, flush_cache, launch, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +153,7 @@ def test_reordered_paragraphs_reuse_and_ratio_one_is_exact(servers: tuple[Server
 def test_frontend_program_reuses_segments(servers: tuple[Server, Server], prompts: list) -> None:
     import sglang as sgl
 
-    from sparsex_sgl import frontend as sx
+    from sparsex_sgl import client as sx
 
     _, sparsex = servers
     example = load_examples(hotpotqa_path(), 1, offset=20)[0]

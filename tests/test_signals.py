@@ -4,7 +4,7 @@ The oracle is independent of our attention and mass code: HF's forward with ``ou
 gives every layer's softmax weights. SparseX's full layers compute every row above the cached prefix
 exactly, so the mass the new rows put on each reused token at those layers is read off HF's full forward;
 the look-ahead pass is HF's forward of the question over the stale KV (naive reuse's cache) as
-``past_key_values``. The selected set must be the top of that mass (``select.select_tokens``), or for the
+``past_key_values``. The selected set must be the top of that mass (``oracles.select_tokens``), or for the
 signals that weigh value deviation by it, of deviation (HF's values of the whole prompt against those of
 each segment alone) times that mass.
 """
@@ -16,12 +16,14 @@ import dataclasses
 import pytest
 import torch
 from conftest import tiny_model
+from oracles import reused_tokens, select_tokens, selection_budget
 from test_executor import filled_cache, segmented_prompt
 from transformers import DynamicCache
 
-from sparsex_sgl.hybrid import HybridConfig, method_config, modeled_prefill_flops
+from sparsex_sgl.core.config import SelectionConfig
+from sparsex_sgl.eval.methods import method_config
 from sparsex_sgl.reference import ReferenceExecutor
-from sparsex_sgl.select import reused_tokens, select_tokens, selection_budget
+from sparsex_sgl.reference.flops import modeled_prefill_flops
 
 RATIO = 0.3
 
@@ -32,12 +34,12 @@ def eager_executor(family: str) -> ReferenceExecutor:
     return ReferenceExecutor(model)
 
 
-def oracle_rows(executor: ReferenceExecutor, ids: list[int], spans: list[list[int]], config: HybridConfig,
+def oracle_rows(executor: ReferenceExecutor, ids: list[int], spans: list[list[int]], config: SelectionConfig,
                 attentions: list[torch.Tensor], scored_rows: torch.Tensor) -> list[int]:
     """New rows plus the reused tokens ``select_tokens`` picks from the mass in ``attentions`` (per layer
     ``[heads, rows, keys]`` of the rows ``scored_rows``); for ``sparse_q`` the mass weighs the deviation
     (``value_deviation``) as ``deviation * (mass / mean mass + mass_prior)``."""
-    plan = filled_cache(executor, [ids[a:b] for a, b in spans]).plan(ids, spans)
+    plan = filled_cache(executor, [ids[a:b] for a, b in spans]).lookup(ids, spans)
     reused = reused_tokens(plan.reused)
     per_head = torch.stack([a[:, :, reused.positions] for a in attentions]).double().sum(dim=2)  # [layers, heads, r]
     # Heads combine within each layer (a layer's strongest head under "max"), then layers add up.
@@ -58,9 +60,10 @@ def oracle_rows(executor: ReferenceExecutor, ids: list[int], spans: list[list[in
 def test_query_mass_selects_the_top_of_hf_attention(family: str, signal: str) -> None:
     executor = eager_executor(family)
     ids, spans, segs = segmented_prompt(3)
-    config = method_config("sparsex", RATIO, 2, signal)
-    assert config is not None
-    result = filled_cache(executor, segs).prefill(ids, spans, config)
+    setting = method_config("sparsex", RATIO, 2, signal)
+    assert setting is not None
+    config = setting.selection
+    result = filled_cache(executor, segs).prefill(ids, spans, setting)
     with torch.no_grad():
         attentions = executor.model(torch.tensor([ids]), output_attentions=True).attentions
     layers = range(2) if config.mass_layers == "all" else [1]
@@ -89,10 +92,11 @@ def test_lookahead_selects_by_the_mass_over_the_stale_kv(family: str, signal: st
     executor = eager_executor(family)
     ids, spans, segs = segmented_prompt(4)
     cache = filled_cache(executor, segs)
-    config = method_config("sparsex", RATIO, 2, signal)
+    setting = method_config("sparsex", RATIO, 2, signal)
     naive = method_config("naive", 0.0, 0)
-    assert config is not None and naive is not None
-    result = cache.prefill(ids, spans, config)
+    assert setting is not None and naive is not None and setting.lookahead
+    config = setting.selection
+    result = cache.prefill(ids, spans, setting)
     stale = cache.prefill(ids, spans, naive)
     # The look-ahead pass: the new rows over the stale KV. Here they are the uncached head (positions
     # 0..5) and the question after the last segment; HF's forward of the question over the stale KV of
@@ -121,10 +125,10 @@ def test_coverage_recomputes_less_and_never_more_than_the_ratio() -> None:
     cache = filled_cache(executor, segs)
     fixed = method_config("sparsex", RATIO, 2, "mass")
     assert fixed is not None
-    by_coverage = {c: cache.prefill(ids, spans, dataclasses.replace(fixed, coverage=c)).stats.n_selected
+    by_coverage = {c: cache.prefill(ids, spans, dataclasses.replace(fixed.selection, coverage=c)).stats.n_selected
                    for c in (0.05, 0.3, 0.6, 1.0)}
     budget = cache.prefill(ids, spans, fixed).stats.n_selected
     counts = list(by_coverage.values())
     assert counts == sorted(counts) and counts[-1] == budget and counts[0] < budget
     with pytest.raises(ValueError, match="coverage"):
-        HybridConfig(selection="first_k", full_layers=0, coverage=0.5)
+        SelectionConfig(selection="first_k", full_layers=0, coverage=0.5)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sparsex_sgl.assets import hotpotqa_path
+from sparsex_sgl.core.config import SelectionConfig
 from sparsex_sgl.eval.fidelity import CACHE_SOURCES, evaluate, fill_cache, method_runs
 from sparsex_sgl.eval.hotpotqa import build_prompt, load_examples
-from sparsex_sgl.hybrid import HybridConfig
 from sparsex_sgl.reference import ReferenceExecutor
 from sparsex_sgl.reference.cache import ReferenceSegmentCache
 
@@ -42,11 +42,11 @@ def test_smollm2_ratio_one_equals_full_prefill(executor_and_prompt) -> None:  # 
     for index in range(len(prompt.spans)):
         assert cache.fill_segment(prompt.segment_ids(index))
     full = executor.prefill_full(prompt.input_ids)
-    result = cache.prefill(prompt.input_ids, prompt.spans, HybridConfig(full_layers=2, recompute_ratio=1.0))
+    result = cache.prefill(prompt.input_ids, prompt.spans, SelectionConfig(full_layers=2, recompute_ratio=1.0))
     assert result.stats.computed_rows == len(prompt.input_ids)
     torch.testing.assert_close(result.logits, full.logits, **TOL)
     naive = cache.prefill(prompt.input_ids, prompt.spans,
-                          HybridConfig(full_layers=0, recompute_ratio=0.0, selection="none"))
+                          SelectionConfig(full_layers=0, recompute_ratio=0.0, selection="none"))
     assert (naive.logits - full.logits).abs().max() > 0.1  # the cache really was read
 
 
@@ -55,7 +55,7 @@ def test_smollm2_exact_path_equals_full_prefill(executor_and_prompt) -> None:  #
     cache = ReferenceSegmentCache(executor, num_slots=2 * len(prompt.input_ids))
     full = executor.prefill_full(prompt.input_ids)
     assert cache.store(prompt.input_ids, prompt.spans, full)
-    result = cache.prefill(prompt.input_ids, prompt.spans, HybridConfig())
+    result = cache.prefill(prompt.input_ids, prompt.spans, SelectionConfig())
     assert result.stats.computed_rows == 1
     torch.testing.assert_close(result.logits, full.logits, **TOL)
 
@@ -99,7 +99,7 @@ def test_paragraphs_cached_in_another_order_are_reused_with_their_context(smollm
     cache = ReferenceSegmentCache(executor, num_slots=2 * len(prompt.input_ids))
     fill_cache(cache, prompt, earlier)
     naive = cache.prefill(prompt.input_ids, prompt.spans,
-                          HybridConfig(full_layers=0, recompute_ratio=0.0, selection="none", min_tokens_per_segment=0))
+                          SelectionConfig(full_layers=0, recompute_ratio=0.0, selection="none", min_tokens_per_segment=0))
     assert naive.stats.computed_rows == len(prompt.input_ids) - prompt.spans[-1][1]
 
     runs = method_runs(["naive"], [0.15], [2])

@@ -1,39 +1,35 @@
-"""The sparse-extend pipeline (plan, select, fill, attend) against per-request host oracles.
+"""The sparse-extend pipeline (plan, select, fill, run) against per-request host oracles.
 
 A batch of three requests over an SGLang-shaped pool (slot 0 padding, slots shuffled, requests in random
 ``req_to_token`` rows): one with a prefix hit and a moved and an unmoved segment, one without reuse, one
 made only of moved segments and a question. The oracles are the host-side definitions the pipeline must
-reproduce on the device: ``select.select_tokens`` and ``select.exact_length`` on a signal computed per
-request with the torch references, ``scattered_query_attention_ref`` and ``rope.realign_keys``. Both
-kernel sets run: torch, and Triton (compiled on CUDA, else under ``TRITON_INTERPRET=1``).
+reproduce on the device: ``oracles.select_tokens`` and ``oracles.exact_length`` on a signal computed per
+request with the torch references, ``scattered_query_attention_ref`` and ``rope.realign_keys``. Both op
+sets run: torch, and Triton (compiled on CUDA, else under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
+from oracles import exact_length, reused_sources, reused_tokens, select_tokens, selection_budget
 from sparsex_sgl.kernels import scattered_query_attention_ref, selection_scores_ref
 
-from sparsex_sgl.graph import ReusedSegment
-from sparsex_sgl.hybrid import HybridConfig
-from sparsex_sgl.rope import RopeConfig, realign_keys
-from sparsex_sgl.select import (
-    exact_length,
-    reused_sources,
-    reused_tokens,
-    select_tokens,
-    selection_budget,
-    sparse_q_signal,
-)
-from sparsex_sgl.sparse_extend import ExtendRequest, SparseExtendPlan
+from sparsex_sgl.core.config import SelectionConfig
+from sparsex_sgl.core.graph import ReusedSegment
+from sparsex_sgl.core.ops import OP_SETS, op_set
+from sparsex_sgl.core.rope import RopeConfig, realign_keys
+from sparsex_sgl.core.selection import sparse_q_signal
+from sparsex_sgl.core.sparse_extend import ExtendRequest, SparseExtendPlan, SparseRows, select
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HQ, HKV, D = 4, 2, 32
 SCALE = D**-0.5
 ROPE = RopeConfig(head_dim=D, rotary_dim=D, theta=10000.0)
-KERNELS = ["torch", "triton"]
+KERNELS = list(OP_SETS)
 
 
 SHAPES = [(5, 60, [(10, 20, 7), (35, 15, 0)]), (0, 25, []), (0, 80, [(0, 20, 300), (20, 50, -11)])]
@@ -65,7 +61,26 @@ def make_batch(shapes=SHAPES, seed: int = 0, hq: int = HQ, hkv: int = HKV, d: in
     return requests, req_to_token, k, v, q
 
 
-def oracle_rows(request: ExtendRequest, config: HybridConfig, r2t: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def build(requests: list[ExtendRequest], config: SelectionConfig, r2t: torch.Tensor, kernels: str) -> SparseExtendPlan:
+    return SparseExtendPlan.build(requests, config, ROPE, r2t.to(DEVICE), HQ, HKV, op_set(kernels))
+
+
+def run_select(plan: SparseExtendPlan, layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+               scale: float = SCALE) -> SparseRows:
+    """``select`` as the model hook calls it after the full layers ``layers`` (each ``(q of the extend rows,
+    K, V)``, the last one the threshold layer): the deviation at the last, the mass summed over the layers
+    the config names."""
+    deviation = mass = None
+    if plan.policy.reads_deviation:
+        deviation = plan.deviation(layers[-1][2].to(DEVICE), layers[-1][2].to(DEVICE))
+    for j in plan.config.mass_layers_of(len(layers)):
+        q, k, v = (t.to(DEVICE) for t in layers[j])
+        layer_mass = plan.mass(q[plan.new_index.long()], k, v, scale)
+        mass = layer_mass if mass is None else mass + layer_mass
+    return select(plan, deviation, mass)
+
+
+def oracle_rows(request: ExtendRequest, config: SelectionConfig, r2t: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 q: torch.Tensor, scale: float = SCALE) -> tuple[list[int], int]:
     """The request's computed rows and exact length, from the host definitions (tensors on any one device)."""
     new = torch.tensor(request.new_rows)
@@ -90,10 +105,11 @@ def oracle_rows(request: ExtendRequest, config: HybridConfig, r2t: torch.Tensor,
 
 
 CONFIGS = {
-    "sparse_q": HybridConfig(full_layers=2, recompute_ratio=0.3, selection="sparse_q", min_tokens_per_segment=2),
-    "kv_deviation": HybridConfig(full_layers=2, recompute_ratio=0.3, selection="kv_deviation", min_tokens_per_segment=0),
-    "first_k": HybridConfig(full_layers=0, recompute_ratio=0.3, selection="first_k", min_tokens_per_segment=0),
-    "none": HybridConfig(full_layers=0, recompute_ratio=0.0, selection="none", min_tokens_per_segment=0),
+    "sparse_q": SelectionConfig(full_layers=2, recompute_ratio=0.3, selection="sparse_q", min_tokens_per_segment=2),
+    "kv_deviation": SelectionConfig(full_layers=2, recompute_ratio=0.3, selection="kv_deviation",
+                                    min_tokens_per_segment=0),
+    "first_k": SelectionConfig(full_layers=0, recompute_ratio=0.3, selection="first_k", min_tokens_per_segment=0),
+    "none": SelectionConfig(full_layers=0, recompute_ratio=0.0, selection="none", min_tokens_per_segment=0),
 }
 
 
@@ -102,29 +118,38 @@ CONFIGS = {
 def test_selection_and_row_layout_match_the_host_oracle(kernels: str, policy: str) -> None:
     requests, r2t, k, v, q = make_batch()
     config = CONFIGS[policy]
-    plan = SparseExtendPlan(requests, config, ROPE, r2t.to(DEVICE), HQ, HKV, kernels)  # type: ignore[arg-type]
-    if policy in ("sparse_q", "kv_deviation"):
-        plan.select(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), v.to(DEVICE), SCALE)
-    else:
-        plan.select()
-    assert plan.rows is not None and plan.rows_index is not None and plan.exact_len is not None
-    got = plan.rows.positions.cpu()
-    for i, (request, (a, b)) in enumerate(zip(requests, itertools.pairwise(plan.rows.offsets), strict=True)):
+    plan = build(requests, config, r2t, kernels)
+    chosen = run_select(plan, [(q, k, v)]) if plan.policy.reads_full_layer else select(plan)
+    got = chosen.layout.positions.cpu()
+    for i, (request, (a, b)) in enumerate(zip(requests, itertools.pairwise(chosen.layout.indptr), strict=True)):
         rows, exact = oracle_rows(request, config, r2t, k, v, q)
         assert got[a:b].tolist() == rows, f"request {i}"
-        assert int(plan.exact_len[i]) == exact
-        assert plan.rows_index[a:b].cpu().tolist() == [request.extend_start + p - request.prefix_len for p in rows]
-        assert plan.rows_slot is not None
-        assert plan.rows_slot[a:b].cpu().tolist() == r2t[request.pool_index, rows].tolist()
+        assert int(chosen.exact_len[i]) == exact
+        assert chosen.index[a:b].cpu().tolist() == [request.extend_start + p - request.prefix_len for p in rows]
+        assert chosen.slots[a:b].cpu().tolist() == r2t[request.pool_index, rows].tolist()
     if policy == "none":
-        assert plan.exact_len.tolist() == [10, 25, 0]  # the first reused position, or the whole prompt
+        assert chosen.exact_len.tolist() == [10, 25, 0]  # the first reused position, or the whole prompt
+
+
+def test_plan_and_rows_are_frozen_and_a_policy_gets_what_it_reads() -> None:
+    requests, r2t, k, v, q = make_batch()
+    plan = build(requests, CONFIGS["sparse_q"], r2t, "torch")
+    with pytest.raises(ValueError, match="pass what it reads"):
+        select(plan)  # sparse_q reads deviation and mass
+    rows = run_select(plan, [(q, k, v)])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.max_budgets = ()  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rows.index = rows.slots  # type: ignore[misc]
+    again = run_select(plan, [(q, k, v)])  # a second selection from one plan gives the same rows
+    assert torch.equal(again.layout.positions, rows.layout.positions)
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_fill_and_attend_match_the_references(kernels: str) -> None:
     requests, r2t, k, v, q = make_batch(seed=1)
-    plan = SparseExtendPlan(requests, CONFIGS["sparse_q"], ROPE, r2t.to(DEVICE), HQ, HKV, kernels)  # type: ignore[arg-type]
-    plan.select(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), v.to(DEVICE), SCALE)
+    plan = build(requests, CONFIGS["sparse_q"], r2t, kernels)
+    rows = run_select(plan, [(q, k, v)])
     k_dst, v_dst = torch.full_like(k, float("nan")).to(DEVICE), torch.full_like(v, float("nan")).to(DEVICE)
     plan.fill_reused([(k.to(DEVICE), v.to(DEVICE), k_dst, v_dst)])
     written = torch.zeros(k.shape[0], dtype=torch.bool)
@@ -139,13 +164,12 @@ def test_fill_and_attend_match_the_references(kernels: str) -> None:
         written[dst] = True
     assert torch.isnan(k_dst.cpu()[~written]).all()  # nothing else written
 
-    assert plan.rows is not None
-    rows_q = torch.randn(plan.rows.positions.numel(), HQ, D, generator=torch.Generator().manual_seed(2))
-    out = plan.attend(rows_q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), SCALE).cpu()
-    for request, a, b in zip(requests, plan.rows.offsets[:-1], plan.rows.offsets[1:], strict=True):
+    rows_q = torch.randn(rows.layout.positions.numel(), HQ, D, generator=torch.Generator().manual_seed(2))
+    out = plan.run(rows, rows_q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), SCALE).cpu()
+    for request, (a, b) in zip(requests, itertools.pairwise(rows.layout.indptr), strict=True):
         slots = r2t[request.pool_index, : request.n_tokens].long()
-        ref, _ = scattered_query_attention_ref(rows_q[a:b], k[slots], v[slots], plan.rows.positions[a:b].cpu().long(),
-                                               SCALE)
+        ref, _ = scattered_query_attention_ref(rows_q[a:b], k[slots], v[slots],
+                                               rows.layout.positions[a:b].cpu().long(), SCALE)
         torch.testing.assert_close(out[a:b], ref, atol=2e-3, rtol=2e-3)
 
 
@@ -170,11 +194,13 @@ def softmax_mass(request: ExtendRequest, r2t: torch.Tensor, k: torch.Tensor, q: 
 
 
 MASS_CONFIGS = {
-    "mass": HybridConfig(recompute_ratio=0.3, selection="query_mass"),
-    "mass_max_answer": HybridConfig(recompute_ratio=0.3, selection="query_mass", mass_heads="max", mass_rows="answer"),
-    "mass_all": HybridConfig(recompute_ratio=0.3, selection="query_mass", mass_layers="all", min_tokens_per_segment=0),
-    "mass_coverage": HybridConfig(recompute_ratio=0.3, selection="query_mass", coverage=0.1),
-    "sparse_q_coverage": HybridConfig(recompute_ratio=0.3, selection="sparse_q", coverage=0.1, mass_layers="all"),
+    "mass": SelectionConfig(recompute_ratio=0.3, selection="query_mass"),
+    "mass_max_answer": SelectionConfig(recompute_ratio=0.3, selection="query_mass", mass_heads="max",
+                                       mass_rows="answer"),
+    "mass_all": SelectionConfig(recompute_ratio=0.3, selection="query_mass", mass_layers="all",
+                                min_tokens_per_segment=0),
+    "mass_coverage": SelectionConfig(recompute_ratio=0.3, selection="query_mass", coverage=0.1),
+    "sparse_q_coverage": SelectionConfig(recompute_ratio=0.3, selection="sparse_q", coverage=0.1, mass_layers="all"),
 }
 
 
@@ -187,14 +213,11 @@ def test_mass_signals_and_adaptive_budget_match_the_softmax_oracle(kernels: str,
     requests, r2t, k, v, q = make_batch(seed=3)
     g = torch.Generator().manual_seed(9)
     k0, v0, q0 = torch.randn(k.shape, generator=g), torch.randn(v.shape, generator=g), torch.randn(q.shape, generator=g)
-    plan = SparseExtendPlan(requests, config, ROPE, r2t.to(DEVICE), HQ, HKV, kernels)  # type: ignore[arg-type]
-    assert plan.observes_full_layers == (config.mass_layers == "all")
-    if plan.observes_full_layers:
-        plan.observe(q0.to(DEVICE), k0.to(DEVICE), v0.to(DEVICE), SCALE)
-    plan.select(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), v.to(DEVICE), SCALE)
-    assert plan.rows is not None
-    got = plan.rows.positions.cpu()
-    for i, (request, (a, b)) in enumerate(zip(requests, itertools.pairwise(plan.rows.offsets), strict=True)):
+    plan = build(requests, config, r2t, kernels)
+    assert len(config.mass_layers_of(2)) == (2 if config.mass_layers == "all" else 1)
+    chosen = run_select(plan, [(q0, k0, v0), (q, k, v)])
+    got = chosen.layout.positions.cpu()
+    for i, (request, (a, b)) in enumerate(zip(requests, itertools.pairwise(chosen.layout.indptr), strict=True)):
         if not request.reused:
             assert got[a:b].tolist() == list(request.new_rows)
             continue
@@ -214,8 +237,8 @@ def test_mass_signals_and_adaptive_budget_match_the_softmax_oracle(kernels: str,
             ordered = torch.sort(torch.where(forced, 0.0, signal), descending=True).values
             covered = int(torch.searchsorted(ordered.cumsum(0), config.coverage * ordered.sum())) + 1
             budget = min(budget, covered + int(forced.sum()))
-            assert plan.budgets[i] == budget <= plan.max_budgets[i]
+            assert chosen.recomputed[i] == budget <= plan.max_budgets[i]
         selected = select_tokens(reused, budget, config.selection, signal, config.min_tokens_per_segment)
         assert got[a:b].tolist() == torch.sort(torch.cat([torch.tensor(request.new_rows), selected])).values.tolist()
     if config.coverage:
-        assert sum(plan.budgets) < sum(plan.max_budgets)  # the adaptive budget took fewer somewhere
+        assert sum(chosen.recomputed) < sum(plan.max_budgets)  # the adaptive budget took fewer somewhere

@@ -38,11 +38,10 @@ from tqdm import tqdm
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
 from sparsex_sgl.eval import hotpotqa, squad
-from sparsex_sgl.eval.hotpotqa import QAExample, SegmentedPrompt, build_prompt, first_line
-from sparsex_sgl.harness.quality import gold_scores
-from sparsex_sgl.hybrid import MASS_PRIOR, METHODS, SPARSEX_SIGNALS, HybridConfig, method_config
+from sparsex_sgl.eval.hotpotqa import QAExample, SegmentedPrompt, build_prompt, first_line, gold_scores
+from sparsex_sgl.eval.methods import MASS_PRIOR, METHODS, SPARSEX_SIGNALS, method_config
 from sparsex_sgl.reference.cache import ReferenceSegmentCache
-from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor
+from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor, ReuseSetting
 
 ANSWER_TOKENS = 16
 METRICS = ("kl_mean", "top1_agree", "greedy_exact", "f1", "em", "recompute_frac", "flops_frac")
@@ -92,7 +91,7 @@ class MethodRun:
 
     name: str
     method: str
-    config: HybridConfig | None
+    config: ReuseSetting | None
     ratio: float | None
     full_layers: int | None
     mass_prior: float | None = None
@@ -105,8 +104,8 @@ def method_runs(methods: list[str], ratios: list[float], full_layers: list[int],
                 coverages: list[float] | None = None, coverage_signals: list[str] | None = None) -> list[MethodRun]:
     """Expand methods over the settings they depend on; names carry a setting only when several are swept.
 
-    ``mass_priors`` (``HybridConfig.mass_prior``; default: the shipped value), ``signals`` (keys of
-    ``hybrid.SPARSEX_SIGNALS``; default: the shipped ``sparse_q``) and ``coverages`` (adaptive budget; 0:
+    ``mass_priors`` (``SelectionConfig.mass_prior``; default: the shipped value), ``signals`` (keys of
+    ``methods.SPARSEX_SIGNALS``; default: the shipped ``sparse_q``) and ``coverages`` (adaptive budget; 0:
     the fixed ratio) expand SparseX only, the priors only its signals that weigh deviation by mass
     (``sparse_q``, ``lookahead_q``); ``coverage_signals`` (default: every signal) limits the adaptive
     budgets to those signals, the others run at the fixed ratio. A SparseX signal other than ``sparse_q``
@@ -128,7 +127,8 @@ def method_runs(methods: list[str], ratios: list[float], full_layers: list[int],
                             cfg = method_config(method, ratio or 0.0, layers or 0, signal or "sparse_q",
                                                 coverage or 0.0)
                             if cfg is not None and prior is not None:
-                                cfg = dataclasses.replace(cfg, mass_prior=prior)
+                                cfg = dataclasses.replace(cfg, selection=dataclasses.replace(cfg.selection,
+                                                                                              mass_prior=prior))
                             setting = []
                             if many and uses_ratio:
                                 setting += [f"r={ratio}"] + ([f"L={layers}"] if uses_layers else [])

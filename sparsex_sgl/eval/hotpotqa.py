@@ -13,6 +13,7 @@ import random
 import re
 import string
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -124,3 +125,9 @@ def f1_score(prediction: str, gold: str) -> float:
 
 def exact_match(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def gold_scores(text: str, answers: Sequence[str]) -> tuple[float, float]:
+    """(EM, F1) of a generated text against the best of ``answers``, read up to its first line break."""
+    answer = first_line(text)
+    return max(exact_match(answer, g) for g in answers), max(f1_score(answer, g) for g in answers)

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from sparsex_sgl.frontend import reuse_counts
-from sparsex_sgl.protocol import SPANS_KEY, flatten_spans
+from sparsex_sgl.client import reuse_counts
+from sparsex_sgl.core.protocol import SPANS_KEY, flatten_spans
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,11 @@ generated text, plus the token F1 between the two answers as a softer measure.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
-from sparsex_sgl.eval.hotpotqa import exact_match, f1_score, first_line
+from sparsex_sgl.eval.hotpotqa import exact_match, f1_score, first_line, gold_scores
 
-
-def gold_scores(text: str, answers: Sequence[str]) -> tuple[float, float]:
-    """(EM, F1) of a generated text against the best of ``answers``."""
-    answer = first_line(text)
-    return max(exact_match(answer, g) for g in answers), max(f1_score(answer, g) for g in answers)
+__all__ = ["agreement", "gold_scores"]
 
 
 def agreement(texts: Mapping[str, str], reference: Mapping[str, str]) -> dict[str, float | int]:

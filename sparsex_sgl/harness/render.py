@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sparsex_sgl.core.protocol import TextPiece, encode_pieces
 from sparsex_sgl.harness.workloads import WorkloadRequest
-from sparsex_sgl.protocol import TextPiece, encode_pieces
 
 _PLACEHOLDER = "\u2063SX_MESSAGE_{}\u2063"
 

@@ -127,7 +127,7 @@ class Harness:
         return [{"rate": None, "concurrency": self.args.concurrency}]
 
     def run_system(self, system: str) -> None:
-        from sparsex_sgl.eval.server import CPU_FLAGS, launch, wait_ready
+        from sparsex_sgl.testing import CPU_FLAGS, launch, wait_ready
 
         server = None
         url = self.args.url.get(system)
@@ -157,7 +157,7 @@ class Harness:
                 server.stop()
 
     def _run_one(self, system: str, url: str, workload: Workload, load: dict[str, Any], base: dict[str, Any]) -> None:
-        from sparsex_sgl.eval.server import flush_cache
+        from sparsex_sgl.testing import flush_cache
 
         if not flush_cache(url):
             print(f"[bench] {url}: /flush_cache refused or unreachable; this run starts from a warm cache",

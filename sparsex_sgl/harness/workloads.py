@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsex_sgl.core.protocol import TextPiece as Piece
 from sparsex_sgl.eval.hotpotqa import INSTRUCTION, QAExample
-from sparsex_sgl.protocol import TextPiece as Piece
 
 WORKLOADS = ("rag", "chat", "agents")
 

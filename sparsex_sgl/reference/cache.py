@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsex_sgl.graph import LookupPlan, SegmentGraph
-from sparsex_sgl.hybrid import HybridConfig
-from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor
+from sparsex_sgl.core.config import SelectionConfig
+from sparsex_sgl.core.graph import Lookup, SegmentGraph
+from sparsex_sgl.core.segments import Piece, make_piece, namespace_key, split_into_pieces
+from sparsex_sgl.reference.executor import PrefillResult, ReferenceExecutor, ReuseSetting
 from sparsex_sgl.reference.pool import TensorKVPool
-from sparsex_sgl.segments import Piece, make_piece, namespace_key, split_into_pieces
 
 
 class ReferenceSegmentCache:
@@ -65,20 +65,20 @@ class ReferenceSegmentCache:
         return self.graph.align(pieces, lambda start, end: make_piece(token_ids, start, end, self.namespace,
                                                                      reusable=False))
 
-    def plan(self, input_ids: Sequence[int], spans: object) -> LookupPlan:
+    def lookup(self, input_ids: Sequence[int], spans: object) -> Lookup:
         return self.graph.lookup(self._pieces(input_ids, spans))
 
-    def prefill(self, input_ids: Sequence[int], spans: object, config: HybridConfig,
+    def prefill(self, input_ids: Sequence[int], spans: object, setting: SelectionConfig | ReuseSetting,
                 extra_capacity: int = 0) -> PrefillResult:
         """SparseX (or baseline) prefill of a request whose reusable segments are ``spans``."""
-        return self.prefill_many(input_ids, spans, [config], extra_capacity)[0]
+        return self.prefill_many(input_ids, spans, [setting], extra_capacity)[0]
 
-    def prefill_many(self, input_ids: Sequence[int], spans: object, configs: Sequence[HybridConfig],
+    def prefill_many(self, input_ids: Sequence[int], spans: object, settings: Sequence[SelectionConfig | ReuseSetting],
                      extra_capacity: int = 0) -> list[PrefillResult]:
-        """``prefill`` under each of ``configs`` from one lookup (``ReferenceExecutor.prefill_reuse_many``)."""
-        plan = self.plan(input_ids, spans)
-        self.graph.lock(plan.node_ids)
+        """``prefill`` under each of ``settings`` from one lookup (``ReferenceExecutor.prefill_reuse_many``)."""
+        lookup = self.lookup(input_ids, spans)
+        self.graph.lock(lookup.node_ids)
         try:
-            return self.executor.prefill_reuse_many(input_ids, plan, self.pool, configs, extra_capacity)
+            return self.executor.prefill_reuse_many(input_ids, lookup, self.pool, settings, extra_capacity)
         finally:
-            self.graph.unlock(plan.node_ids)
+            self.graph.unlock(lookup.node_ids)

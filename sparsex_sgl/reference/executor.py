@@ -10,17 +10,38 @@ computes every row, and must equal the HF model's own forward.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from sparsex_sgl.graph import LookupPlan
-from sparsex_sgl.hybrid import HybridConfig, modeled_prefill_flops
+from sparsex_sgl.core.config import SelectionConfig
+from sparsex_sgl.core.graph import Lookup
+from sparsex_sgl.core.ops import OpSetName, RowLayout, op_set
+from sparsex_sgl.core.selection import POLICIES
+from sparsex_sgl.core.sparse_extend import ExtendRequest, SparseExtendPlan, SparseRows, select
 from sparsex_sgl.kernels.dense import dense_causal_attention
+from sparsex_sgl.reference.flops import modeled_prefill_flops
 from sparsex_sgl.reference.model import ModelSpec
 from sparsex_sgl.reference.pool import TensorKVPool
-from sparsex_sgl.sparse_extend import ExtendRequest, Kernels, RowLayout, SparseExtendPlan, attend_rows
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+"""One layer's attention of some rows: ``(q [m, hq, d], k_layer, v_layer, scale) -> [m, hq, d]``."""
+
+
+@dataclass(frozen=True)
+class ReuseSetting:
+    """A reuse prefill as the reference executor runs it: the selection, and whether the attention mass
+    comes from a *look-ahead* pass instead of the full layers (an offline comparison point: the new rows
+    first run alone through every layer over the stale re-aligned KV, and their mass summed over all layers
+    scores the reused tokens; its cost is counted in the FLOPs). The server serves single-pass signals."""
+
+    selection: SelectionConfig
+    lookahead: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lookahead and not POLICIES[self.selection.selection].reads_mass:
+            raise ValueError(f"a look-ahead pass scores by mass; selection {self.selection.selection!r} reads none")
 
 
 @dataclass
@@ -83,7 +104,7 @@ class _Rows:
     """The rows one pass computes, with what every layer of that pass shares: their rotary cos/sin
     (``[m, 1, head_dim]``), whether they are every position ``0..end-1`` (plain causal attention, the dense
     path), and how attention reads the request's dense per-position KV as a pool (``slot_row [1, end]``,
-    slot = position) for ``sparse_extend.attend_rows``."""
+    slot = position) for the op set's attention."""
 
     positions: torch.Tensor
     cos: torch.Tensor
@@ -98,7 +119,7 @@ class _Request:
     """One reuse prefill's inputs, shared by every config it runs under."""
 
     ids: torch.Tensor
-    plan: LookupPlan
+    lookup: Lookup
     pool: TensorKVPool
 
 
@@ -119,21 +140,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class ReferenceExecutor:
     """Runs a supported HF ``*ForCausalLM`` (Llama, Qwen2, Qwen3) row-selectively on the CPU or a GPU.
 
-    ``kernels="torch"`` computes scattered-row attention, selection scores and re-alignment with torch ops
-    (the references); ``kernels="triton"`` with the Triton kernels (compiled on a GPU, interpreted on the
-    CPU under ``TRITON_INTERPRET=1``), on the same code path. Whole-sequence causal attention always takes
+    ``kernels`` names the op set (``ops``) of scattered-row attention, selection scores and re-alignment:
+    "torch" (the references) or "triton" (compiled on a GPU, interpreted on the CPU under
+    ``TRITON_INTERPRET=1``), on the same code path. Whole-sequence causal attention always takes
     ``kernels.dense`` (FlashInfer when installed on CUDA, else SDPA).
     """
 
-    def __init__(self, model: torch.nn.Module, kernels: Kernels = "torch") -> None:
-        if kernels not in ("torch", "triton"):
-            raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
+    def __init__(self, model: torch.nn.Module, kernels: OpSetName = "torch") -> None:
+        self.ops = op_set(kernels)
         self.spec = ModelSpec.from_hf(model)
         self.model = model.eval()
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device
         self._decoder = model.model
-        self.kernels: Kernels = kernels
 
     # ------------------------------------------------------------------ building blocks
     def _rows(self, positions: torch.Tensor) -> _Rows:
@@ -148,25 +167,23 @@ class ReferenceExecutor:
         return _Rows(positions, cos[0][:, None, :], sin[0][:, None, :], every, slot_row, layout)
 
     def _layout(self, positions: torch.Tensor, end: int) -> RowLayout:
-        """One request's rows over slot row 0 (slot = position), for ``attend_rows``."""
-        tiles = None
-        if self.kernels == "triton":
-            from sparsex_sgl.kernels.scattered_attention import DEFAULT_CONFIG, query_tiles
-
-            group = self.spec.dims.n_heads // self.spec.dims.n_kv_heads
-            tiles = torch.from_numpy(query_tiles([0, positions.numel()], group, DEFAULT_CONFIG.block_t)).to(self.device)
-        one = torch.zeros(1, dtype=torch.int32, device=self.device)
-        return RowLayout(positions.to(torch.int32), [0, positions.numel()], [0], [end], one, one + end, tiles)
+        """One request's rows over slot row 0 (slot = position), for the op set's attention."""
+        indptr = [0, positions.numel()]
+        host_tiles = self.ops.row_tiles(indptr, self.spec.dims.n_heads // self.spec.dims.n_kv_heads)
+        tiles = None if host_tiles is None else torch.from_numpy(host_tiles).to(self.device)
+        zero = torch.zeros(1, dtype=torch.int32, device=self.device)
+        return RowLayout(positions.to(torch.int32), indptr, [0], [end], zero, zero + end,
+                         torch.tensor(indptr, dtype=torch.int32, device=self.device), tiles)
 
     def _layer(
-        self, i: int, h: torch.Tensor, rows: _Rows, kv: RequestKV, plan: SparseExtendPlan | None = None
+        self, i: int, h: torch.Tensor, rows: _Rows, kv: RequestKV, attend: Attend | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``i`` for one request's ``rows``; writes their K/V. Returns (hidden, rotated q). With a
-        ``plan``, the rows are its sparse rows and attention is the plan's."""
-        return self._layer_many(i, h, [(rows, kv)], plan)
+        """Layer ``i`` for one request's ``rows``; writes their K/V. Returns (hidden, rotated q). With
+        ``attend`` (a sparse extend's sparse layer), the rows' attention is that."""
+        return self._layer_many(i, h, [(rows, kv)], attend)
 
     def _layer_many(
-        self, i: int, h: torch.Tensor, parts: Sequence[tuple[_Rows, RequestKV]], plan: SparseExtendPlan | None = None
+        self, i: int, h: torch.Tensor, parts: Sequence[tuple[_Rows, RequestKV]], attend: Attend | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``i`` for the rows of several requests stacked in ``h`` (``parts`` in order, each its rows
         and its own K/V); writes their K/V. Returns (hidden, rotated q), rows in ``h``'s order.
@@ -196,8 +213,8 @@ class ReferenceExecutor:
             end = start + rows.positions.numel()
             kv.k[i, rows.positions] = k[start:end]
             kv.v[i, rows.positions] = v[start:end]
-            if plan is not None:
-                outs.append(plan.attend(q[start:end].contiguous(), kv.k[i], kv.v[i], attn.scaling))
+            if attend is not None:
+                outs.append(attend(q[start:end].contiguous(), kv.k[i], kv.v[i], attn.scaling))
             else:
                 outs.append(self._attend(q[start:end], kv.k[i], kv.v[i], rows, attn.scaling))
             start = end
@@ -212,12 +229,12 @@ class ReferenceExecutor:
 
         Rows that are a whole sequence (plain causal) take the dense path (FlashInfer where installed on
         CUDA, else SDPA), whatever ``kernels`` says: no scattered kernel beats dense attention when every
-        row is computed. Other rows (a prefix hit, decoding) take ``sparse_extend.attend_rows``.
+        row is computed. Other rows (a prefix hit, decoding) take the op set's scattered-row attention.
         """
         if rows.every:
             end = rows.slot_row.shape[1]
             return dense_causal_attention(q, k_layer[:end], v_layer[:end], scale)
-        out, _ = attend_rows(q.contiguous(), k_layer, v_layer, rows.slot_row, rows.layout, scale, self.kernels)
+        out, _ = self.ops.attend(q.contiguous(), k_layer, v_layer, rows.slot_row, rows.layout, scale)
         return out
 
     def _logits(self, h_rows: torch.Tensor) -> torch.Tensor:
@@ -250,50 +267,52 @@ class ReferenceExecutor:
     def prefill_reuse(
         self,
         input_ids: Sequence[int],
-        plan: LookupPlan,
+        lookup: Lookup,
         pool: TensorKVPool,
-        config: HybridConfig,
+        setting: SelectionConfig | ReuseSetting,
         extra_capacity: int = 0,
     ) -> PrefillResult:
-        """Prefill that takes the plan's prefix and re-aligned segments from ``pool`` and recomputes per ``config``."""
-        return self.prefill_reuse_many(input_ids, plan, pool, [config], extra_capacity)[0]
+        """Prefill that takes the lookup's prefix and re-aligned segments from ``pool`` and recomputes per
+        ``setting`` (a ``SelectionConfig`` is a setting without look-ahead)."""
+        return self.prefill_reuse_many(input_ids, lookup, pool, [setting], extra_capacity)[0]
 
     @torch.no_grad()
     def prefill_reuse_many(
         self,
         input_ids: Sequence[int],
-        plan: LookupPlan,
+        lookup: Lookup,
         pool: TensorKVPool,
-        configs: Sequence[HybridConfig],
+        settings: Sequence[SelectionConfig | ReuseSetting],
         extra_capacity: int = 0,
     ) -> list[PrefillResult]:
-        """``prefill_reuse`` of one request under each of ``configs``, equal to running them one by one.
+        """``prefill_reuse`` of one request under each of ``settings``, equal to running them one by one.
 
-        The full layers do the same work under every config (every row above the prefix, over the same
-        re-aligned KV), so they run once, as deep as the deepest threshold; each config goes on from its
+        The full layers do the same work under every setting (every row above the prefix, over the same
+        re-aligned KV), so they run once, as deep as the deepest threshold; each setting goes on from its
         own threshold with a copy of the request's KV at that point. A quality sweep of many ratios and
         methods pays the full layers once per ``L_full`` instead of once per setting.
         """
         n = len(input_ids)
-        if plan.n_tokens != n:
-            raise ValueError(f"plan covers {plan.n_tokens} tokens, the prompt has {n}")
+        if lookup.n_tokens != n:
+            raise ValueError(f"lookup covers {lookup.n_tokens} tokens, the prompt has {n}")
+        runs = [s if isinstance(s, ReuseSetting) else ReuseSetting(s) for s in settings]
         num_layers = self.spec.dims.num_layers
         kv = RequestKV.empty(self.spec, n + extra_capacity, self.dtype, self.device)
-        if plan.prefix_len:
-            k, v = pool.read(plan.prefix_slots)
-            kv.k[:, : plan.prefix_len], kv.v[:, : plan.prefix_len] = k, v
-        request = _Request(torch.as_tensor(list(input_ids), device=self.device), plan, pool)
+        if lookup.prefix_len:
+            k, v = pool.read(lookup.prefix_slots)
+            kv.k[:, : lookup.prefix_len], kv.v[:, : lookup.prefix_len] = k, v
+        request = _Request(torch.as_tensor(list(input_ids), device=self.device), lookup, pool)
         by_threshold: dict[int, list[int]] = defaultdict(list)
-        for index, config in enumerate(configs):
-            by_threshold[config.threshold(num_layers)].append(index)
+        for index, run in enumerate(runs):
+            by_threshold[run.selection.threshold(num_layers)].append(index)
         results: dict[int, PrefillResult] = {}
         at_zero = by_threshold.pop(0, [])
         for index in at_zero:
             last = not by_threshold and index == at_zero[-1]  # nothing runs on this KV after it
-            results[index] = self._sparse_layers(request, configs[index], 0, None, kv if last else kv.clone())
+            results[index] = self._sparse_layers(request, runs[index], 0, None, kv if last else kv.clone())
         if by_threshold:
             deepest = max(by_threshold)
-            full_rows = torch.arange(plan.prefix_len, n)
+            full_rows = torch.arange(lookup.prefix_len, n)
             h = self._decoder.embed_tokens(request.ids[full_rows.to(self.device)])
             full_pass = self._rows(full_rows)
             qs: list[torch.Tensor] = []
@@ -303,77 +322,86 @@ class ReferenceExecutor:
                 qs.append(q)
                 for index in at:
                     last = i + 1 == deepest and index == at[-1]  # nothing runs on this KV after it
-                    results[index] = self._sparse_layers(request, configs[index], i + 1,
+                    results[index] = self._sparse_layers(request, runs[index], i + 1,
                                                          _FullLayersState(h, tuple(qs)), kv if last else kv.clone())
-        return [results[index] for index in range(len(configs))]
+        return [results[index] for index in range(len(runs))]
 
-    def _sparse_layers(self, request: _Request, config: HybridConfig, threshold: int, state: _FullLayersState | None,
+    def _plan(self, extend: ExtendRequest, selection: SelectionConfig, kv: RequestKV) -> SparseExtendPlan:
+        """The sparse extend of one request over its dense per-position KV (slot row 0: slot = position)."""
+        dims = self.spec.dims
+        slot_row = torch.arange(kv.k.shape[1], dtype=torch.int32, device=self.device)[None, :]
+        return SparseExtendPlan.build([extend], selection, self.spec.rope, slot_row, dims.n_heads, dims.n_kv_heads,
+                                      self.ops)
+
+    def _sparse_layers(self, request: _Request, run: ReuseSetting, threshold: int, state: _FullLayersState | None,
                        kv: RequestKV) -> PrefillResult:
         """Select the reused tokens to recompute (by the signal at ``threshold`` where the policy has one)
         and run layers ``threshold..`` on the new and selected rows, through the batch's
         ``SparseExtendPlan`` (the same pipeline the SGLang adapter runs); ``state`` is the full layers'
         output (None when ``threshold`` is 0)."""
-        plan, pool = request.plan, request.pool
-        n, num_layers, dims = plan.n_tokens, self.spec.dims.num_layers, self.spec.dims
-        slot_row = torch.arange(kv.k.shape[1], dtype=torch.int32, device=self.device)[None, :]
-        extend = ExtendRequest(0, 0, plan.prefix_len, n, plan.new_rows, plan.reused, config.recompute_ratio)
-        sparse = SparseExtendPlan([extend], config, self.spec.rope, slot_row, dims.n_heads, dims.n_kv_heads,
-                                  self.kernels)
-        extra_flops = self._look_ahead(request, sparse, kv.clone()) if config.mass_pass == "lookahead" else 0
+        lookup, pool, config = request.lookup, request.pool, run.selection
+        n, num_layers, dims = lookup.n_tokens, self.spec.dims.num_layers, self.spec.dims
+        extend = ExtendRequest(0, 0, lookup.prefix_len, n, lookup.new_rows, lookup.reused, config.recompute_ratio)
+        plan = self._plan(extend, config, kv)
+        extra_flops, deviation, mass = 0, None, None
+        if run.lookahead:
+            mass, extra_flops = self._look_ahead(request, plan, kv.clone())
+        elif state is not None:
+            new_index = plan.new_index.long()
+            for j in config.mass_layers_of(threshold):
+                layer_mass = plan.mass(state.qs[j][new_index], kv.k[j], kv.v[j], self._scale(j))
+                mass = layer_mass if mass is None else mass + layer_mass
+        if state is not None and plan.policy.reads_deviation:
+            deviation = plan.deviation(kv.v[threshold - 1], pool.v[threshold - 1])
+        rows = select(plan, deviation, mass)
+        plan.fill_reused((pool.k[i], pool.v[i], kv.k[i], kv.v[i]) for i in range(threshold, num_layers))
+        positions = rows.layout.positions.long()
         if state is None:
-            sparse.select()
+            h = self._decoder.embed_tokens(request.ids[positions])
         else:
-            if sparse.observes_full_layers:
-                for j in range(threshold - 1):
-                    sparse.observe(state.qs[j], kv.k[j], kv.v[j], self._decoder.layers[j].self_attn.scaling)
-            t = threshold - 1
-            sparse.select(state.qs[t], kv.k[t], kv.v[t], pool.v[t], self._decoder.layers[t].self_attn.scaling)
-        sparse.fill_reused((pool.k[i], pool.v[i], kv.k[i], kv.v[i]) for i in range(threshold, num_layers))
-        assert sparse.rows is not None and sparse.exact_len is not None
-        rows = sparse.rows.positions.long()
-        if state is None:
-            h = self._decoder.embed_tokens(request.ids[rows])
-        else:
-            h = state.h[rows - plan.prefix_len]
-        sparse_pass = self._rows(rows)
+            h = state.h[positions - lookup.prefix_len]
+        sparse_pass = self._rows(positions)
         for i in range(threshold, num_layers):
-            h, _ = self._layer(i, h, sparse_pass, kv, sparse)
-        row_list = rows.tolist()
+            h, _ = self._layer(i, h, sparse_pass, kv, _sparse_attention(plan, rows))
+        row_list = positions.tolist()
         assert row_list[-1] == n - 1, "the last prompt token must be computed"
-        full_rows = range(plan.prefix_len, n)
+        full_rows = range(lookup.prefix_len, n)
         rows_per_layer = [full_rows] * threshold + [row_list] * (num_layers - threshold)
         stats = PrefillStats(
             n_tokens=n,
-            prefix_len=plan.prefix_len,
-            n_reused=sparse.n_reused[0],
-            n_selected=sparse.budgets[0],
+            prefix_len=lookup.prefix_len,
+            n_reused=plan.n_reused[0],
+            n_selected=rows.recomputed[0],
             computed_rows=len(row_list),
             flops=modeled_prefill_flops(dims, rows_per_layer) + extra_flops,
         )
-        exact = int(sparse.exact_len[0]) == n
+        exact = int(rows.exact_len[0]) == n
         return PrefillResult(self._logits(h[-1]), kv, n, stats, exact, tuple(row_list))
 
-    def _look_ahead(self, request: _Request, sparse: SparseExtendPlan, kv: RequestKV) -> int:
-        """The look-ahead pass of ``mass_pass="lookahead"``: the new rows alone through every layer over the
-        stale re-aligned KV (``kv``, a scratch copy), each layer's mass observed by ``sparse``. Returns its
-        modeled FLOPs (the logits row excluded: it is not computed)."""
-        plan, dims = request.plan, self.spec.dims
-        extend = ExtendRequest(0, 0, plan.prefix_len, plan.n_tokens, plan.new_rows, plan.reused, 0.0)
-        slot_row = torch.arange(kv.k.shape[1], dtype=torch.int32, device=self.device)[None, :]
-        stale = SparseExtendPlan([extend], HybridConfig(full_layers=0, recompute_ratio=0.0, selection="none",
-                                                        min_tokens_per_segment=0),
-                                 self.spec.rope, slot_row, dims.n_heads, dims.n_kv_heads, self.kernels)
-        stale.select()
+    def _look_ahead(self, request: _Request, plan: SparseExtendPlan, kv: RequestKV) -> tuple[torch.Tensor, int]:
+        """The look-ahead pass (``ReuseSetting.lookahead``): the new rows alone through every layer over the
+        stale re-aligned KV (``kv``, a scratch copy), each layer's mass per reused token of ``plan`` summed.
+        Returns the mass and the pass's modeled FLOPs (the logits row excluded: it is not computed)."""
+        lookup, dims = request.lookup, self.spec.dims
+        extend = ExtendRequest(0, 0, lookup.prefix_len, lookup.n_tokens, lookup.new_rows, lookup.reused, 0.0)
+        stale = self._plan(extend, SelectionConfig(full_layers=0, recompute_ratio=0.0, selection="none",
+                                                   min_tokens_per_segment=0), kv)
+        new_rows = select(stale)
         stale.fill_reused((request.pool.k[i], request.pool.v[i], kv.k[i], kv.v[i]) for i in range(dims.num_layers))
-        assert stale.rows is not None
-        rows = stale.rows.positions.long()  # the new rows, sorted: observe_new's order
-        h = self._decoder.embed_tokens(request.ids[rows])
-        new_pass = self._rows(rows)
+        positions = new_rows.layout.positions.long()  # the new rows, sorted: the order plan.mass reads
+        h = self._decoder.embed_tokens(request.ids[positions])
+        new_pass = self._rows(positions)
+        mass: torch.Tensor | None = None
         for i in range(dims.num_layers):
-            h, q = self._layer(i, h, new_pass, kv, stale)
-            sparse.observe_new(q, kv.k[i], kv.v[i], self._decoder.layers[i].self_attn.scaling)
-        row_list = rows.tolist()
-        return modeled_prefill_flops(dims, [row_list] * dims.num_layers) - 2 * dims.hidden * dims.vocab
+            h, q = self._layer(i, h, new_pass, kv, _sparse_attention(stale, new_rows))
+            layer_mass = plan.mass(q, kv.k[i], kv.v[i], self._scale(i))
+            mass = layer_mass if mass is None else mass + layer_mass
+        assert mass is not None
+        row_list = positions.tolist()
+        return mass, modeled_prefill_flops(dims, [row_list] * dims.num_layers) - 2 * dims.hidden * dims.vocab
+
+    def _scale(self, layer: int) -> float:
+        return float(self._decoder.layers[layer].self_attn.scaling)
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -420,3 +448,8 @@ class ReferenceExecutor:
             return [first[: len(forced)] for first in firsts]
         logits = self._extend_many(results, [forced[:-1]] * len(results), [result.n_tokens for result in results])
         return [first + rows.argmax(dim=-1).tolist() for first, rows in zip(firsts, logits, strict=True)]
+
+
+def _sparse_attention(plan: SparseExtendPlan, rows: SparseRows) -> Attend:
+    """A sparse layer's attention of ``rows``: ``plan.run`` as the executor's layers call it."""
+    return lambda q, k_layer, v_layer, scale: plan.run(rows, q, k_layer, v_layer, scale)

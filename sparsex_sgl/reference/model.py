@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sparsex_sgl.errors import UnsupportedModelError
-from sparsex_sgl.hybrid import ModelDims
-from sparsex_sgl.rope import RopeConfig
+from sparsex_sgl.core.errors import UnsupportedModelError
+from sparsex_sgl.core.rope import RopeConfig
+from sparsex_sgl.reference.flops import ModelDims
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 

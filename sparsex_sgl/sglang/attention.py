@@ -3,14 +3,11 @@
 It wraps the prefill backend SGLang would have picked (``--prefill-attention-backend``, else
 ``--attention-backend``, else SGLang's default for the device: fa3 / flashinfer / triton on CUDA,
 torch_native on the CPU) and forwards everything to it: ``init_forward_metadata``, CUDA-graph state,
-every batch without a SparseX plan, and the full layers of a SparseX batch. Decode never reaches it
-(SGLang's ``HybridAttnBackend`` sends decode to the decode backend). Only two things are SparseX's:
-
-- after the last full layer's attention, ``SparseExtendPlan.select`` scores the reused tokens from that
-  layer's queries and KV (and, for a signal summed over the full layers, ``observe`` reads the earlier
-  ones);
-- in the sparse layers, the computed rows' K/V go to their slots and ``SparseExtendPlan.attend`` runs
-  their attention (Triton scattered-query kernel on CUDA, the torch references on the CPU).
+every batch without reuse, and the full layers of a SparseX batch. Decode never reaches it (SGLang's
+``HybridAttnBackend`` sends decode to the decode backend). In the sparse layers of a SparseX batch (the
+model hook puts the ``SparseLayers`` on the forward batch for them) it only attends: the selected rows'
+fresh K/V go to their slots and ``SparseExtendPlan.run`` attends them over the pool. Selection happens in
+the model hook, never here.
 
 The wrapper is a proxy, not a subclass: attributes it does not define are the inner backend's, so
 whatever SGLang asks of its backend (metadata, graph buffers, capability flags) gets the stock answer.
@@ -18,50 +15,55 @@ whatever SGLang asks of its backend (metadata, graph buffers, capability flags) 
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+import torch
 
-from sparsex_sgl.sglang.batch import SparseBatch
+from sparsex_sgl.core.sparse_extend import SparseExtendPlan, SparseRows
+from sparsex_sgl.sglang import compat
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class SparseLayers:
+    """What the sparse layers of one batch attend: the batch's plan and the rows ``select`` chose."""
+
+    plan: SparseExtendPlan
+    rows: SparseRows
 
 
 class SparseXAttnBackend:
-    """Forwards to ``inner`` except in the threshold and sparse layers of a SparseX batch."""
+    """Forwards to ``inner`` except in the sparse layers of a SparseX batch."""
 
-    def __init__(self, inner: Any, model_runner: Any) -> None:
+    def __init__(self, inner: Any, model_runner: ModelRunner) -> None:
         self.inner = inner
-        self.pool = model_runner.token_to_kv_pool
+        _, self.pool, _, _ = compat.runner_parts(model_runner)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):  # type: ignore[no-untyped-def]
-        state: SparseBatch | None = getattr(forward_batch, "sparsex", None)
-        if state is None:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
+                forward_batch: ForwardBatch, save_kv_cache: bool = True, **kwargs: Any) -> torch.Tensor:
+        step: SparseLayers | None = compat.sparse_step(forward_batch)
+        if step is None:
             return self.inner.forward(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
-        if state.phase == "sparse":
-            return self._sparse_extend(q, k, v, layer, state)
-        out = self.inner.forward(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
-        if state.signal_layer is None or layer.layer_id > state.signal_layer:
-            return out
-        keys, values = self.pool.get_key_buffer(layer.layer_id), self.pool.get_value_buffer(layer.layer_id)
-        q_rows = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        if layer.layer_id == state.signal_layer:
-            state.plan.select(q_rows, keys, values, values, layer.scaling)
-        elif state.plan.observes_full_layers:
-            state.plan.observe(q_rows, keys, values, layer.scaling)
-        return out
+        return self._sparse_layer(q, k, v, layer, step)
 
     forward_extend = forward  # SGLang calls one or the other, depending on the caller
 
-    def _sparse_extend(self, q, k, v, layer, state: SparseBatch):  # type: ignore[no-untyped-def]
-        """Attention of the computed rows only: their fresh K/V overwrite the re-aligned copies, then each
-        row attends to its request's keys up to its own position."""
-        plan = state.plan
-        assert plan.rows_slot is not None
-        self.pool.set_kv_buffer(layer, KVWriteLoc(plan.rows_slot), k, v)
-        q_rows = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        out = q.new_empty(q_rows.shape[0], layer.tp_q_head_num * layer.v_head_dim)
-        plan.attend(q_rows, self.pool.get_key_buffer(layer.layer_id), self.pool.get_value_buffer(layer.layer_id),
-                    layer.scaling, out=out.view(-1, layer.tp_q_head_num, layer.v_head_dim))
+    def _sparse_layer(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
+                      step: SparseLayers) -> torch.Tensor:
+        """Attention of the selected rows only: their fresh K/V overwrite the re-aligned copies, then each row
+        attends to its request's keys up to its own position."""
+        layer_id, q_heads, _, head_dim, v_head_dim, scale = compat.attention_shape(layer)
+        compat.write_kv(self.pool, layer, step.rows.slots, k, v)
+        q_rows = q.view(-1, q_heads, head_dim)
+        out = q.new_empty(q_rows.shape[0], q_heads * v_head_dim)
+        keys, values = compat.layer_buffers(self.pool, layer_id)
+        step.plan.run(step.rows, q_rows, keys, values, scale, out=out.view(-1, q_heads, v_head_dim))
         return out

@@ -19,9 +19,26 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import (
+
+from sparsex_sgl.core.errors import InvalidSegmentsError, SegmentHashCollisionError
+from sparsex_sgl.core.graph import InsertResult, NodeId, SegmentGraph, segments_it_caches, segments_it_computes
+from sparsex_sgl.core.protocol import NAMESPACE_KEY, RATIO_KEY, SPANS_KEY, parse_ratio, parse_spans
+from sparsex_sgl.core.request import GAP_BLOCK, Match, RequestOutcome, RequestState
+from sparsex_sgl.core.segments import (
+    NamespaceKey,
+    Piece,
+    auto_spans,
+    cut_gap,
+    make_piece,
+    namespace_key,
+    split_into_pieces,
+    validate_spans,
+)
+from sparsex_sgl.sglang import compat
+from sparsex_sgl.sglang.compat import (
     BasePrefixCache,
     CacheRequestHandle,
     DecLockRefParams,
@@ -32,37 +49,13 @@ from sglang.srt.mem_cache.base_prefix_cache import (
     MatchPrefixParams,
     MatchResult,
 )
-
-from sparsex_sgl.errors import InvalidSegmentsError, SegmentHashCollisionError
-from sparsex_sgl.graph import NodeId, SegmentGraph, segments_it_caches, segments_it_computes
-from sparsex_sgl.protocol import (
-    APPROXIMATE_LOGPROBS_KEY,
-    NAMESPACE_KEY,
-    RATIO_KEY,
-    SPANS_KEY,
-    parse_ratio,
-    parse_spans,
-)
-from sparsex_sgl.request import GAP_BLOCK, RequestOutcome, RequestPlan, SparseXRequest
-from sparsex_sgl.segments import (
-    NamespaceKey,
-    Piece,
-    auto_spans,
-    cut_gap,
-    make_piece,
-    namespace_key,
-    split_into_pieces,
-    validate_spans,
-)
 from sparsex_sgl.sglang.metrics import PrometheusExport
-from sparsex_sgl.sglang.runtime import SparseXRuntime
+from sparsex_sgl.sglang.runtime import SchedulerRuntime
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import Req
 
 logger = logging.getLogger("sparsex_sgl")
-
-
-def _custom_params(req: object) -> dict[str, object]:
-    custom = getattr(getattr(req, "sampling_params", None), "custom_params", None)
-    return custom if isinstance(custom, dict) else {}
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,57 +76,72 @@ class MatchHandle:
 class _PoolAllocator:
     """SGLang's token allocator seen as the graph's ``SlotAllocator`` (lists of ints <-> int64 tensors)."""
 
-    def __init__(self, allocator: object, device: torch.device) -> None:
+    def __init__(self, allocator: Any, device: torch.device) -> None:
         self._allocator = allocator
         self._device = device
 
     def alloc(self, n: int) -> list[int] | None:
-        slots = self._allocator.alloc(n)  # type: ignore[attr-defined]
-        return None if slots is None else slots.tolist()
+        slots = self._allocator.alloc(n)
+        return None if slots is None else list(slots.tolist())
 
     def free(self, slots: Sequence[int]) -> None:
         if slots:
-            self._allocator.free(torch.tensor(list(slots), dtype=torch.int64, device=self._device))  # type: ignore[attr-defined]
+            self._allocator.free(torch.tensor(list(slots), dtype=torch.int64, device=self._device))
 
 
 class SegmentGraphCache(BasePrefixCache):
-    """Prefix cache plus segment plans over SGLang's KV pool."""
+    """Prefix cache plus segment reuse over SGLang's KV pool."""
 
-    def __init__(self, params: object, runtime: SparseXRuntime, device: torch.device,
+    def __init__(self, params: Any, runtime: SchedulerRuntime, device: torch.device,
                  metrics: PrometheusExport | None = None) -> None:
         self.disable = False
         self.metrics = metrics
         """The Prometheus exporter (``--enable-metrics``), synced when counters change; None: metrics off."""
-        self.req_to_token_pool = params.req_to_token_pool  # type: ignore[attr-defined]
-        self.token_to_kv_pool_allocator = params.token_to_kv_pool_allocator  # type: ignore[attr-defined]
-        self.page_size = params.page_size  # type: ignore[attr-defined]
+        self.req_to_token_pool, self.token_to_kv_pool_allocator, self.page_size = compat.cache_pools(params)
         self.device = device
         self.runtime = runtime
         self.graph = SegmentGraph(_PoolAllocator(self.token_to_kv_pool_allocator, device),
                                   max_tokens=int(self.token_to_kv_pool_allocator.size))
         self.root_node = MatchHandle()
 
+    # ------------------------------------------------------------------ request state
+    def _open(self, req: Req) -> RequestState:
+        """The SparseX state carried on ``req``, created at its first match (and open again when a retracted
+        request is matched anew)."""
+        state = compat.request_state(req)
+        if state is None:
+            state = self.runtime.open(compat.request_id(req))
+            compat.set_request_state(req, state)
+        else:
+            self.runtime.open_requests.add(state.rid)
+        return state
+
+    def drop(self, req: Req) -> None:
+        """Forget ``req``'s SparseX state entirely (a fault met while matching it: it is served as stock)."""
+        self.runtime.open_requests.discard(compat.request_id(req))
+        compat.set_request_state(req, None)
+
     # ------------------------------------------------------------------ matching
-    def _segment_data(self, req: object, n_prompt: int) -> tuple[list[tuple[int, int]], float]:
+    def _segment_data(self, req: Req, n_prompt: int) -> tuple[list[tuple[int, int]], float]:
         """Spans and recompute ratio from ``custom_params``; InvalidSegmentsError if malformed. Spans shorter
         than ``min_segment_tokens`` are dropped (their tokens stay gap text: a node per few tokens would
         grow the graph and reuse almost nothing)."""
-        custom = _custom_params(req)
+        custom = compat.custom_params(req)
         raw = custom.get(SPANS_KEY)
         spans = validate_spans(parse_spans(raw), n_prompt) if raw else []
         shortest = self.runtime.config.min_segment_tokens
         ratio = parse_ratio(custom.get(RATIO_KEY))
         return ([s for s in spans if s[1] - s[0] >= shortest],
-                self.runtime.config.recompute_ratio if ratio is None else ratio)
+                self.runtime.config.selection.recompute_ratio if ratio is None else ratio)
 
     @staticmethod
-    def _namespace(req: object) -> NamespaceKey:
+    def _namespace(req: Req) -> NamespaceKey:
         """What keys every piece a request looks up or caches (prefix gaps, segments, decoded tokens): a
         hash of SGLang's isolation fields (``extra_key``, ``cache_salt``) and the client's namespace, so
         requests share KV only when all three are equal, as stock SGLang's radix cache keys on the first
         two. Read from the request itself on every path, including fallbacks and checkpoints."""
-        namespace = _custom_params(req).get(NAMESPACE_KEY)
-        return namespace_key(getattr(req, "extra_key", None), getattr(req, "cache_salt", None),
+        namespace = compat.custom_params(req).get(NAMESPACE_KEY)
+        return namespace_key(*compat.request_isolation(req),
                              namespace if isinstance(namespace, str) and namespace else None)
 
     def _pieces(self, token_ids: Sequence[int], spans: Sequence[tuple[int, int]], key_ns: NamespaceKey) -> list[Piece]:
@@ -147,7 +155,7 @@ class SegmentGraphCache(BasePrefixCache):
         except Exception as exc:  # noqa: BLE001 - a SparseX bug must not stop the scheduler: serve it unshared
             self.runtime.internal_error("match_prefix", exc)
             if params.req is not None:
-                self.runtime.drop(params.req)
+                self.drop(params.req)
             return self._result(MatchHandle(), 0)
 
     def _match(self, params: MatchPrefixParams) -> MatchResult:
@@ -155,14 +163,13 @@ class SegmentGraphCache(BasePrefixCache):
         limit = len(params.key)
         if req is None or limit == 0:
             return self._result(MatchHandle(), 0)
-        state = self.runtime.request(req)
-        token_ids = list(req.origin_input_ids) + list(req.output_ids or [])
-        n_prompt = len(req.origin_input_ids)
+        state = self._open(req)
+        token_ids, n_prompt = compat.request_tokens(req)
         try:
             spans, ratio = self._segment_data(req, n_prompt)
         except InvalidSegmentsError as exc:
             self.runtime.fallback("invalid_segments", str(exc))
-            spans, ratio = [], self.runtime.config.recompute_ratio
+            spans, ratio = [], self.runtime.config.selection.recompute_ratio
         reason = self._no_reuse_reason(req, state.reuse_refused)
         key_ns = self._namespace(req)
         auto_segmented = False
@@ -173,30 +180,31 @@ class SegmentGraphCache(BasePrefixCache):
                 auto_segmented = bool(spans)
                 if spans:
                     pieces = self._pieces(token_ids, spans, key_ns)
-            plan = self.graph.lookup(pieces)
-            if plan.reused and not reason and self._too_long_for_one_step(plan.n_tokens - plan.prefix_len):
-                reason = "extend_longer_than_chunks"
+            lookup = self.graph.lookup(pieces)
         except SegmentHashCollisionError as exc:
             self.runtime.fallback("hash_collision", str(exc))
             state.matched = state.outcome = None
             return self._result(MatchHandle(), 0)
-        fallback = reason if plan.reused and reason else ""
+        if lookup.reused and not reason and self._too_long_for_one_step(lookup.n_tokens - lookup.prefix_len):
+            reason = "extend_longer_than_chunks"
+        fallback = reason if lookup.reused and reason else ""
         if fallback:
             self.runtime.fallback(fallback)
         if reason or not spans or auto_segmented or ratio >= 1.0:
-            limit = min(limit, plan.exact_prefix_len)  # blended KV only where the client accepts approximation
-        if (plan.reused and (reason or len(token_ids) != n_prompt)) or plan.prefix_len > limit:
-            plan = self.graph.prefix_only(plan, min(plan.prefix_len, limit))
-        state.matched = RequestPlan(plan, tuple(pieces), tuple(spans), ratio, segments_it_caches(pieces, plan),
-                                    segments_it_computes(pieces, plan), auto_segmented)
-        n = plan.n_tokens
-        outcome = RequestOutcome(prompt=n, prefix=plan.prefix_len, blended_prefix=plan.prefix_len - plan.exact_prefix_len,
-                                 computed=n - plan.prefix_len, fallback=fallback)
+            limit = min(limit, lookup.exact_prefix_len)  # blended KV only where the client accepts approximation
+        if (lookup.reused and (reason or len(token_ids) != n_prompt)) or lookup.prefix_len > limit:
+            lookup = self.graph.prefix_only(lookup, min(lookup.prefix_len, limit))
+        state.matched = Match(lookup, tuple(pieces), tuple(spans), ratio, segments_it_caches(pieces, lookup),
+                              segments_it_computes(pieces, lookup), auto_segmented)
+        n = lookup.n_tokens
+        outcome = RequestOutcome(prompt=n, prefix=lookup.prefix_len,
+                                 blended_prefix=lookup.prefix_len - lookup.exact_prefix_len,
+                                 computed=n - lookup.prefix_len, fallback=fallback)
         outcome.exact_len = outcome.exact_bound
         state.outcome = outcome  # the model hook fills it in; the checkpoint and the meta_info hook read it
-        node_ids = plan.prefix_node_ids[-1:] + tuple(r.node_id for r in plan.reused)
-        slots = torch.tensor(plan.prefix_slots, dtype=torch.int64, device=self.device)
-        return self._result(MatchHandle(node_ids, slots), plan.prefix_len)
+        node_ids = lookup.prefix_node_ids[-1:] + tuple(r.node_id for r in lookup.reused)
+        slots = torch.tensor(lookup.prefix_slots, dtype=torch.int64, device=self.device)
+        return self._result(MatchHandle(node_ids, slots), lookup.prefix_len)
 
     def _auto_spans(self, prompt_ids: Sequence[int], pieces: Sequence[Piece]) -> list[tuple[int, int]]:
         """Content-defined segments (``segments.auto_spans``) that start after the request's prefix hit,
@@ -210,22 +218,12 @@ class SegmentGraphCache(BasePrefixCache):
         limit = self.runtime.max_extend_tokens
         return limit is not None and extend > limit
 
-    def _no_reuse_reason(self, req: object, reuse_refused: bool) -> str:
-        if self.runtime.disabled_reason:
-            return "unsupported_model"
+    def _no_reuse_reason(self, req: Req, reuse_refused: bool) -> str:
+        if self.runtime.disabled_kind:
+            return self.runtime.disabled_kind
         if reuse_refused:
             return "no_room_for_reuse"
-        if getattr(req, "return_logprob", False):
-            custom = getattr(getattr(req, "sampling_params", None), "custom_params", None) or {}
-            start = getattr(req, "logprob_start_len", -1)
-            prompt_rows = 0 <= start < len(req.origin_input_ids)  # type: ignore[attr-defined]
-            if prompt_rows or custom.get(APPROXIMATE_LOGPROBS_KEY) is not True:
-                return "logprobs_requested"
-        if getattr(req, "return_hidden_states", False):
-            return "hidden_states_requested"
-        if getattr(req, "multimodal_inputs", None) is not None:
-            return "multimodal_request"
-        return ""
+        return compat.exactness_needs(req)
 
     @staticmethod
     def _result(handle: MatchHandle, prefix_len: int) -> MatchResult:
@@ -258,91 +256,104 @@ class SegmentGraphCache(BasePrefixCache):
         return DecLockRefResult(delta=before - self.graph.protected_tokens)
 
     # ------------------------------------------------------------------ caching a request
-    def checkpoint(self, req: object, *, up_to: int, **kwargs: object) -> None:
-        """Cache the request's KV up to ``up_to``. A failure leaves it uncached (the request keeps and
-        later frees its slots, as for a prompt that did not fit) and is counted; the scheduler goes on."""
+    def checkpoint(self, req: Req, *, up_to: int, **kwargs: object) -> None:
+        """Cache the request's KV up to ``up_to``. A failure is counted and the scheduler goes on; whatever
+        it interrupted, a slot is owned by the graph or by the request, never by both (``_adopt``)."""
         try:
             self._checkpoint(req, up_to)
         except Exception as exc:  # noqa: BLE001 - logged and counted by internal_error
             self.runtime.internal_error("checkpoint", exc)
 
-    def _checkpoint(self, req: object, up_to: int) -> None:
-        kv = req.kv  # type: ignore[attr-defined]
-        token_ids = list(req.full_untruncated_fill_ids[:up_to])  # type: ignore[attr-defined]
+    def _checkpoint(self, req: Req, up_to: int) -> None:
+        token_ids = compat.fill_ids(req, up_to)
         if not token_ids:
             return
-        state: SparseXRequest | None = getattr(req, "sparsex", None)
-        entry = None if state is None else state.matched
+        state = compat.request_state(req)
+        match = None if state is None else state.matched
         outcome = None if state is None else state.outcome
         if outcome is not None:
             outcome.settle()
-        if state is not None and up_to >= len(req.origin_input_ids):  # type: ignore[attr-defined]
+        if state is not None and up_to >= compat.request_tokens(req)[1]:
             state.landed()  # its whole prompt is cached now (a chunk's checkpoint is not enough)
-        pieces = self._cut_to_cache(req, token_ids, entry)
+        pieces = self._cut_to_cache(req, token_ids, match)
         if not pieces:
             return
         # Decoded tokens attend to the prompt's KV: exact after an exact prompt, blended otherwise.
         exact_len = None if outcome is None or outcome.exact_len >= outcome.prompt else outcome.exact_len
-        row = self.req_to_token_pool.req_to_token[kv.req_pool_idx, : pieces[-1].end]
-        row_slots = row.tolist()
+        row = compat.request_row(req, self.req_to_token_pool.req_to_token)
+        row_slots = row[: pieces[-1].end].tolist()
+        old_protected = compat.protected_len(req)
         result = self.graph.insert(pieces, row_slots, exact_len)
-        old_protected = kv.cache_protected_len
-        placed_end, last_node = 0, None
-        duplicates: list[tuple[int, int]] = []  # (position, the graph's slot) where the row holds a second copy
-        for piece, nid, adopted in zip(pieces, result.node_ids, result.adopted):
-            if nid is None:
+        placed_end = self._adopt(req, pieces, result, old_protected)
+        if result.collision:
+            self.runtime.fallback("hash_collision", "a piece to cache collides with a cached one: not cached")
+        if placed_end == 0 or placed_end < old_protected:
+            return
+        self._use_cached_copies(row, pieces, result, row_slots, old_protected)
+        compat.move_lock(req, self, MatchHandle((_last_placed(result),)))
+
+    def _adopt(self, req: Req, pieces: Sequence[Piece], result: InsertResult, old_protected: int) -> int:
+        """Hand the positions the graph now holds to it, at once: SGLang's release frees the row past the
+        protected length, so a slot the graph adopted must lie below it before anything else can fail (a
+        failure in between would leave the slot owned by both, and a later request would be served KV
+        written over it). Returns the end of the placed pieces (0 if none was placed)."""
+        placed_end = 0
+        for piece, node_id in zip(pieces, result.node_ids, strict=True):
+            if node_id is None:
                 break
-            placed_end, last_node = piece.end, nid
+            placed_end = piece.end
+        if placed_end >= old_protected and placed_end > 0:
+            compat.protect(req, placed_end)
+        return placed_end
+
+    def _use_cached_copies(self, row: torch.Tensor, pieces: Sequence[Piece], result: InsertResult,
+                           row_slots: Sequence[int], old_protected: int) -> None:
+        """Where the graph already held a piece, the row holds a second copy: point the row at the graph's
+        and free the request's (a failure here leaks those copies, counted; it never double-owns one)."""
+        duplicates: list[tuple[int, int]] = []  # (position, the graph's slot)
+        for piece, node_id, adopted in zip(pieces, result.node_ids, result.adopted, strict=True):
+            if node_id is None:
+                break
             if adopted:
                 continue
-            cached = self.graph.node_slots(nid)
+            cached = self.graph.node_slots(node_id)
             for pos in range(max(piece.start, old_protected), piece.end):
                 if row_slots[pos] != cached[pos - piece.start]:
                     duplicates.append((pos, cached[pos - piece.start]))
-        if last_node is None or placed_end < old_protected:
-            return
         if duplicates:
             where = torch.tensor([pos for pos, _ in duplicates], dtype=torch.int64, device=row.device)
-            self.token_to_kv_pool_allocator.free(row[where].clone())
-            self.req_to_token_pool.req_to_token[kv.req_pool_idx, where] = torch.tensor(
-                [slot for _, slot in duplicates], dtype=row.dtype, device=row.device)
-        kv.cache_protected_len = placed_end
-        kv.cache_inserted_len = max(kv.cache_inserted_len, placed_end)
-        handle = MatchHandle((last_node,))
-        new_lock = self.lock(handle)
-        self.unlock(req.lock)  # type: ignore[attr-defined]
-        req.lock = new_lock  # type: ignore[attr-defined]
-        req.last_node = handle  # type: ignore[attr-defined]
+            own = row[where].clone()
+            row[where] = torch.tensor([slot for _, slot in duplicates], dtype=row.dtype, device=row.device)
+            self.token_to_kv_pool_allocator.free(own)
 
-    def _cut_to_cache(self, req: object, token_ids: list[int], entry: RequestPlan | None) -> list[Piece]:
-        """The pieces to cache: the prompt along the cut it was planned with (its prefix nodes, locked
-        since then, are on it whatever was cached meanwhile), then the decoded tokens in blocks counted
-        from the prompt's end (where the prompt's last block may have been cut short). Every checkpoint of
-        a request cuts the same way, so no two of its nodes hold one slot."""
+    def _cut_to_cache(self, req: Req, token_ids: list[int], match: Match | None) -> list[Piece]:
+        """The pieces to cache: the prompt along the cut it was matched with (its prefix nodes, locked since
+        then, are on it whatever was cached meanwhile), then the decoded tokens in blocks counted from the
+        prompt's end (where the prompt's last block may have been cut short). Every checkpoint of a request
+        cuts the same way, so no two of its nodes hold one slot."""
         key_ns = self._namespace(req)
-        if entry is not None:
-            planned, n_prompt = list(entry.pieces), entry.plan.n_tokens
-        else:  # planned without the graph (nothing to match): the plain cut of the prompt
-            n_prompt = len(req.origin_input_ids)  # type: ignore[attr-defined]
+        if match is not None:
+            planned, n_prompt = list(match.pieces), match.lookup.n_tokens
+        else:  # matched without the graph (nothing to match): the plain cut of the prompt
+            n_prompt = compat.request_tokens(req)[1]
             planned = split_into_pieces(token_ids[:n_prompt], [], key_ns, gap_block=GAP_BLOCK)
         prompt = [p for p in planned if p.end <= len(token_ids)]
         end = prompt[-1].end if prompt else 0
-        if end < n_prompt:  # a partial checkpoint: the next one continues the planned cut
+        if end < n_prompt:  # a partial checkpoint: the next one continues the matched cut
             return prompt
         return prompt + cut_gap(token_ids, end, len(token_ids), key_ns, GAP_BLOCK)
 
-    def on_release(self, req: object, *, checkpointed: bool) -> None:
-        rid = req.rid  # type: ignore[attr-defined]
-        state: SparseXRequest | None = getattr(req, "sparsex", None)
-        entry = None if state is None else state.matched
+    def on_release(self, req: Req, *, checkpointed: bool) -> None:
+        state = compat.request_state(req)
+        match = None if state is None else state.matched
         outcome = None if state is None else state.outcome
-        self.runtime.close(req)
+        self.runtime.close(compat.request_id(req), state)
         try:
             if outcome is not None:
                 outcome.settle()
-                self.runtime.record(outcome, had_segments=bool(entry and entry.spans),
-                                    auto_segmented=bool(entry and entry.auto_segmented))
-                logger.debug("SparseX request %s: %s", rid, outcome)
+                self.runtime.record(outcome, had_segments=bool(match and match.spans),
+                                    auto_segmented=bool(match and match.auto_segmented))
+                logger.debug("SparseX request %s: %s", compat.request_id(req), outcome)
                 self._sync_metrics()
         except Exception as exc:  # noqa: BLE001 - logged and counted by internal_error
             self.runtime.internal_error("on_release", exc)
@@ -394,3 +405,6 @@ class SegmentGraphCache(BasePrefixCache):
                    allocator_size=int(self.token_to_kv_pool_allocator.size))
         return out
 
+
+def _last_placed(result: InsertResult) -> NodeId:
+    return next(node_id for node_id in reversed(result.node_ids) if node_id is not None)

@@ -2,25 +2,28 @@
 
 SGLang calls the factory after the model is loaded (``Scheduler.__init__`` -> ``build_kv_cache``), so
 this is where the model's rope, the KV pool and the decoder stack are inspected. Anything SparseX cannot
-serve (another architecture, a rope type without a delta rotation, a quantized or paged pool) leaves
-the cache working as an exact prefix cache: every request then runs stock prefill, and the reason is
-logged once and reported in the statistics.
+serve (an SGLang whose pinned sources changed, another architecture, a rope type without a delta rotation,
+a quantized pool) leaves the cache working as an exact prefix cache: every request then runs stock
+prefill, and the reason is logged once, counted per request and reported in the statistics. Server
+features the cache cannot work with at all (hierarchical cache, paged pools, TP > 1, ...) stop the launch.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
-import torch
-
-from sparsex_sgl.errors import UnsupportedModelError
-from sparsex_sgl.hybrid import HybridConfig
-from sparsex_sgl.rope import RopeConfig
-from sparsex_sgl.sglang import model_hook, runtime
+from sparsex_sgl.core.errors import UnsupportedModelError
+from sparsex_sgl.core.ops import op_set
+from sparsex_sgl.core.rope import RopeConfig
+from sparsex_sgl.sglang import compat, model_hook
 from sparsex_sgl.sglang.cache import SegmentGraphCache
 from sparsex_sgl.sglang.metrics import PrometheusExport
-from sparsex_sgl.sparse_extend import Kernels
+from sparsex_sgl.sglang.runtime import SchedulerRuntime
+from sparsex_sgl.sglang.settings import config_of
+
+if TYPE_CHECKING:
+    from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
 logger = logging.getLogger("sparsex_sgl")
 
@@ -28,55 +31,38 @@ CHUNKS_PER_REUSE_STEP = 4
 """A request with reuse runs its whole extend in one step, up to this many prefill chunks
 (``--chunked-prefill-size``); longer ones are chunked with exact prefix reuse only."""
 
-def config_of(server_args: Any) -> HybridConfig:
-    """The server's SparseX settings (``plugin.server_config``); the defaults where the ``sparsex`` backends
-    were chosen by their SGLang flags rather than ``--enable-sparsex``."""
-    from sparsex_sgl.sglang.plugin import server_config
 
-    return server_config(server_args) or HybridConfig()
-
-
-def build(ctx: Any) -> SegmentGraphCache:
+def build(ctx: TreeCacheBuildContext) -> SegmentGraphCache:
     """The radix-cache factory registered as ``sparsex``."""
-    refused = [
-        (ctx.enable_hierarchical_cache, "hierarchical cache (--enable-hierarchical-cache)"),
-        (ctx.is_hybrid_swa, "sliding-window hybrid models"),
-        (ctx.is_hybrid_ssm, "mamba/SSM hybrid models"),
-        (ctx.tp_size > 1, "tensor parallelism > 1"),
-        (ctx.params.page_size != 1, "--page-size other than 1"),
-        (ctx.disable_radix_cache, "--disable-radix-cache"),
-    ]
-    for refused_now, what in refused:
-        if refused_now:
-            raise ValueError(f"--radix-cache-backend sparsex does not support {what}")
-    config = config_of(ctx.server_args)
-    model_runner = ctx.tp_worker.model_runner
-    hf_config = ctx.model_config.hf_config
-    num_layers = int(getattr(ctx.model_config, "num_hidden_layers", hf_config.num_hidden_layers))
-    reason = ""
+    refused = compat.refused_features(ctx)
+    if refused:
+        raise ValueError(f"--radix-cache-backend sparsex does not support {refused[0]}")
+    server_args, model_runner, hf_config, num_layers, params = compat.build_parts(ctx)
+    config = config_of(server_args)
+    model, pool, _, device = compat.runner_parts(model_runner)
+    chunk, metrics_on, model_name = compat.server_facts(server_args)
     rope: RopeConfig | None = None
-    try:
-        rope = RopeConfig.from_hf_config(hf_config)
-    except (UnsupportedModelError, ValueError, AttributeError) as exc:
-        reason = f"rope: {exc}"
-    pool = model_runner.token_to_kv_pool
-    if not reason and type(pool).__name__ != "MHATokenToKVPool":
-        reason = f"KV pool {type(pool).__name__} (only an unquantized MHATokenToKVPool is supported)"
-    device = torch.device(model_runner.device)
-    kernels: Kernels = "triton" if config.kernels == "triton" or (config.kernels == "auto" and device.type == "cuda") \
-        else "torch"
-    chunk = getattr(ctx.server_args, "chunked_prefill_size", None)
-    max_extend = CHUNKS_PER_REUSE_STEP * chunk if chunk is not None and chunk > 0 else None
-    state = runtime.SparseXRuntime(config, rope, num_layers, kernels=kernels, max_extend_tokens=max_extend)
+    kind, reason = "", ""
+    changed = compat.changed_pins()
+    if changed:
+        kind, reason = "sglang_changed", (f"this SGLang's {', '.join(changed)} differ from the sglang 0.5.23 source "
+                                          "sparsex_sgl.sglang.compat was written against")
     if not reason:
-        reason = model_hook.install(model_runner.model, model_runner, state)
-    state.disabled_reason = reason
+        try:
+            rope = RopeConfig.from_hf_config(hf_config)
+        except (UnsupportedModelError, ValueError, AttributeError) as exc:
+            kind, reason = "unsupported_model", f"rope: {exc}"
+    if not reason and not compat.plain_kv_pool(pool):
+        kind, reason = "unsupported_model", (f"KV pool {type(pool).__name__} (only an unquantized MHATokenToKVPool is "
+                                             "supported)")
+    max_extend = CHUNKS_PER_REUSE_STEP * chunk if chunk is not None else None
+    runtime = SchedulerRuntime(config, rope, num_layers, op_set(config.kernels, device), max_extend_tokens=max_extend)
+    if not reason:
+        reason = model_hook.install(model, model_runner, runtime)
+        kind = "unsupported_model" if reason else ""
     if reason:
-        logger.warning("SparseX is off for this model (%s); requests get exact prefix caching only", reason)
+        runtime.disable(kind, reason)
     else:
-        logger.info("SparseX on: %s, %d layers", config, num_layers)
-    metrics = None
-    if getattr(ctx.server_args, "enable_metrics", False):
-        args = ctx.server_args
-        metrics = PrometheusExport({"model_name": str(args.served_model_name or args.model_path)})
-    return SegmentGraphCache(ctx.params, state, device, metrics)
+        logger.info("SparseX on: %s, %d layers, %s ops", config, num_layers, runtime.ops.name)
+    metrics = PrometheusExport({"model_name": model_name}) if metrics_on else None
+    return SegmentGraphCache(params, runtime, device, metrics)

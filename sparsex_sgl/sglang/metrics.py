@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sparsex_sgl.request import Counters
+from sparsex_sgl.core.request import Counters
 
 COUNTERS: dict[str, str] = {
     "requests": "Requests recorded by the SparseX cache",

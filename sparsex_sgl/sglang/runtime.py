@@ -1,9 +1,9 @@
-"""Per-scheduler SparseX state: the settings, the counters, and the fallback and error log.
+"""Per-scheduler SparseX settings, counters, and the fallback and error log.
 
-One ``SparseXRuntime`` per scheduler process, built by the cache factory and handed to the cache, the
-model hook and the attention backend. It holds nothing per request: each request's state is a
-``request.SparseXRequest`` carried on SGLang's ``Req`` (``req.sparsex``). It only counts the requests
-that hold such state, so an idle scheduler can be checked for leaks.
+One ``SchedulerRuntime`` per scheduler process, built by the cache factory and handed to the cache and the
+model hook. It holds nothing per request: each request's state is a ``core.request.RequestState`` carried
+on SGLang's request (``compat.request_state``). It only counts the requests that hold such state, so an
+idle scheduler can be checked for leaks.
 """
 
 from __future__ import annotations
@@ -12,24 +12,28 @@ import logging
 import threading
 from dataclasses import asdict
 
-from sparsex_sgl.hybrid import HybridConfig
-from sparsex_sgl.request import Counters, RequestOutcome, SparseXRequest, should_defer
-from sparsex_sgl.rope import RopeConfig
-from sparsex_sgl.sparse_extend import Kernels
+from sparsex_sgl.core.config import ServerConfig
+from sparsex_sgl.core.ops import OpSet
+from sparsex_sgl.core.request import Counters, RequestOutcome, RequestState, should_defer
+from sparsex_sgl.core.rope import RopeConfig
 
 logger = logging.getLogger("sparsex_sgl")
 
 
-class SparseXRuntime:
-    """The shared state of one scheduler."""
+class SchedulerRuntime:
+    """The shared SparseX state of one scheduler."""
 
-    def __init__(self, config: HybridConfig, rope: RopeConfig | None, num_layers: int, disabled_reason: str = "",
-                 kernels: Kernels = "torch", max_extend_tokens: int | None = None) -> None:
+    def __init__(self, config: ServerConfig, rope: RopeConfig | None, num_layers: int, ops: OpSet,
+                 max_extend_tokens: int | None = None) -> None:
         self.config = config
         self.rope = rope
         self.num_layers = num_layers
-        self.disabled_reason = disabled_reason
-        self.kernels: Kernels = kernels
+        self.ops = ops
+        self.disabled_kind = ""
+        """Why SparseX is off for this server, as the fallback it counts ("unsupported_model",
+        "sglang_changed"; "" when on): every request is then served exact."""
+        self.disabled_reason = ""
+        """The same in words, for the log and ``/sparsex/stats``."""
         self.max_extend_tokens = max_extend_tokens
         """Longest extend a request with reuse may run in one step (None: no chunked prefill to respect)."""
         self.open_requests: set[str] = set()
@@ -38,33 +42,28 @@ class SparseXRuntime:
         self._logged: set[str] = set()
         self._lock = threading.Lock()
 
+    def disable(self, kind: str, reason: str) -> None:
+        """Leave SparseX off for this server: requests get exact prefix caching only."""
+        self.disabled_kind, self.disabled_reason = kind, reason
+        logger.warning("SparseX is off for this server (%s: %s); requests get exact prefix caching only", kind,
+                       reason)
+
     @property
     def threshold(self) -> int:
-        return self.config.threshold(self.num_layers)
+        return self.config.selection.threshold(self.num_layers)
 
-    def request(self, req: object) -> SparseXRequest:
-        """The SparseX state carried on SGLang's ``req``, created at its first match (and open again when a
-        retracted request is matched anew)."""
-        state: SparseXRequest | None = getattr(req, "sparsex", None)
-        if state is None:
-            state = SparseXRequest(req.rid, report_counts=self.config.report_counts)  # type: ignore[attr-defined]
-            req.sparsex = state  # type: ignore[attr-defined]
-        self.open_requests.add(state.rid)
-        return state
+    def open(self, rid: str) -> RequestState:
+        """A new request's state (also for a retracted request matched anew), counted as open."""
+        self.open_requests.add(rid)
+        return RequestState(rid, report_counts=self.config.report_counts)
 
-    def close(self, req: object) -> None:
-        """``req`` left the scheduler (released, or retracted to be matched again): its admission state is
-        reset; its outcome stays on it for the reply's ``meta_info``, which SGLang builds after the release."""
-        self.open_requests.discard(req.rid)  # type: ignore[attr-defined]
-        state: SparseXRequest | None = getattr(req, "sparsex", None)
+    def close(self, rid: str, state: RequestState | None) -> None:
+        """The request left the scheduler (released, or retracted to be matched again): its admission state
+        is reset; its outcome stays on it for the reply's ``meta_info``, which SGLang builds after."""
+        self.open_requests.discard(rid)
         if state is not None:
             state.landed()
             state.reuse_refused = False
-
-    def drop(self, req: object) -> None:
-        """Forget ``req``'s SparseX state entirely (a fault met while planning it: it is served as stock)."""
-        self.open_requests.discard(req.rid)  # type: ignore[attr-defined]
-        req.sparsex = None  # type: ignore[attr-defined]
 
     def fallback(self, reason: str, detail: str = "") -> None:
         """Count a request that ran exact full prefill instead of SparseX; log each reason once."""
@@ -91,8 +90,8 @@ class SparseXRuntime:
         """Requests this scheduler holds SparseX state for; 0 when it is idle (a leak check)."""
         return len(self.open_requests)
 
-    def should_defer(self, request: SparseXRequest, admitted: list[SparseXRequest | None],
-                     running: list[SparseXRequest | None]) -> bool:
+    def should_defer(self, request: RequestState, admitted: list[RequestState | None],
+                     running: list[RequestState | None]) -> bool:
         """``request.should_defer``, counted in ``deferred_admissions``."""
         if not should_defer(request, admitted, running):
             return False
@@ -119,7 +118,7 @@ class SparseXRuntime:
         c = self.counters
         out: dict[str, object] = {k: v for k, v in asdict(c).items() if k != "fallbacks"}
         out["fallbacks"] = dict(c.fallbacks)
-        out["config"] = asdict(self.config)
+        out["config"] = self.config.flat()
         out["tracked_requests"] = self.tracked_requests()
         out["disabled_reason"] = self.disabled_reason
         return out

@@ -20,7 +20,7 @@ from typing import NewType
 
 import numpy as np
 
-from sparsex_sgl.errors import InvalidSegmentsError
+from sparsex_sgl.core.errors import InvalidSegmentsError
 
 SegmentHash = NewType("SegmentHash", bytes)
 """16 bytes: BLAKE2b-128 of the token ids, keyed by the namespace."""

@@ -16,7 +16,7 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from sparsex_sgl.errors import InvalidSegmentsError
+from sparsex_sgl.core.errors import InvalidSegmentsError
 
 SPANS_KEY = "sparsex_spans"
 """Flat list of token offsets ``[s0, e0, s1, e1, ...]`` into the request's ``input_ids``."""

@@ -16,7 +16,7 @@ from typing import Any, Literal, cast
 
 import torch
 
-from sparsex_sgl.errors import UnsupportedModelError
+from sparsex_sgl.core.errors import UnsupportedModelError
 
 RopeStyle = Literal["neox", "gptj"]
 RopeScaling = Literal["default", "linear", "llama3", "yarn"]

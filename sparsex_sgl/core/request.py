@@ -1,7 +1,7 @@
-"""One request's SparseX state, engine-free: what its match planned, what its prefill did, and the admission
+"""One request's SparseX state, engine-free: what it matched, what its prefill did, and the admission
 rule that lets repeats of a segment wait for the request computing it.
 
-An engine adapter creates a ``SparseXRequest`` when it first matches a request and carries it on the
+An engine adapter creates a ``RequestState`` when it first matches a request and carries it on the
 request itself (SGLang: ``Req.sparsex``, and on the batch, ``ForwardBatch.sparsex_requests``) through
 admission, the forward and the checkpoint to its release: a reader follows one object, and nothing is
 looked up by request id.
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from sparsex_sgl.graph import LookupPlan
-from sparsex_sgl.segments import Piece, SegmentHash
+from sparsex_sgl.core.graph import Lookup
+from sparsex_sgl.core.segments import Piece, SegmentHash
 
 MAX_DEFERRALS = 32
 """Admission rounds a request may wait for segments that other requests are computing (a request being
@@ -28,10 +28,10 @@ GAP_BLOCK = 16
 
 
 @dataclass(frozen=True)
-class RequestPlan:
-    """A request's lookup plan, the pieces and spans it was made from, and its recompute ratio."""
+class Match:
+    """A request's match: its lookup, the pieces and spans it was made from, and its recompute ratio."""
 
-    plan: LookupPlan
+    lookup: Lookup
     pieces: tuple[Piece, ...]
     """The prompt's cut (``SegmentGraph.align``): the request caches its KV along this same cut."""
     spans: tuple[tuple[int, int], ...]
@@ -121,18 +121,18 @@ class Counters:
 
 
 @dataclass
-class SparseXRequest:
+class RequestState:
     """Everything SparseX holds for one request, from its first match to its release.
 
-    ``matched`` is the last match's plan (a waiting request is matched again each scheduling round, and
+    ``matched`` is its last match (a waiting request is matched again each scheduling round, and
     again without reuse after ``refuse_reuse``); ``outcome`` what its prefill did, filled in by the
     forward and settled at the checkpoint; the rest is its admission state."""
 
     rid: str
-    matched: RequestPlan | None = None
+    matched: Match | None = None
     outcome: RequestOutcome | None = None
     report_counts: bool = True
-    """Whether the client sees the ``sparsex_*`` counts (``HybridConfig.report_counts``)."""
+    """Whether the client sees the ``sparsex_*`` counts (``ServerConfig.report_counts``)."""
     in_flight: bool = False
     """Admitted, and its prompt not cached yet: the segments it caches are still being computed."""
     deferrals: int = 0
@@ -141,8 +141,8 @@ class SparseXRequest:
 
     @property
     def reuses(self) -> bool:
-        """Whether its plan reuses a segment (its batch runs sparse)."""
-        return self.matched is not None and bool(self.matched.plan.reused)
+        """Whether its match reuses a segment (its batch runs sparse)."""
+        return self.matched is not None and bool(self.matched.lookup.reused)
 
     def admitted(self) -> None:
         """It joined a prefill batch: until its prompt is cached, its segments are in flight."""
@@ -154,8 +154,8 @@ class SparseXRequest:
         self.deferrals = 0
 
 
-def should_defer(request: SparseXRequest, admitted: Iterable[SparseXRequest | None],
-                 running: Iterable[SparseXRequest | None]) -> bool:
+def should_defer(request: RequestState, admitted: Iterable[RequestState | None],
+                 running: Iterable[RequestState | None]) -> bool:
     """Whether ``request`` should wait for a later prefill batch: a request already admitted to this batch
     (``admitted``), or one still running whose prompt is not cached yet (``running``: overlap scheduling
     plans a batch before the last one is cached, and a prompt is cached only when its prefill is done),

@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NewType, Protocol
 
-from sparsex_sgl.errors import SegmentHashCollisionError
-from sparsex_sgl.segments import Piece, SegmentHash
+from sparsex_sgl.core.errors import SegmentHashCollisionError
+from sparsex_sgl.core.segments import Piece, SegmentHash
 
 NodeId = NewType("NodeId", int)
 
@@ -82,7 +82,7 @@ class ReusedSegment:
 
 
 @dataclass(frozen=True)
-class LookupPlan:
+class Lookup:
     """What a request can take from the cache.
 
     Positions ``[0, prefix_len)`` are a prefix hit, each ``reused`` span is a non-prefix hit, and
@@ -105,12 +105,12 @@ class LookupPlan:
 
     @property
     def node_ids(self) -> tuple[NodeId, ...]:
-        """Every node the plan reads, to be locked while the request runs."""
+        """Every node the lookup reads, to be locked while the request runs."""
         return self.prefix_node_ids + tuple(r.node_id for r in self.reused)
 
 
-def segments_it_caches(pieces: Sequence[Piece], plan: LookupPlan) -> frozenset[SegmentHash]:
-    """Keys of the segments a request will compute exactly, and so cache, under ``plan``.
+def segments_it_caches(pieces: Sequence[Piece], lookup: Lookup) -> frozenset[SegmentHash]:
+    """Keys of the segments a request will compute exactly, and so cache, under ``lookup``.
 
     Those are the reusable pieces after its exact prefix and before its first reused segment: a row
     before any reused token attends only to exact KV. (Pieces after a reused segment are computed over
@@ -118,18 +118,18 @@ def segments_it_caches(pieces: Sequence[Piece], plan: LookupPlan) -> frozenset[S
     these segments gains nothing from running in the same batch, where it computes the segment again;
     one batch later it reuses it.
     """
-    first_reused = min((r.target_start for r in plan.reused), default=plan.n_tokens)
-    return frozenset(p.key for p in pieces if p.reusable and p.start >= plan.prefix_len and p.end <= first_reused)
+    first_reused = min((r.target_start for r in lookup.reused), default=lookup.n_tokens)
+    return frozenset(p.key for p in pieces if p.reusable and p.start >= lookup.prefix_len and p.end <= first_reused)
 
 
-def segments_it_computes(pieces: Sequence[Piece], plan: LookupPlan) -> frozenset[SegmentHash]:
-    """Keys of the segments a request computes under ``plan``: those neither in its prefix hit nor reused.
+def segments_it_computes(pieces: Sequence[Piece], lookup: Lookup) -> frozenset[SegmentHash]:
+    """Keys of the segments a request computes under ``lookup``: those neither in its prefix hit nor reused.
 
     A request should wait for a segment another admitted request is about to cache only if it would
     otherwise compute that segment itself (``SparseXRuntime.should_defer``).
     """
-    reused = {r.target_start for r in plan.reused}
-    return frozenset(p.key for p in pieces if p.reusable and p.start >= plan.prefix_len and p.start not in reused)
+    reused = {r.target_start for r in lookup.reused}
+    return frozenset(p.key for p in pieces if p.reusable and p.start >= lookup.prefix_len and p.start not in reused)
 
 
 @dataclass(frozen=True)
@@ -137,11 +137,13 @@ class InsertResult:
     """Per piece: the node now holding it, and whether the caller's slots were adopted.
 
     Slots of pieces that were not adopted (already cached, or no room) stay the caller's to free.
-    ``node_ids[i]`` is None where a piece could not be cached, and then for every later piece.
+    ``node_ids[i]`` is None where a piece could not be cached, and then for every later piece;
+    ``collision`` says a piece stopped there because its hash names other cached tokens.
     """
 
     node_ids: tuple[NodeId | None, ...]
     adopted: tuple[bool, ...]
+    collision: bool = False
 
 
 class SegmentGraph:
@@ -235,7 +237,7 @@ class SegmentGraph:
                 return gap, child
         return None
 
-    def lookup(self, pieces: Sequence[Piece]) -> LookupPlan:
+    def lookup(self, pieces: Sequence[Piece]) -> Lookup:
         """Plan a request: exact prefix path first, then reusable pieces found anywhere."""
         if not pieces:
             raise ValueError("lookup needs at least one piece")
@@ -267,7 +269,7 @@ class SegmentGraph:
                 new_rows.append(n - 1)
         if prefix_len < covered:  # the whole prompt was an exact path: recompute its last token
             new_rows.append(n - 1)
-        return LookupPlan(
+        return Lookup(
             n_tokens=n,
             prefix_len=prefix_len,
             prefix_node_ids=tuple(nd.id for nd in prefix_nodes),
@@ -277,14 +279,14 @@ class SegmentGraph:
             exact_prefix_len=exact_prefix_len,
         )
 
-    def prefix_only(self, plan: LookupPlan, prefix_len: int) -> LookupPlan:
-        """``plan`` with its non-prefix hits dropped and its prefix cut to ``prefix_len`` (an engine's cap,
+    def prefix_only(self, lookup: Lookup, prefix_len: int) -> Lookup:
+        """``lookup`` with its non-prefix hits dropped and its prefix cut to ``prefix_len`` (an engine's cap,
         or the exact part for a request that must be exact): everything after is computed. Only the
         nodes the cut prefix still reads stay in it, so a blended node past the cut is not locked and
         the request's exact KV can replace it (``insert``)."""
-        kept = tuple(nid for nid in plan.prefix_node_ids if self._nodes[nid].start_pos < prefix_len)
-        return LookupPlan(plan.n_tokens, prefix_len, kept, plan.prefix_slots[:prefix_len], (),
-                          tuple(range(prefix_len, plan.n_tokens)), min(plan.exact_prefix_len, prefix_len))
+        kept = tuple(nid for nid in lookup.prefix_node_ids if self._nodes[nid].start_pos < prefix_len)
+        return Lookup(lookup.n_tokens, prefix_len, kept, lookup.prefix_slots[:prefix_len], (),
+                          tuple(range(prefix_len, lookup.n_tokens)), min(lookup.exact_prefix_len, prefix_len))
 
     def _best_candidate(self, piece: Piece, previous_key: SegmentHash | None) -> _Node | None:
         """Among exact nodes holding this piece, prefer one cached after the same predecessor, then the newest."""
@@ -316,12 +318,15 @@ class SegmentGraph:
         node_ids: list[NodeId | None] = []
         adopted: list[bool] = []
         path: list[_Node] = []
+        collision = False
         try:
             for piece in pieces:
                 child = node.children.get(piece.key)
                 exact = exact_len is None or piece.end <= exact_len
                 if child is not None:
-                    _confirm(child, piece)
+                    if child.token_ids != piece.token_ids:  # never raise here: earlier pieces were adopted
+                        collision = True
+                        break
                     took = exact and not child.exact
                     if took and child.lock_ref > 0:  # a running request reads the blended KV: keep it
                         break
@@ -343,7 +348,7 @@ class SegmentGraph:
             for nd in path:
                 self._dec(nd)
         missing = len(pieces) - len(node_ids)
-        return InsertResult(tuple(node_ids) + (None,) * missing, tuple(adopted) + (False,) * missing)
+        return InsertResult(tuple(node_ids) + (None,) * missing, tuple(adopted) + (False,) * missing, collision)
 
     def _add_node(self, parent: _Node, piece: Piece, slots: tuple[int, ...], exact: bool) -> _Node:
         assert len(slots) == piece.length, (len(slots), piece.length)

@@ -1,51 +1,18 @@
-"""Token selection: which reused tokens are recomputed in the sparse layers.
-
-All policies score the reused tokens of one request and take the top ones within a budget; they differ
-only in the signal. The attention-mass policies read the mass that the Sparse-Q rows (the new tokens,
-computed in every layer anyway) put on each reused token, from the log-sum-exp of their attention:
-
-- ``sparse_q`` (SparseX's first signal): the distance between each reused token's fresh and re-aligned
-  cached value at the last full layer, weighted by that mass shrunk toward the mean mass
-  (``sparse_q_signal``). Deviation says how stale a token's KV is; mass says how much the new tokens
-  read it. With the shipped prior it is mostly deviation (README, "Choosing the SparseX signal").
-- ``query_mass``: the mass alone, not multiplied by deviation (ProphetKV's ordering). A token the
-  question does not read cannot change the answer however stale it is; ranking by deviation lets tokens
-  salient to the whole prompt but not to the question use up the budget ("crowding out"). Which rows'
-  mass, at which layers and how heads combine are ``HybridConfig.mass_rows`` / ``mass_layers`` /
-  ``mass_heads``.
-- Where the mass comes from is ``HybridConfig.mass_pass``: the full layers of the one forward, or (a
-  comparison point, reference executor only) a *look-ahead* pass: the new rows first run alone through
-  every layer over the stale re-aligned KV, and their mass summed over all layers scores the tokens. It
-  sees the mass of the very layers that will read the stale KV, where the threshold layer sees only an
-  early layer's broad attention, at the price of a second pass over the new rows (counted in the FLOPs),
-  so it departs from the single-pass design. Both mass policies take either source.
-- ``kv_deviation`` (CacheBlend-style): distance between the fresh value vectors of the full layers and
-  the re-aligned cached ones.
-- ``first_k`` (EPIC-style): the first tokens of every moved segment, which acted as attention sinks
-  when the segment was cached alone.
-- ``none``: nothing (naive reuse).
-
-The budget is fixed (``recompute_ratio`` of the reused tokens) or adaptive (``HybridConfig.coverage``:
-the fewest top tokens whose signal covers that share of the request's total, at most the fixed budget),
-so a request whose question reads little of the reused text recomputes little.
+"""Host-side definitions of the selection, one request at a time: the oracles the device pipeline
+(``core.sparse_extend.select``) is tested against. They are written independently of it (per request, on
+the host, in float64, by explicit sorting), so a test comparing the two could fail on either side.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from sparsex_sgl.graph import ReusedSegment
+from sparsex_sgl.core.graph import ReusedSegment
 
-Selection = Literal["sparse_q", "query_mass", "kv_deviation", "first_k", "none"]
 SELECTIONS: tuple[str, ...] = ("sparse_q", "query_mass", "kv_deviation", "first_k", "none")
-SIGNAL_SELECTIONS: tuple[str, ...] = ("sparse_q", "query_mass", "kv_deviation")
-"""Policies that select after a computed layer, hence at least one full layer."""
-MASS_SELECTIONS: tuple[str, ...] = ("sparse_q", "query_mass")
-"""Policies that read the new rows' attention mass."""
 
 
 @dataclass(frozen=True)
@@ -93,31 +60,6 @@ def exact_length(reused: ReusedTokens, selected: torch.Tensor, n_tokens: int) ->
     """
     kept = reused.positions[~torch.isin(reused.positions, selected)]
     return int(kept.min()) if kept.numel() else n_tokens
-
-
-def sparse_q_signal(mass: torch.Tensor, deviation: torch.Tensor, mass_prior: float) -> torch.Tensor:
-    """SparseX's score per reused token: ``deviation * (mass / mean(mass) + mass_prior)``.
-
-    ``mass_prior`` is how many mean-masses of prior weight every token gets before the threshold layer's
-    attention is counted: 0 trusts that one layer fully (mass x deviation), a large value leaves
-    deviation alone (CacheBlend's signal). Both inputs are ``[r]``, float.
-    """
-    if mass.shape != deviation.shape:
-        raise ValueError(f"mass {tuple(mass.shape)} and deviation {tuple(deviation.shape)} differ in shape")
-    if mass_prior < 0:
-        raise ValueError(f"mass_prior must be >= 0, got {mass_prior}")
-    mean = mass.mean().clamp_min(torch.finfo(mass.dtype).tiny) if mass.numel() else mass.new_ones(())
-    return deviation * (mass / mean + mass_prior)
-
-
-def coverage_count(sorted_signal: torch.Tensor, coverage: float) -> torch.Tensor:
-    """Per row of ``sorted_signal [b, r]`` (descending, >= 0, padding 0): how many leading entries it takes
-    for their sum to reach ``coverage`` of the row's total (at least 1), as ``[b]`` int64, on its device."""
-    if not 0.0 < coverage <= 1.0:
-        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
-    cumulative = sorted_signal.double().cumsum(dim=1)
-    goal = coverage * cumulative[:, -1:]
-    return ((cumulative < goal).sum(dim=1) + 1).clamp_max(sorted_signal.shape[1])
 
 
 def selection_budget(n_reused: int, ratio: float) -> int:

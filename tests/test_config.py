@@ -1,27 +1,33 @@
-"""Hybrid-plan config validation, presets in configs/, method expansion, and the FLOPs model."""
+"""Settings validation, presets in configs/, the selection policies' registry, method expansion, and the
+FLOPs model."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
+from sparsex_sgl.core.config import SELECTION_CHOICES, SelectionConfig, ServerConfig
+from sparsex_sgl.core.selection import POLICIES, Selection
 from sparsex_sgl.eval.fidelity import method_runs
-from sparsex_sgl.hybrid import HybridConfig, ModelDims, method_config, modeled_prefill_flops
+from sparsex_sgl.eval.methods import method_config
+from sparsex_sgl.reference.executor import ReuseSetting
+from sparsex_sgl.reference.flops import ModelDims, modeled_prefill_flops
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_presets_load(path: Path) -> None:
-    assert isinstance(HybridConfig.from_yaml(path), HybridConfig)
+    assert isinstance(ServerConfig.from_yaml(path), ServerConfig)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_presets_agree_with_the_methods_they_name(path: Path) -> None:
     """A preset is the method of its name at the defaults every report uses (ratio 0.15, ``L_full`` 2)."""
-    assert HybridConfig.from_yaml(path) == method_config(path.stem, 0.15, 2)
+    assert ReuseSetting(ServerConfig.from_yaml(path).selection) == method_config(path.stem, 0.15, 2)
 
 
 def test_presets_exist() -> None:
@@ -32,7 +38,9 @@ def test_presets_exist() -> None:
     "kwargs, message",
     [
         ({"recompute_ratio": 1.5}, "recompute_ratio"),
-        ({"selection": "random"}, "selection must be one of"),
+        ({"selection": "random"}, "Input should be 'sparse_q', 'query_mass', 'kv_deviation', 'first_k' or 'none'"),
+        ({"kernels": "cuda"}, "Input should be 'auto', 'torch' or 'triton'"),
+        ({"coverage": 0.5, "selection": "first_k", "full_layers": 0}, "coverage needs a scored selection"),
         ({"full_layers": -1}, "full_layers"),
         ({"mass_prior": -0.5}, "mass_prior"),
         ({"full_layers": 0, "selection": "sparse_q"}, "full_layers >= 1"),
@@ -41,14 +49,28 @@ def test_presets_exist() -> None:
 )
 def test_invalid_configs_are_rejected(kwargs: dict, message: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(ValueError, match=message):
-        HybridConfig(**kwargs)
+        ServerConfig.from_mapping(kwargs)
 
 
 def test_unknown_yaml_keys_are_rejected(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("hybrid:\n  ratio: 0.2\n")
-    with pytest.raises(ValueError, match="unknown hybrid settings"):
-        HybridConfig.from_yaml(path)
+    path.write_text("sparsex:\n  ratio: 0.2\n")
+    with pytest.raises(ValueError, match="unknown SparseX settings"):
+        ServerConfig.from_yaml(path)
+
+
+def test_every_selection_choice_is_one_registered_policy() -> None:
+    assert set(POLICIES) == set(get_args(Selection)) == set(SELECTION_CHOICES)
+    for name, policy in POLICIES.items():
+        assert policy.name == name and (policy.score.__doc__ or "").strip(), f"{name} has no docstring saying why"
+    assert {n for n, p in POLICIES.items() if p.reads_full_layer} == {"sparse_q", "query_mass", "kv_deviation"}
+
+
+def test_a_server_config_round_trips_through_its_flat_mapping() -> None:
+    config = ServerConfig.from_mapping({"recompute_ratio": 0.3, "mass_layers": "all", "kernels": "torch",
+                                        "markers": True})
+    assert config.selection == SelectionConfig(recompute_ratio=0.3, mass_layers="all")
+    assert ServerConfig.from_mapping(config.flat()) == config
 
 
 def test_method_runs_name_settings_only_when_swept() -> None:
@@ -138,8 +160,9 @@ def test_quality_table_compares_an_adaptive_budget_with_its_signal_at_fixed_rati
 def test_mass_priors_expand_sparsex_only() -> None:
     runs = method_runs(["cacheblend", "sparsex"], [0.15], [2], mass_priors=[0.0, 4.0])
     assert [r.name for r in runs] == ["cacheblend", "sparsex[prior=0.0]", "sparsex[prior=4.0]"]
-    assert [r.config.mass_prior for r in runs if r.method == "sparsex"] == [0.0, 4.0]  # type: ignore[union-attr]
-    assert method_runs(["sparsex"], [0.15], [2])[0].config == HybridConfig(full_layers=2, recompute_ratio=0.15)
+    assert [r.config.selection.mass_prior for r in runs if r.method == "sparsex"] == [0.0, 4.0]  # type: ignore[union-attr]
+    assert method_runs(["sparsex"], [0.15], [2])[0].config == ReuseSetting(SelectionConfig(full_layers=2,
+                                                                                           recompute_ratio=0.15))
 
 
 def test_signals_and_coverage_expand_sparsex_only() -> None:
@@ -148,14 +171,14 @@ def test_signals_and_coverage_expand_sparsex_only() -> None:
     assert [r.name for r in runs] == ["cacheblend", "sparsex", "sparsex[cov=0.5]", "sparsex:mass_all",
                                       "sparsex:mass_all[cov=0.5]", "sparsex:lookahead", "sparsex:lookahead[cov=0.5]"]
     by_name = {r.name: r.config for r in runs}
-    assert by_name["sparsex:mass_all[cov=0.5]"] == HybridConfig(full_layers=2, recompute_ratio=0.15, coverage=0.5,
-                                                                selection="query_mass", mass_layers="all")
-    assert by_name["sparsex:lookahead"] == HybridConfig(full_layers=2, recompute_ratio=0.15, selection="query_mass",
-                                                        mass_pass="lookahead")
+    assert by_name["sparsex:mass_all[cov=0.5]"] == ReuseSetting(SelectionConfig(
+        full_layers=2, recompute_ratio=0.15, coverage=0.5, selection="query_mass", mass_layers="all"))
+    assert by_name["sparsex:lookahead"] == ReuseSetting(SelectionConfig(full_layers=2, recompute_ratio=0.15,
+                                                                        selection="query_mass"), lookahead=True)
     limited = method_runs(["sparsex"], [0.15], [2], signals=["sparse_q", "mass_all"], coverages=[0.0, 0.5],
                           coverage_signals=["mass_all"])
     assert [r.name for r in limited] == ["sparsex", "sparsex:mass_all", "sparsex:mass_all[cov=0.5]"]
-    assert limited[0].config == HybridConfig(full_layers=2, recompute_ratio=0.15)  # fixed ratio, no budget
+    assert limited[0].config == ReuseSetting(SelectionConfig(full_layers=2, recompute_ratio=0.15))  # fixed ratio
     with pytest.raises(ValueError, match="unknown SparseX signal"):
         method_config("sparsex", 0.15, 2, "attention")
 

@@ -5,7 +5,7 @@ in-band markers that a ``--enable-sparsex --sparsex-markers`` server turns into 
 tokenized on its own, so it has the same ids wherever it appears)::
 
     import sglang as sgl
-    from sparsex_sgl import frontend as sx
+    from sparsex_sgl import client as sx
 
     @sgl.function
     def rag(s, chunks, question):
@@ -17,7 +17,7 @@ tokenized on its own, so it has the same ids wherever it appears)::
 Over HTTP, ``SparseXClient.generate`` sends the prompt text with its segment texts listed in
 ``custom_params`` and returns SGLang's reply, whose ``meta_info["cached_tokens_details"]`` carries the
 ``sparsex_*`` counts. Requests built by hand can instead send ``input_ids`` with
-``custom_params={"sparsex_spans": [start0, end0, ...]}`` (see ``sparsex_sgl.protocol``).
+``custom_params={"sparsex_spans": [start0, end0, ...]}`` (see ``sparsex_sgl.core.protocol``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from sparsex_sgl.protocol import MARKER_BEGIN, MARKER_END, RATIO_KEY, SEGMENTS_KEY
+from sparsex_sgl.core.protocol import MARKER_BEGIN, MARKER_END, RATIO_KEY, SEGMENTS_KEY
 
 
 def segment(text: str) -> str:

@@ -1,0 +1,677 @@
+"""The one seam between SparseX and SGLang's internals, written against ``sglang==0.5.23``.
+
+Every SGLang attribute, function and class the adapter reads, writes or patches beyond the official plugin
+interfaces (the cache and attention-backend registries, ``HookRegistry``, ``BasePrefixCache``) is reached
+through a function here, and each SGLang source whose behaviour one of them relies on is pinned by the
+SHA-256 of its source (``PINS``). On another source ``changed_pins`` names it: the cache factory then
+leaves SparseX off for the server (exact serving, the reason logged and counted as ``sglang_changed``),
+the request hooks pass requests through, and ``tests/test_sglang_seam.py`` fails until the code here is
+re-read against the new source and the pins are updated. No other adapter module imports SGLang at run
+time (the same test checks that).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import (
+    BasePrefixCache,
+    CacheRequestHandle,
+    DecLockRefParams,
+    DecLockRefResult,
+    EvictParams,
+    EvictResult,
+    IncLockRefResult,
+    MatchPrefixParams,
+    MatchResult,
+)
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+    from sglang.srt.managers.schedule_policy import PrefillAdder
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.mem_cache.registry import TreeCacheBuildContext
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+    from sparsex_sgl.core.request import RequestState
+
+__all__ = [
+    "BasePrefixCache", "CacheRequestHandle", "DecLockRefParams", "DecLockRefResult", "EvictParams", "EvictResult",
+    "IncLockRefResult", "MatchPrefixParams", "MatchResult",
+]
+
+PINS: dict[str, str] = {
+    "sglang.srt.entrypoints.engine.Engine.__init__": "54412adbf86ad86b9d29ac676a3ef237ddc1c0b8d1d844ffae3c110dac656913",
+    "sglang.srt.entrypoints.http_server.get_global_state":
+        "4141aecd7b88b98661677dca30e80afa33f5e976b716b07163f4610e7361981f",
+    "sglang.srt.layers.layer_boundary.residual.batch.clear":
+        "93007b19dfba7c8481e848fdfc01348176b75d6e57c9cd78ed8dc9fd79c66814",
+    "sglang.srt.layers.layer_boundary.residual.batch.complete_output":
+        "07e9db3b0a9bb92fe1b31a315e190d2b8accd43ef38b3e0e4b699523ccde2868",
+    "sglang.srt.layers.layer_boundary.residual.batch.export_replay_handoff":
+        "02406ff2a28532b7c1ec209d86ebe041b4b850b492581e27b4ee7426039c11a5",
+    "sglang.srt.layers.layer_boundary.residual.batch.final_norm":
+        "242e96d61e14bc1e007884f04539fae84d55661d77cdd6277df66c9d46bbab1a",
+    "sglang.srt.layers.layer_boundary.residual.batch.import_replay_handoff":
+        "b20e16d76a55fc053d595de81b6e3a450b78c140115a64cb46246d4a252d24fd",
+    "sglang.srt.layers.layer_boundary.residual.batch.start":
+        "2b3296ab96cf6e0257bb49d5022254e8316fca087752fee6f0f2f93246e955d4",
+    "sglang.srt.layers.radix_attention.RadixAttention.__init__":
+        "bfedb02b83a9cd4879688c5d38e92fc3cac565c2f5d98b940d88c8ebe7da89f8",
+    "sglang.srt.layers.radix_attention.RadixAttention.forward":
+        "4ca2cac7fefcd32bc21a3e137201b292bb933a1c95f697cfad56e346e4a98dcb",
+    "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding.__init__":
+        "669e515f7f234f9188f01062fe2722ac1d5a597e610b8893ac8ad07543e27e1a",
+    "sglang.srt.managers.schedule_batch.Req.__init__":
+        "95516b226df11e45019d15c8b853c7e8781fb2a8524f445c825e2b7ae52c19b7",
+    "sglang.srt.managers.schedule_batch.Req.init_next_round_input":
+        "e7af52023f823aec3726cf67236ed435b6cf8e585376f3032bcb636bf73372fb",
+    "sglang.srt.managers.schedule_batch.Req.refresh_fill_ids":
+        "c36555f5ab4697b73bf5bff1c90605804a0768a3fa6063691f740185a7a2e340",
+    "sglang.srt.managers.schedule_batch.ReqKvInfo": "78ec05bef977dd1a6fe03af28ebef42247d9517b405ba425213caa14c5610ad4",
+    "sglang.srt.managers.schedule_policy.PrefillAdder.__init__":
+        "311684cd26be5b49ecc864a1f5adabf6263513b986c4d8d5738703b8d58615aa",
+    "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req":
+        "11ea292b16f33cb686bf72862fee68949b2586dac1b4c42a45525c6b43c17f7f",
+    "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state":
+        "f01b8205456841227be61ec37cf42654fee9a26c1dfea6a55eb93d8bca9ebde4",
+    "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.get_cached_tokens_details":
+        "532f8103ebb758996a2682345a6bc131ce1c0dff4c861004ce831bbadce4138b",
+    "sglang.srt.managers.tokenizer_control_mixin.TokenizerControlMixin.get_internal_state":
+        "2c8c8a78ff656d01a46cfb8eb0e91b18e4a74ed8cbde43d0dc6c6948ca660b6c",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._tokenize_one_request":
+        "e6d36ac90556da841582a252ae1c229ff575d13c779345ee91700c5df589bbe7",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request":
+        "913d991d70106bffabf71c04915609bc6cc8b15678478eb5aae2c10b9ef814d8",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.alloc":
+        "923aed278344d0a540e1fab8ff523225486b54ce09bd572ea39fe51bf9b0e118",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.available_size":
+        "078f68a95bae72e396b13ce9163c5d89a09f0e37467970117bf143c621bfe5b4",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free":
+        "2d0c243cc83399cc6934d57c6d93cc0c0fa6341ae0518e0365e3e63493bc1d13",
+    "sglang.srt.mem_cache.cache_init_params.CacheInitParams":
+        "f053037848f3a09cfdc87d88c0d02514995b447631ae5ccf35944b37d5d4ec81",
+    "sglang.srt.mem_cache.common.release_kv_cache": "90e19434d1fa8c220ddc6bf9349fcbf831e46de1310d92156887a113045435f9",
+    "sglang.srt.mem_cache.memory_pool.KVWriteLoc": "e8a5d95ba308eb463af3daa9e213015ee9d00063db0349dbed5c8306152f6a8e",
+    "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.__init__":
+        "292b714d4030ac7c69731dc50f2802a1e4563a9ccfce08236c2c018a4d0715f3",
+    "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.get_key_buffer":
+        "ab5fc2d68e854c1d8c0f34ae5d0ed0d79072df1d95b06ca56198a542046c9919",
+    "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.get_value_buffer":
+        "ba5ea7b1b294d656e697ec4ae094a5356271e6735c361d0bc2ede17dcf227d54",
+    "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.set_kv_buffer":
+        "f5ac5415f0503888fa91d18f532d869b3ca8492733d41bf46065f9a5fc8d0e2a",
+    "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.__init__":
+        "474f1c413d92b0a63be304c08af01b9bad1b3bfe12298f6bb3f9d362dc0dcbf2",
+    "sglang.srt.mem_cache.registry.TreeCacheBuildContext":
+        "ab93e276f6240fe60bce3c8ca6933477409639e094518a33ac00c8ac8f6c355d",
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new":
+        "1f92fa245fced357d681c76ce8b7874c4b1fab10380a8eb3f88243c6ab7aa35f",
+    "sglang.srt.model_executor.model_runner.ModelRunner.__init__":
+        "57d8b5cce5d3e259a3b72c6d9e322087e480f3021287650710cb58382e6089b7",
+    "sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch":
+        "6e460a10c84a1430c3b74dbc9dde2708a01c9d10a321f556967f54db91b5ed56",
+    "sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph":
+        "2c4349416d987ef50243f2449277d985ce65aa304384e0a40d1a3d370f9db49e",
+    "sglang.srt.models.llama.LlamaAttention.forward":
+        "232b19ff50081952b7cc1893b5333b1864b0bf210ff13adb75031199261ac45e",
+    "sglang.srt.models.llama.LlamaDecoderLayer.forward":
+        "6d3680dbd7256ed245ecc69eddd62d9ab58ed482626175dfa1d327eeb1876606",
+    "sglang.srt.models.llama.LlamaModel.forward": "d02b894a8afcbf3f4945a3bf062bbe297cd8d8c96cfaef66d5415db1e87d981b",
+    "sglang.srt.models.qwen2.Qwen2Attention.forward":
+        "41849402eca609941200beb43178d201496da72bdd368f335bb4d42bb9252746",
+    "sglang.srt.models.qwen2.Qwen2DecoderLayer.forward":
+        "6d3680dbd7256ed245ecc69eddd62d9ab58ed482626175dfa1d327eeb1876606",
+    "sglang.srt.models.qwen2.Qwen2Model.forward": "2a5dfe1535ad52ee1110334aa5ef62d5d42017d0fb88b636e4ba1c59532e5afa",
+    "sglang.srt.models.qwen3.Qwen3Attention.forward":
+        "51db2ef32c3cff344af91602c74b3db46711198dc477933673e3cb57408325bd",
+    "sglang.srt.models.qwen3.Qwen3DecoderLayer.forward":
+        "7f3747f9e5dde0a80a4c1939525fc34c4aafaa2735d722eb8d624779e27f79bb",
+    "sglang.srt.models.qwen3.Qwen3Model.forward": "38b8b1b6d5ce0768ffeca9b2d2a8d2b75dee7643bdeee690b6f7695a14b86c45",
+    "sglang.srt.runtime_context.attention_backends": "5fad60b26308e0586fd41ea422aadaf95d9df0deb9014d55f2906e6691d7ce69",
+    "sglang.srt.server_args.ServerArgs": "964c88a6d7f2d3e1f37548c6cc5ea1e64ae2204c75ba15dafc4f3521d9fcb9c3",
+    "sglang.srt.server_args.ServerArgs.add_cli_args":
+        "8d5f9b207365f5bad13d4623477aa017145dc67a98499441daf0eb84412c5a9e",
+    "sglang.srt.server_args.ServerArgs.from_cli_args":
+        "32152825e268b6da4218b27ab4f654c3230474a12af0cd4b2a9c4e6c588be0f2",
+}
+"""SHA-256 of the source of every SGLang function or class a function of this module relies on, as of
+sglang 0.5.23; filled in by ``python -m sparsex_sgl.sglang.compat --print-pins`` after re-reading."""
+
+
+# ---------------------------------------------------------------------- pins
+def source_digest(dotted: str) -> str:
+    """SHA-256 of the source of the object at ``dotted`` ("" if it cannot be read: gone or not Python)."""
+    try:
+        return hashlib.sha256(inspect.getsource(_resolve(dotted)).encode()).hexdigest()
+    except (ImportError, AttributeError, OSError, TypeError):
+        return ""
+
+
+def changed_pins(pins: dict[str, str] | None = None) -> list[str]:
+    """The pinned SGLang objects whose installed source differs from the pin (or that are gone)."""
+    if pins is None:
+        return list(_changed_now())
+    return [name for name, digest in pins.items() if source_digest(name) != digest]
+
+
+@functools.cache
+def _changed_now() -> tuple[str, ...]:
+    return tuple(changed_pins(PINS))
+
+
+def unchanged() -> bool:
+    """Whether this process's SGLang is the source every pin was read against (computed once)."""
+    return not _changed_now()
+
+
+def _resolve(dotted: str) -> Any:
+    """The object at ``package.module.Class.attr``: the longest importable prefix, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            target: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            target = getattr(target, attr)
+        return target
+    raise ImportError(dotted)
+
+
+def _pin(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a function of this module as relying on the SGLang objects ``names`` (each must be in PINS;
+    ``tests/test_sglang_seam.py`` checks it). Documentation for the reader; no run-time cost."""
+
+    def mark(function: Callable[..., Any]) -> Callable[..., Any]:
+        function.__sglang_pins__ = names  # type: ignore[attr-defined]
+        return function
+
+    return mark
+
+
+# ---------------------------------------------------------------------- plugin set-up (launcher, every process)
+HOOK_TARGETS = {
+    "add_cli_args": "sglang.srt.server_args.ServerArgs.add_cli_args",
+    "from_cli_args": "sglang.srt.server_args.ServerArgs.from_cli_args",
+    "tokenize": "sglang.srt.managers.tokenizer_manager.TokenizerManager._tokenize_one_request",
+    "validate": "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+    "cached_tokens_details":
+        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.get_cached_tokens_details",
+    "internal_state":
+        "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
+    "admit": "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req",
+    "prefill_graph": "sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph",
+    "forward_batch": "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+    "static_batch": "sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch",
+}
+"""The SGLang methods the plugin hooks (``HookRegistry``), by the role the hook plays; each is pinned."""
+
+
+def register_backends(name: str, create_attention: Callable[[ModelRunner], Any],
+                      create_cache: Callable[[TreeCacheBuildContext], Any]) -> None:
+    """Register the ``name`` attention backend (and its CLI choice) and radix-cache backend, once."""
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend, registered_radix_cache_backends
+
+    if name not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([name])
+    if name not in ATTENTION_BACKENDS:
+        register_attention_backend(name)(create_attention)
+    if name not in registered_radix_cache_backends():
+        register_radix_cache_backend(name, create_cache)
+
+
+def register_hooks(hooks: Sequence[tuple[str, Callable[..., Any], str]]) -> None:
+    """``(role in HOOK_TARGETS, hook, "before" | "after" | "around")`` through SGLang's ``HookRegistry``."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    kinds = {"before": HookType.BEFORE, "after": HookType.AFTER, "around": HookType.AROUND}
+    for role, hook, kind in hooks:
+        HookRegistry.register(HOOK_TARGETS[role], hook, kinds[kind])
+
+
+@_pin("sglang.srt.entrypoints.engine.Engine.__init__")
+def wrap_engine_server_args(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Replace ``Engine.server_args_class`` (which ``Engine.__init__`` calls with the Engine's keywords) by
+    ``wrap(original)``, once. A HookRegistry REPLACE on this class-valued attribute would rebind
+    ``ServerArgs`` in every module; a plain setattr reaches the first Engine too."""
+    import sys
+
+    module = sys.modules.get("sglang.srt.entrypoints.engine")
+    if module is None:
+        return
+    engine = module.Engine
+    if getattr(engine.__dict__.get("server_args_class"), "__sparsex__", False):
+        return
+    wrapped = wrap(engine.server_args_class)
+    wrapped.__sparsex__ = True  # type: ignore[attr-defined]
+    engine.server_args_class = staticmethod(wrapped)
+
+
+@_pin("sglang.srt.layers.rotary_embedding.base.RotaryEmbedding.__init__")
+def use_torch_rotary() -> None:
+    """Pure-torch rotary embedding on the CPU (SGLang otherwise imports a vllm kernel that is absent here)."""
+    import sglang.srt.layers.rotary_embedding.base as rotary_base
+
+    rotary_base._is_cpu = True
+
+
+@_pin("sglang.srt.entrypoints.http_server.get_global_state",
+      "sglang.srt.managers.tokenizer_control_mixin.TokenizerControlMixin.get_internal_state")
+def add_stats_route(path: str, section: str) -> None:
+    """``GET path`` on SGLang's HTTP app: ``{"schedulers": [state[section] of every scheduler]}``, through
+    SGLang's internal-state RPC (``internal_state_hook`` puts the section there)."""
+    from sglang.srt.entrypoints import http_server
+
+    app: FastAPI = http_server.app
+    if any(getattr(route, "path", None) == path for route in app.routes):
+        return
+
+    async def stats() -> Any:
+        states = await http_server.get_global_state().tokenizer_manager.get_internal_state()
+        return {"schedulers": [state.get(section) for state in states]}
+
+    app.add_api_route(path, stats, methods=["GET"])
+
+
+@_pin("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state")
+def internal_state_tree_cache(controller: Any) -> Any:
+    """The tree cache of the scheduler whose internal-state reply ``controller`` builds."""
+    return controller.scheduler.tree_cache
+
+
+def set_internal_state(result: Any, section: str, value: dict[str, object]) -> None:
+    result.internal_state[section] = value
+
+
+# ---------------------------------------------------------------------- the tokenizer manager
+@_pin("sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__")
+def tokenizer_parts(manager: Any) -> tuple[Any, Any, int]:
+    """The tokenizer manager's server args, tokenizer and the model's vocabulary size."""
+    return manager.server_args, manager.tokenizer, int(manager.model_config.vocab_size)
+
+
+@_pin("sglang.srt.sampling.sampling_params.SamplingParams.__init__")
+def check_custom_param_types(custom: object) -> None:
+    """ValueError (a 400) if ``custom_params`` holds a value SGLang's scheduler cannot decode as its
+    ``CustomParamValue`` (its typed decoder does not catch that: the scheduler would die)."""
+    import msgspec
+    from sglang.srt.sampling.sampling_params import CustomParamValue
+
+    try:
+        msgspec.convert(custom, type=dict[str, CustomParamValue] | None, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"custom_params: {str(exc)[:120]} (values: null, bool, number, string, or a flat list "
+                         "or object of those)") from None
+
+
+@_pin("sglang.srt.managers.schedule_batch.Req.__init__")
+def cached_tokens(req: Req) -> int:
+    """SGLang's own prefix-hit count of a request (``meta_info.cached_tokens``)."""
+    return int(req.cached_tokens)
+
+
+# ---------------------------------------------------------------------- requests
+@_pin("sglang.srt.managers.schedule_batch.Req.__init__")
+def request_state(req: Req) -> RequestState | None:
+    """SparseX's state carried on SGLang's request (``Req`` has no slots; SGLang sets no such attribute)."""
+    return getattr(req, "sparsex", None)
+
+
+def set_request_state(req: Req, state: RequestState | None) -> None:
+    req.sparsex = state  # type: ignore[attr-defined]
+
+
+@_pin("sglang.srt.managers.schedule_batch.Req.__init__")
+def custom_params(req: Req) -> dict[str, object]:
+    """The request's ``sampling_params.custom_params`` (a dict, empty when absent or of another type)."""
+    custom = getattr(req.sampling_params, "custom_params", None)
+    return custom if isinstance(custom, dict) else {}
+
+
+@_pin("sglang.srt.managers.schedule_batch.Req.__init__")
+def request_tokens(req: Req) -> tuple[list[int], int]:
+    """The prompt and the tokens decoded so far (one list), and the prompt's length."""
+    prompt = list(req.origin_input_ids)
+    return prompt + list(req.output_ids or []), len(prompt)
+
+
+@_pin("sglang.srt.managers.schedule_batch.Req.__init__")
+def request_isolation(req: Req) -> tuple[str | None, str | None]:
+    """SGLang's isolation fields of a request: ``extra_key`` and ``cache_salt``."""
+    return getattr(req, "extra_key", None), getattr(req, "cache_salt", None)
+
+
+@_pin("sglang.srt.managers.schedule_batch.Req.__init__")
+def exactness_needs(req: Req) -> str:
+    """Why the request needs exact prefill whatever it marks ("" if nothing does): prompt logprobs (or
+    output logprobs without ``sparsex_approximate_logprobs``), hidden states, multimodal input."""
+    from sparsex_sgl.core.protocol import APPROXIMATE_LOGPROBS_KEY
+
+    if req.return_logprob:
+        start = req.logprob_start_len
+        prompt_rows = start is not None and 0 <= start < len(req.origin_input_ids)
+        if prompt_rows or custom_params(req).get(APPROXIMATE_LOGPROBS_KEY) is not True:
+            return "logprobs_requested"
+    if req.return_hidden_states:
+        return "hidden_states_requested"
+    if req.multimodal_inputs is not None:
+        return "multimodal_request"
+    return ""
+
+
+@_pin("sglang.srt.managers.schedule_batch.Req.__init__")
+def request_id(req: Req) -> str:
+    return str(req.rid)
+
+
+@_pin("sglang.srt.managers.schedule_batch.Req.__init__", "sglang.srt.managers.schedule_batch.Req.refresh_fill_ids")
+def fill_ids(req: Req, up_to: int) -> list[int]:
+    """The request's token ids ``[0, up_to)`` as the checkpoint caches them (prompt, then decoded)."""
+    return list(req.full_untruncated_fill_ids[:up_to])
+
+
+# ---------------------------------------------------------------------- KV ownership of a request
+@_pin("sglang.srt.managers.schedule_batch.ReqKvInfo", "sglang.srt.mem_cache.common.release_kv_cache")
+def protected_len(req: Req) -> int:
+    """How many leading positions of the request's row the tree cache owns (SGLang frees the rest)."""
+    return int(req.kv.cache_protected_len)
+
+
+@_pin("sglang.srt.managers.schedule_batch.ReqKvInfo", "sglang.srt.mem_cache.common.release_kv_cache")
+def protect(req: Req, end: int) -> None:
+    """The tree cache owns positions ``[0, end)`` of the request's row from now on: SGLang's release
+    (``release_kv_cache``) frees only ``[end, owned)``, and the request counts a hit only past ``end``."""
+    req.kv.cache_protected_len = end
+    req.kv.cache_inserted_len = max(req.kv.cache_inserted_len, end)
+
+
+@_pin("sglang.srt.managers.schedule_batch.ReqKvInfo", "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.__init__")
+def request_row(req: Req, req_to_token: torch.Tensor) -> torch.Tensor:
+    """The request's ``req_to_token`` row (slots by position; a view: writes go to SGLang's table)."""
+    return req_to_token[req.kv.req_pool_idx]
+
+
+@_pin("sglang.srt.managers.schedule_batch.Req.__init__", "sglang.srt.mem_cache.common.release_kv_cache")
+def move_lock(req: Req, cache: BasePrefixCache, handle: Any) -> None:
+    """Re-anchor the request on ``handle``: lock it, unlock what the request held, as SGLang's own
+    checkpoints do (``release_kv_cache`` unlocks ``req.lock``)."""
+    new_lock = cache.lock(handle)
+    cache.unlock(req.lock)
+    req.lock = new_lock
+    req.last_node = handle
+
+
+# ---------------------------------------------------------------------- admission
+@_pin("sglang.srt.managers.schedule_policy.PrefillAdder.__init__", "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req")
+def adder_view(adder: PrefillAdder) -> tuple[BasePrefixCache, list[Req], list[Req]]:
+    """The batch being built: its tree cache, the requests admitted so far, the requests running."""
+    running = adder.running_batch.reqs if adder.running_batch is not None else []
+    return adder.tree_cache, adder.can_run_list, list(running)
+
+
+@_pin("sglang.srt.managers.schedule_policy.PrefillAdder.__init__", "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req")
+def chunk_budget(adder: PrefillAdder) -> int | None:
+    """Tokens the chunked-prefill budget has left in this batch (None: chunked prefill is off)."""
+    return adder.rem_chunk_tokens
+
+
+def set_chunk_budget(adder: PrefillAdder, tokens: int | None) -> None:
+    adder.rem_chunk_tokens = tokens
+
+
+def add_req_results() -> Any:
+    """SGLang's ``AddReqResult`` (what ``add_one_req`` returns)."""
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    return AddReqResult
+
+
+@_pin("sglang.srt.managers.schedule_batch.Req.init_next_round_input")
+def rematch(req: Req, cache: BasePrefixCache) -> None:
+    """Match the request again (SGLang's own per-round re-match), e.g. once its reuse was refused."""
+    req.init_next_round_input(cache)
+
+
+# ---------------------------------------------------------------------- batches
+@_pin("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+      "sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch")
+def batch_states(forward_batch: ForwardBatch) -> list[RequestState | None]:
+    """The SparseX state of each request of a forward batch, in batch order (empty if none carries any)."""
+    return getattr(forward_batch, "sparsex_requests", None) or []
+
+
+def carry_states(batch: ScheduleBatch, forward_batch: ForwardBatch) -> None:
+    """An extend batch's requests' SparseX states go with the forward batch built from it."""
+    if batch.forward_mode.is_extend():  # the batch may be the overlap scheduler's copy, without the cache
+        states = [request_state(req) for req in batch.reqs]
+        if any(state is not None for state in states):
+            forward_batch.sparsex_requests = states  # type: ignore[attr-defined]
+
+
+def copy_states(source: ForwardBatch, target: ForwardBatch) -> None:
+    states = getattr(source, "sparsex_requests", None)
+    if states is not None:
+        target.sparsex_requests = states  # type: ignore[attr-defined]
+
+
+def sparse_step(forward_batch: ForwardBatch) -> Any:
+    """The sparse layers' rows the attention backend runs for this batch (None outside them)."""
+    return getattr(forward_batch, "sparsex", None)
+
+
+def set_sparse_step(forward_batch: ForwardBatch, step: Any) -> None:
+    forward_batch.sparsex = step  # type: ignore[attr-defined]
+
+
+@_pin("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new")
+def extend_layout(forward_batch: ForwardBatch) -> tuple[list[int], list[int], list[int]] | None:
+    """Per request of an extend batch: prefix length, extend length, ``req_to_token`` row; None if this is
+    not a plain extend (decode, mixed, target verify, ...) or its host copies are absent."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    if forward_batch.forward_mode != ForwardMode.EXTEND:
+        return None
+    prefix, extend = forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu
+    if prefix is None or extend is None:
+        return None
+    rows = forward_batch.req_pool_indices_cpu
+    rows = rows if rows is not None else forward_batch.req_pool_indices
+    return [int(p) for p in prefix], [int(e) for e in extend], [int(r) for r in rows.tolist()]
+
+
+# ---------------------------------------------------------------------- model, pool, attention
+@_pin("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.__init__")
+def plain_kv_pool(pool: Any) -> bool:
+    """Whether the pool is SGLang's unquantized per-layer ``MHATokenToKVPool`` (no subclass)."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    return type(pool) is MHATokenToKVPool
+
+
+@_pin("sglang.srt.model_executor.model_runner.ModelRunner.__init__")
+def runner_parts(model_runner: ModelRunner) -> tuple[torch.nn.Module, MHATokenToKVPool, torch.Tensor, torch.device]:
+    """The loaded model, its KV pool, the ``req_to_token`` table and the device."""
+    return (model_runner.model, model_runner.token_to_kv_pool, model_runner.req_to_token_pool.req_to_token,
+            torch.device(model_runner.device))
+
+
+@_pin("sglang.srt.model_executor.model_runner.ModelRunner.__init__")
+def runner_server_args(model_runner: ModelRunner) -> Any:
+    return model_runner.server_args
+
+
+@_pin("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.get_key_buffer",
+      "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.get_value_buffer")
+def layer_buffers(pool: MHATokenToKVPool, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's K and V buffers ``[slots, kv_heads, head_dim]``."""
+    return pool.get_key_buffer(layer_id), pool.get_value_buffer(layer_id)
+
+
+@_pin("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.set_kv_buffer", "sglang.srt.mem_cache.memory_pool.KVWriteLoc")
+def write_kv(pool: MHATokenToKVPool, layer: RadixAttention, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """Write one layer's fresh K/V of some rows to ``slots``."""
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    pool.set_kv_buffer(layer, KVWriteLoc(slots), k, v)
+
+
+@_pin("sglang.srt.layers.radix_attention.RadixAttention.__init__")
+def attention_shape(layer: RadixAttention) -> tuple[int, int, int, int, int, float]:
+    """A RadixAttention layer's id, query and KV heads (this rank), q/k head dim, v head dim and scale."""
+    return (layer.layer_id, layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim,
+            float(layer.scaling))
+
+
+@_pin("sglang.srt.layers.radix_attention.RadixAttention.forward", "sglang.srt.models.llama.LlamaAttention.forward",
+      "sglang.srt.models.qwen2.Qwen2Attention.forward", "sglang.srt.models.qwen3.Qwen3Attention.forward")
+def tap_queries(layer: RadixAttention, into: dict[int, torch.Tensor]) -> Any:
+    """Record the rotated queries each call of ``layer`` receives, ``[rows, q_heads * head_dim]``, into
+    ``into[layer_id]``; returns the handle whose ``remove()`` ends it. The models call their RadixAttention
+    with the queries after RoPE as its first argument."""
+    layer_id = layer.layer_id
+
+    def record(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        into[layer_id] = args[0]
+
+    return layer.register_forward_pre_hook(record)
+
+
+@_pin("sglang.srt.runtime_context.attention_backends")
+def inner_attention_backend(model_runner: ModelRunner, chosen: str, own: str) -> Any:
+    """Build the stock attention backend the ``own`` prefill backend wraps: ``chosen``, else the decode
+    backend SGLang resolved."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.runtime_context import attention_backends
+
+    inner = chosen or attention_backends()[1]
+    if inner == own or inner not in ATTENTION_BACKENDS:
+        raise ValueError(f"--enable-sparsex wraps a stock prefill attention backend, got {inner!r}")
+    return ATTENTION_BACKENDS[inner](model_runner)
+
+
+def decoder_of(model: torch.nn.Module) -> Any:
+    """The decoder stack of a ``*ForCausalLM`` (``model.model``), or None."""
+    return getattr(model, "model", None)
+
+
+@_pin("sglang.srt.models.llama.LlamaModel.forward", "sglang.srt.models.qwen2.Qwen2Model.forward",
+      "sglang.srt.models.qwen3.Qwen3Model.forward")
+def decoder_limits(decoder: Any) -> str:
+    """Why the hooked decoder loop cannot serve this decoder instance ("" if it can)."""
+    if not decoder.pp_group.is_first_rank or not decoder.pp_group.is_last_rank:
+        return "pipeline parallelism is not supported"
+    if decoder.layers_to_capture:
+        return "auxiliary hidden-state capture (speculative decoding) is not supported"
+    if getattr(getattr(decoder.layers[decoder.start_layer], "self_attn", None), "attn", None) is None:
+        return f"decoder {type(decoder).__name__} has no RadixAttention at layers[i].self_attn.attn"
+    return ""
+
+
+def radix_attention(decoder: Any, layer: int) -> RadixAttention:
+    return decoder.layers[layer].self_attn.attn
+
+
+@_pin("sglang.srt.models.llama.LlamaModel.forward", "sglang.srt.models.qwen2.Qwen2Model.forward",
+      "sglang.srt.models.qwen3.Qwen3Model.forward")
+def decoder_parts(decoder: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], Any, int, int, torch.nn.Module]:
+    """What the decoder loop calls, as the pinned model forwards call it: the embedding, the layers, the
+    first and end layer of this rank, and the final norm."""
+    return decoder.embed_tokens, decoder.layers, int(decoder.start_layer), int(decoder.end_layer), decoder.norm
+
+
+@_pin("sglang.srt.models.llama.LlamaModel.forward", "sglang.srt.models.llama.LlamaDecoderLayer.forward",
+      "sglang.srt.models.qwen2.Qwen2Model.forward", "sglang.srt.models.qwen2.Qwen2DecoderLayer.forward",
+      "sglang.srt.models.qwen3.Qwen3Model.forward", "sglang.srt.models.qwen3.Qwen3DecoderLayer.forward")
+def replace_forward(decoder: torch.nn.Module, forward: Callable[..., Any]) -> None:
+    """Make ``forward`` the decoder instance's forward (the class and other instances keep theirs): a loop
+    that embeds, calls ``layers[i](positions, hidden, forward_batch, capture_output=None)`` and normalises as
+    the pinned model forwards do, with the residual stream handled as they handle it."""
+    decoder.forward = forward  # type: ignore[method-assign]
+
+
+@_pin("sglang.srt.layers.layer_boundary.residual.batch.start", "sglang.srt.layers.layer_boundary.residual.batch.clear",
+      "sglang.srt.layers.layer_boundary.residual.batch.complete_output",
+      "sglang.srt.layers.layer_boundary.residual.batch.export_replay_handoff",
+      "sglang.srt.layers.layer_boundary.residual.batch.import_replay_handoff",
+      "sglang.srt.layers.layer_boundary.residual.batch.final_norm")
+def residual_stream() -> Any:
+    """SGLang's residual-stream helpers (``start``, ``complete_output``, ``export_replay_handoff``,
+    ``import_replay_handoff``, ``final_norm``, ``clear``), which the decoder loop calls as SGLang's does."""
+    from sglang.srt.layers.layer_boundary.residual import batch
+
+    return batch
+
+
+# ---------------------------------------------------------------------- building the cache
+@_pin("sglang.srt.mem_cache.registry.TreeCacheBuildContext", "sglang.srt.mem_cache.cache_init_params.CacheInitParams")
+def refused_features(ctx: TreeCacheBuildContext) -> list[str]:
+    """The features of this server the ``sparsex`` cache does not support."""
+    refused = [
+        (ctx.enable_hierarchical_cache, "hierarchical cache (--enable-hierarchical-cache)"),
+        (ctx.is_hybrid_swa, "sliding-window hybrid models"),
+        (ctx.is_hybrid_ssm, "mamba/SSM hybrid models"),
+        (ctx.tp_size > 1, "tensor parallelism > 1"),
+        (ctx.params.page_size != 1, "--page-size other than 1"),
+        (ctx.disable_radix_cache, "--disable-radix-cache"),
+    ]
+    return [what for refused_now, what in refused if refused_now]
+
+
+@_pin("sglang.srt.mem_cache.registry.TreeCacheBuildContext")
+def build_parts(ctx: TreeCacheBuildContext) -> tuple[Any, ModelRunner, Any, int, Any]:
+    """The server args, the model runner, the HF config and the layer count of the model being served, and
+    the cache's ``CacheInitParams``."""
+    hf_config = ctx.model_config.hf_config
+    num_layers = int(getattr(ctx.model_config, "num_hidden_layers", hf_config.num_hidden_layers))
+    return ctx.server_args, ctx.tp_worker.model_runner, hf_config, num_layers, ctx.params
+
+
+@_pin("sglang.srt.mem_cache.cache_init_params.CacheInitParams", "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.alloc",
+      "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free",
+      "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.available_size")
+def cache_pools(params: Any) -> tuple[Any, Any, int]:
+    """The ``req_to_token`` pool, the token allocator (``alloc(n) -> Tensor | None``, ``free(Tensor)``,
+    ``available_size()``, ``size``) and the page size a tree cache is built over."""
+    return params.req_to_token_pool, params.token_to_kv_pool_allocator, int(params.page_size)
+
+
+@_pin("sglang.srt.server_args.ServerArgs")
+def server_facts(server_args: Any) -> tuple[int | None, bool, str]:
+    """``--chunked-prefill-size`` (None when off), ``--enable-metrics``, and the model name metrics use."""
+    chunk = server_args.chunked_prefill_size
+    name = str(server_args.served_model_name or server_args.model_path)
+    return (chunk if chunk is not None and chunk > 0 else None), bool(server_args.enable_metrics), name
+
+
+def relied_on() -> list[str]:
+    """Every SGLang object this module relies on: the hook targets and each function's ``_pin`` names."""
+    names = set(HOOK_TARGETS.values())
+    for function in globals().values():
+        names.update(getattr(function, "__sglang_pins__", ()))
+    return sorted(names)
+
+
+def main() -> None:
+    """``python -m sparsex_sgl.sglang.compat``: print ``PINS`` for the installed SGLang, to paste here once
+    every function above has been re-read against its source."""
+    print("PINS: dict[str, str] = {")
+    for name in relied_on():
+        print(f'    "{name}": "{source_digest(name) or "MISSING"}",')
+    print("}")
+
+
+if __name__ == "__main__":
+    main()
