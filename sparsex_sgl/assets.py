@@ -164,7 +164,7 @@ def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
     config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
     missing = [m for m in missing if m != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or unexpected:

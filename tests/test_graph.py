@@ -200,6 +200,26 @@ def test_hash_collision_is_an_error_not_a_hit() -> None:
         graph.lookup(forged_later)
 
 
+def test_a_colliding_piece_ends_an_insert_without_raising_and_the_placed_path_says_what_is_held() -> None:
+    """An insert adopts slots piece by piece, so it must not raise halfway (the caller would not know which
+    slots the graph now owns): a collision ends it there, reported, and ``placed_path`` names the slots held."""
+    allocator = FreeListAllocator(32)
+    graph = SegmentGraph(allocator, max_tokens=31)
+    a_slots = cache_alone(graph, A)
+    key = split_into_pieces(A, [[0, 4]])[0].key
+    forged = [Piece(0, 4, (5, 5, 5, 5), SegmentHash(key), True), Piece(4, 5, (9,), SegmentHash(b"q" * 16), False)]
+    slots = graph.alloc(5)
+    assert slots is not None
+    result = graph.insert(forged, slots)
+    assert result.collision and result.node_ids == (None, None) and result.adopted == (False, False)
+    assert graph.placed_path(forged, result) == ([], None)
+    assert graph.placed_path(forged, None) == ([], None)  # the cached path stops at the colliding piece
+    genuine = split_into_pieces(A + [9], [[0, 4]])
+    held, last = graph.placed_path(genuine, None)
+    assert held == list(a_slots) and last is not None and graph.node_slots(last) == tuple(a_slots)
+    graph.check_invariants()
+
+
 def test_lru_eviction_frees_slots_and_spares_locked_nodes() -> None:
     allocator = FreeListAllocator(12)  # 11 usable slots
     graph = SegmentGraph(allocator, max_tokens=11)

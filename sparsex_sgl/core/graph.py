@@ -114,7 +114,7 @@ def segments_it_caches(pieces: Sequence[Piece], lookup: Lookup) -> frozenset[Seg
 
     Those are the reusable pieces after its exact prefix and before its first reused segment: a row
     before any reused token attends only to exact KV. (Pieces after a reused segment are computed over
-    approximate KV and are not cached; see ``select.exact_length``.) A second request carrying one of
+    approximate KV and are not cached; see ``SparseRows.exact_len``.) A second request carrying one of
     these segments gains nothing from running in the same batch, where it computes the segment again;
     one batch later it reuses it.
     """
@@ -126,7 +126,7 @@ def segments_it_computes(pieces: Sequence[Piece], lookup: Lookup) -> frozenset[S
     """Keys of the segments a request computes under ``lookup``: those neither in its prefix hit nor reused.
 
     A request should wait for a segment another admitted request is about to cache only if it would
-    otherwise compute that segment itself (``SparseXRuntime.should_defer``).
+    otherwise compute that segment itself (``request.should_defer``).
     """
     reused = {r.target_start for r in lookup.reused}
     return frozenset(p.key for p in pieces if p.reusable and p.start >= lookup.prefix_len and p.start not in reused)
@@ -349,6 +349,28 @@ class SegmentGraph:
                 self._dec(nd)
         missing = len(pieces) - len(node_ids)
         return InsertResult(tuple(node_ids) + (None,) * missing, tuple(adopted) + (False,) * missing, collision)
+
+    def placed_path(self, pieces: Sequence[Piece], result: InsertResult | None) -> tuple[list[int], NodeId | None]:
+        """The slots of positions ``0..`` that the graph holds for ``pieces`` after an insert of them, and the
+        path's last node: the pieces ``result`` placed, or (the insert did not return) the cached root path
+        the leading pieces follow, without raising on a hash collision (it ends the path)."""
+        slots: list[int] = []
+        last: NodeId | None = None
+        if result is not None:
+            for node_id in result.node_ids:
+                if node_id is None:
+                    break
+                slots.extend(self._nodes[node_id].slots)
+                last = node_id
+            return slots, last
+        node = self._root
+        for piece in pieces:
+            child = node.children.get(piece.key)
+            if child is None or child.token_ids != piece.token_ids:
+                break
+            slots.extend(child.slots)
+            last, node = child.id, child
+        return slots, last
 
     def _add_node(self, parent: _Node, piece: Piece, slots: tuple[int, ...], exact: bool) -> _Node:
         assert len(slots) == piece.length, (len(slots), piece.length)

@@ -330,7 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-layers", type=parse_ints, default=[2], help="L_full value(s), comma-separated")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     parser.add_argument("--mass-prior", type=parse_floats, default=[MASS_PRIOR],
-                        help="SparseX's mass_prior value(s), comma-separated (select.sparse_q_signal)")
+                        help="SparseX's mass_prior value(s), comma-separated (core.selection.sparse_q_signal)")
     parser.add_argument("--signals", default="sparse_q",
                         help=f"SparseX signal(s), comma-separated, from {','.join(SPARSEX_SIGNALS)}")
     parser.add_argument("--coverage", type=parse_floats, default=[0.0],

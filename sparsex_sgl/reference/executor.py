@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -149,10 +150,10 @@ class ReferenceExecutor:
     def __init__(self, model: torch.nn.Module, kernels: OpSetName = "torch") -> None:
         self.ops = op_set(kernels)
         self.spec = ModelSpec.from_hf(model)
-        self.model = model.eval()
+        self.model: Any = model.eval()  # an HF *ForCausalLM
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device
-        self._decoder = model.model
+        self._decoder: Any = model.model  # an HF decoder stack (LlamaModel, Qwen2Model, ...)
 
     # ------------------------------------------------------------------ building blocks
     def _rows(self, positions: torch.Tensor) -> _Rows:
@@ -419,7 +420,7 @@ class ReferenceExecutor:
         for i in range(self.spec.dims.num_layers):
             h, _ = self._layer_many(i, h, parts)
         logits = self._logits(h)
-        return list(logits.split([len(tokens) for tokens in token_lists]))
+        return list(torch.split(logits, [len(tokens) for tokens in token_lists]))
 
     def greedy_decode(self, result: PrefillResult, n_new: int) -> list[int]:
         """Greedy tokens after a prefill (exact decoding over whatever KV the prefill left)."""

@@ -1,16 +1,16 @@
 """``SegmentGraphCache``: the ``sparsex`` radix-cache backend of SGLang 0.5.23.
 
-It keeps SGLang's contract for an ordinary prefix cache (exact prefix hits reported as
-``cached_tokens``, lock accounting, eviction under memory pressure, duplicate slots freed at
-``checkpoint``) on top of the engine-agnostic ``SegmentGraph``, whose slots are SGLang's own KV-pool
-slots. What it adds is the *plan*: for a request that marks segments, ``match_prefix`` also finds the
-segments cached at other positions; the model hook (``model_hook.py``) fills and recomputes them in
-the extend step, since SGLang's scheduler can only place reused KV at the front of a request.
+It keeps SGLang's contract for an ordinary prefix cache (exact prefix hits reported as ``cached_tokens``,
+lock accounting, eviction under memory pressure, duplicate slots freed at ``checkpoint``) on top of the
+engine-free ``SegmentGraph``, whose slots are SGLang's own KV-pool slots. What it adds is the *match*: for a
+request that marks segments, ``match_prefix`` also finds the segments cached at other positions; the model
+hook (``model_hook.py``) fills and recomputes them in the extend step, since SGLang's scheduler can only
+place reused KV at the front of a request. Every SGLang internal it touches goes through ``compat``.
 
-A request that reused segments without recomputing them all has KV equal to a full prefill's up to
-its first approximate position (``select.exact_length``); its prompt is cached exact up to there and
-blended after. Blended prefix hits go only to requests that mark segments and may be approximated:
-a request without segments, or one that needs exact prefill (logprobs, ...), gets the exact part only.
+A request that reused segments without recomputing them all has KV equal to a full prefill's up to its
+first approximate position (``SparseRows.exact_len``); its prompt is cached exact up to there and blended
+after. Blended prefix hits go only to requests that mark segments and may be approximated: a request
+without segments, or one that needs exact prefill (logprobs, ...), gets the exact part only.
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ class SegmentGraphCache(BasePrefixCache):
     # ------------------------------------------------------------------ caching a request
     def checkpoint(self, req: Req, *, up_to: int, **kwargs: object) -> None:
         """Cache the request's KV up to ``up_to``. A failure is counted and the scheduler goes on; whatever
-        it interrupted, a slot is owned by the graph or by the request, never by both (``_adopt``)."""
+        it interrupted, each slot of the row is owned by the graph or by the request, never by both."""
         try:
             self._checkpoint(req, up_to)
         except Exception as exc:  # noqa: BLE001 - logged and counted by internal_error
@@ -282,49 +282,36 @@ class SegmentGraphCache(BasePrefixCache):
         exact_len = None if outcome is None or outcome.exact_len >= outcome.prompt else outcome.exact_len
         row = compat.request_row(req, self.req_to_token_pool.req_to_token)
         row_slots = row[: pieces[-1].end].tolist()
-        old_protected = compat.protected_len(req)
-        result = self.graph.insert(pieces, row_slots, exact_len)
-        placed_end = self._adopt(req, pieces, result, old_protected)
-        if result.collision:
+        result: InsertResult | None = None
+        try:
+            result = self.graph.insert(pieces, row_slots, exact_len)
+        finally:  # even if the insert failed midway: it may have adopted some of the row's slots
+            placed = self._take_over(req, row, row_slots, self.graph.placed_path(pieces, result))
+        if result is not None and result.collision:
             self.runtime.fallback("hash_collision", "a piece to cache collides with a cached one: not cached")
-        if placed_end == 0 or placed_end < old_protected:
-            return
-        self._use_cached_copies(row, pieces, result, row_slots, old_protected)
-        compat.move_lock(req, self, MatchHandle((_last_placed(result),)))
+        if placed is not None:
+            compat.move_lock(req, self, MatchHandle((placed,)))
 
-    def _adopt(self, req: Req, pieces: Sequence[Piece], result: InsertResult, old_protected: int) -> int:
-        """Hand the positions the graph now holds to it, at once: SGLang's release frees the row past the
-        protected length, so a slot the graph adopted must lie below it before anything else can fail (a
-        failure in between would leave the slot owned by both, and a later request would be served KV
-        written over it). Returns the end of the placed pieces (0 if none was placed)."""
-        placed_end = 0
-        for piece, node_id in zip(pieces, result.node_ids, strict=True):
-            if node_id is None:
-                break
-            placed_end = piece.end
-        if placed_end >= old_protected and placed_end > 0:
-            compat.protect(req, placed_end)
-        return placed_end
-
-    def _use_cached_copies(self, row: torch.Tensor, pieces: Sequence[Piece], result: InsertResult,
-                           row_slots: Sequence[int], old_protected: int) -> None:
-        """Where the graph already held a piece, the row holds a second copy: point the row at the graph's
-        and free the request's (a failure here leaks those copies, counted; it never double-owns one)."""
-        duplicates: list[tuple[int, int]] = []  # (position, the graph's slot)
-        for piece, node_id, adopted in zip(pieces, result.node_ids, result.adopted, strict=True):
-            if node_id is None:
-                break
-            if adopted:
-                continue
-            cached = self.graph.node_slots(node_id)
-            for pos in range(max(piece.start, old_protected), piece.end):
-                if row_slots[pos] != cached[pos - piece.start]:
-                    duplicates.append((pos, cached[pos - piece.start]))
+    def _take_over(self, req: Req, row: torch.Tensor, row_slots: Sequence[int],
+                   path: tuple[list[int], NodeId | None]) -> NodeId | None:
+        """Make the graph the owner of the row's positions its path now holds (``graph_slots``, from 0):
+        first the protected length moves past them, since SGLang's release frees the row past it (a slot
+        the graph adopted must never be freed by the request too); then, where the graph held a piece
+        already, the row is pointed at the graph's copy and the request's own copy freed (a failure there
+        leaks those copies, it never double-owns one). Returns the last node of the path, None if the
+        path does not reach past what the tree owned already."""
+        graph_slots, last_node = path
+        end, protected = len(graph_slots), compat.protected_len(req)
+        if last_node is None or end < protected:
+            return None
+        compat.protect(req, end)
+        duplicates = [pos for pos in range(protected, end) if row_slots[pos] != graph_slots[pos]]
         if duplicates:
-            where = torch.tensor([pos for pos, _ in duplicates], dtype=torch.int64, device=row.device)
+            where = torch.tensor(duplicates, dtype=torch.int64, device=row.device)
             own = row[where].clone()
-            row[where] = torch.tensor([slot for _, slot in duplicates], dtype=row.dtype, device=row.device)
+            row[where] = torch.tensor([graph_slots[pos] for pos in duplicates], dtype=row.dtype, device=row.device)
             self.token_to_kv_pool_allocator.free(own)
+        return last_node
 
     def _cut_to_cache(self, req: Req, token_ids: list[int], match: Match | None) -> list[Piece]:
         """The pieces to cache: the prompt along the cut it was matched with (its prefix nodes, locked since
@@ -405,6 +392,3 @@ class SegmentGraphCache(BasePrefixCache):
                    allocator_size=int(self.token_to_kv_pool_allocator.size))
         return out
 
-
-def _last_placed(result: InsertResult) -> NodeId:
-    return next(node_id for node_id in reversed(result.node_ids) if node_id is not None)

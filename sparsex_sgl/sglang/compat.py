@@ -88,6 +88,8 @@ PINS: dict[str, str] = {
         "532f8103ebb758996a2682345a6bc131ce1c0dff4c861004ce831bbadce4138b",
     "sglang.srt.managers.tokenizer_control_mixin.TokenizerControlMixin.get_internal_state":
         "2c8c8a78ff656d01a46cfb8eb0e91b18e4a74ed8cbde43d0dc6c6948ca660b6c",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__":
+        "eab95c39ec58cf4db875bb908b4527ee0f77827fb7de2e75e595057e92d603fc",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._tokenize_one_request":
         "e6d36ac90556da841582a252ae1c229ff575d13c779345ee91700c5df589bbe7",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request":
@@ -138,6 +140,8 @@ PINS: dict[str, str] = {
         "7f3747f9e5dde0a80a4c1939525fc34c4aafaa2735d722eb8d624779e27f79bb",
     "sglang.srt.models.qwen3.Qwen3Model.forward": "38b8b1b6d5ce0768ffeca9b2d2a8d2b75dee7643bdeee690b6f7695a14b86c45",
     "sglang.srt.runtime_context.attention_backends": "5fad60b26308e0586fd41ea422aadaf95d9df0deb9014d55f2906e6691d7ce69",
+    "sglang.srt.sampling.sampling_params.SamplingParams":
+        "1d0c9893d15ecaa68157b2512c846deec1983d949625ffadb3d6f8d972c70e09",
     "sglang.srt.server_args.ServerArgs": "964c88a6d7f2d3e1f37548c6cc5ea1e64ae2204c75ba15dafc4f3521d9fcb9c3",
     "sglang.srt.server_args.ServerArgs.add_cli_args":
         "8d5f9b207365f5bad13d4623477aa017145dc67a98499441daf0eb84412c5a9e",
@@ -146,6 +150,16 @@ PINS: dict[str, str] = {
 }
 """SHA-256 of the source of every SGLang function or class a function of this module relies on, as of
 sglang 0.5.23; filled in by ``python -m sparsex_sgl.sglang.compat --print-pins`` after re-reading."""
+
+
+_STATE = "sparsex"
+"""The attribute of SGLang's ``Req`` that carries its ``RequestState``."""
+_BATCH_STATES = "sparsex_requests"
+"""The attribute of a ``ForwardBatch`` that carries its requests' states, in batch order."""
+_SPARSE_STEP = "sparsex"
+"""The attribute of a ``ForwardBatch`` that carries, during its sparse layers, what they attend."""
+_PINS_MARK = "__sglang_pins__"
+_WRAPPED_MARK = "__sparsex__"
 
 
 # ---------------------------------------------------------------------- pins
@@ -193,7 +207,7 @@ def _pin(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     ``tests/test_sglang_seam.py`` checks it). Documentation for the reader; no run-time cost."""
 
     def mark(function: Callable[..., Any]) -> Callable[..., Any]:
-        function.__sglang_pins__ = names  # type: ignore[attr-defined]
+        setattr(function, _PINS_MARK, names)
         return function
 
     return mark
@@ -227,7 +241,7 @@ def register_backends(name: str, create_attention: Callable[[ModelRunner], Any],
     if name not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([name])
     if name not in ATTENTION_BACKENDS:
-        register_attention_backend(name)(create_attention)
+        register_attention_backend(name)(create_attention)  # type: ignore[no-untyped-call]
     if name not in registered_radix_cache_backends():
         register_radix_cache_backend(name, create_cache)
 
@@ -252,10 +266,10 @@ def wrap_engine_server_args(wrap: Callable[[Callable[..., Any]], Callable[..., A
     if module is None:
         return
     engine = module.Engine
-    if getattr(engine.__dict__.get("server_args_class"), "__sparsex__", False):
+    if getattr(engine.__dict__.get("server_args_class"), _WRAPPED_MARK, False):
         return
     wrapped = wrap(engine.server_args_class)
-    wrapped.__sparsex__ = True  # type: ignore[attr-defined]
+    setattr(wrapped, _WRAPPED_MARK, True)
     engine.server_args_class = staticmethod(wrapped)
 
 
@@ -279,7 +293,10 @@ def add_stats_route(path: str, section: str) -> None:
         return
 
     async def stats() -> Any:
-        states = await http_server.get_global_state().tokenizer_manager.get_internal_state()
+        manager = http_server.get_global_state().tokenizer_manager
+        if not hasattr(manager, "get_internal_state"):  # a multi-tokenizer router: it keeps no scheduler link
+            return {"schedulers": [], "error": f"{type(manager).__name__} does not report scheduler state"}
+        states = await manager.get_internal_state()
         return {"schedulers": [state.get(section) for state in states]}
 
     app.add_api_route(path, stats, methods=["GET"])
@@ -302,7 +319,7 @@ def tokenizer_parts(manager: Any) -> tuple[Any, Any, int]:
     return manager.server_args, manager.tokenizer, int(manager.model_config.vocab_size)
 
 
-@_pin("sglang.srt.sampling.sampling_params.SamplingParams.__init__")
+@_pin("sglang.srt.sampling.sampling_params.SamplingParams")
 def check_custom_param_types(custom: object) -> None:
     """ValueError (a 400) if ``custom_params`` holds a value SGLang's scheduler cannot decode as its
     ``CustomParamValue`` (its typed decoder does not catch that: the scheduler would die)."""
@@ -326,11 +343,11 @@ def cached_tokens(req: Req) -> int:
 @_pin("sglang.srt.managers.schedule_batch.Req.__init__")
 def request_state(req: Req) -> RequestState | None:
     """SparseX's state carried on SGLang's request (``Req`` has no slots; SGLang sets no such attribute)."""
-    return getattr(req, "sparsex", None)
+    return getattr(req, _STATE, None)
 
 
 def set_request_state(req: Req, state: RequestState | None) -> None:
-    req.sparsex = state  # type: ignore[attr-defined]
+    setattr(req, _STATE, state)
 
 
 @_pin("sglang.srt.managers.schedule_batch.Req.__init__")
@@ -449,7 +466,7 @@ def rematch(req: Req, cache: BasePrefixCache) -> None:
       "sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch")
 def batch_states(forward_batch: ForwardBatch) -> list[RequestState | None]:
     """The SparseX state of each request of a forward batch, in batch order (empty if none carries any)."""
-    return getattr(forward_batch, "sparsex_requests", None) or []
+    return getattr(forward_batch, _BATCH_STATES, None) or []
 
 
 def carry_states(batch: ScheduleBatch, forward_batch: ForwardBatch) -> None:
@@ -457,22 +474,22 @@ def carry_states(batch: ScheduleBatch, forward_batch: ForwardBatch) -> None:
     if batch.forward_mode.is_extend():  # the batch may be the overlap scheduler's copy, without the cache
         states = [request_state(req) for req in batch.reqs]
         if any(state is not None for state in states):
-            forward_batch.sparsex_requests = states  # type: ignore[attr-defined]
+            setattr(forward_batch, _BATCH_STATES, states)
 
 
 def copy_states(source: ForwardBatch, target: ForwardBatch) -> None:
-    states = getattr(source, "sparsex_requests", None)
+    states = getattr(source, _BATCH_STATES, None)
     if states is not None:
-        target.sparsex_requests = states  # type: ignore[attr-defined]
+        setattr(target, _BATCH_STATES, states)
 
 
 def sparse_step(forward_batch: ForwardBatch) -> Any:
     """The sparse layers' rows the attention backend runs for this batch (None outside them)."""
-    return getattr(forward_batch, "sparsex", None)
+    return getattr(forward_batch, _SPARSE_STEP, None)
 
 
 def set_sparse_step(forward_batch: ForwardBatch, step: Any) -> None:
-    forward_batch.sparsex = step  # type: ignore[attr-defined]
+    setattr(forward_batch, _SPARSE_STEP, step)
 
 
 @_pin("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new")
@@ -501,8 +518,10 @@ def plain_kv_pool(pool: Any) -> bool:
 
 
 @_pin("sglang.srt.model_executor.model_runner.ModelRunner.__init__")
-def runner_parts(model_runner: ModelRunner) -> tuple[torch.nn.Module, MHATokenToKVPool, torch.Tensor, torch.device]:
-    """The loaded model, its KV pool, the ``req_to_token`` table and the device."""
+def runner_parts(model_runner: ModelRunner) -> tuple[torch.nn.Module, Any, torch.Tensor, torch.device]:
+    """The loaded model, its KV pool (any ``KVCache``: ``plain_kv_pool`` tells whether SparseX can run on
+    it), the ``req_to_token`` table and the device."""
+    assert model_runner.req_to_token_pool is not None, "a model runner serving generation has a req_to_token pool"
     return (model_runner.model, model_runner.token_to_kv_pool, model_runner.req_to_token_pool.req_to_token,
             torch.device(model_runner.device))
 
@@ -599,7 +618,7 @@ def replace_forward(decoder: torch.nn.Module, forward: Callable[..., Any]) -> No
     """Make ``forward`` the decoder instance's forward (the class and other instances keep theirs): a loop
     that embeds, calls ``layers[i](positions, hidden, forward_batch, capture_output=None)`` and normalises as
     the pinned model forwards do, with the residual stream handled as they handle it."""
-    decoder.forward = forward  # type: ignore[method-assign]
+    decoder.forward = forward
 
 
 @_pin("sglang.srt.layers.layer_boundary.residual.batch.start", "sglang.srt.layers.layer_boundary.residual.batch.clear",
@@ -660,7 +679,7 @@ def relied_on() -> list[str]:
     """Every SGLang object this module relies on: the hook targets and each function's ``_pin`` names."""
     names = set(HOOK_TARGETS.values())
     for function in globals().values():
-        names.update(getattr(function, "__sglang_pins__", ()))
+        names.update(getattr(function, _PINS_MARK, ()))
     return sorted(names)
 
 
