@@ -15,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsex_sgl.core.rope import RopeConfig
-
 
 @triton.jit
 def _realign_copy_kernel(
@@ -63,24 +61,26 @@ def realign_copy(
     delta_index: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    cfg: RopeConfig,
+    rotary_dim: int,
+    neox: bool,
     block_t: int = 32,
 ) -> None:
     """``k_dst[dst] = rotate(k_src[src], delta)`` and ``v_dst[dst] = v_src[src]`` for one layer's buffers.
 
     Buffers are ``[slots, kv_heads, head_dim]`` (source and destination may be the same tensors);
     ``src_slots, dst_slots [n]`` and ``delta_index [n]`` (int32, on the buffers' device) name each token's
-    row of ``cos, sin [deltas, rotary_dim/2]`` (``rope.delta_rotation_table``, float32 on the device).
+    row of ``cos, sin [deltas, rotary_dim/2]`` (``rope.delta_rotation_table``, float32 on the device); the
+    first ``rotary_dim`` dims rotate, in neox (halves) or GPT-J (interleaved) pairing.
     """
     n = src_slots.numel()
     if n == 0:
         return
     _, heads, d = k_src.shape
-    if d != cfg.head_dim or cfg.rotary_dim % 2 or cfg.rotary_dim & (cfg.rotary_dim - 1) or d & (d - 1):
-        raise ValueError(f"head_dim {d} / rotary_dim {cfg.rotary_dim} must be powers of two matching the rope config")
+    if rotary_dim > d or rotary_dim % 2 or rotary_dim & (rotary_dim - 1) or d & (d - 1):
+        raise ValueError(f"head_dim {d} / rotary_dim {rotary_dim} must be powers of two, rotary_dim <= head_dim")
     _realign_copy_kernel[(triton.cdiv(n, block_t),)](
         k_src, v_src, k_dst, v_dst, src_slots, dst_slots, delta_index, cos, sin, n,
         k_src.stride(0), k_src.stride(1), v_src.stride(0), v_src.stride(1), k_dst.stride(0), k_dst.stride(1),
         v_dst.stride(0), v_dst.stride(1), cos.stride(0),
-        HEADS=heads, HEAD_DIM=d, HALF=cfg.rotary_dim // 2, NEOX=cfg.style == "neox", BLOCK_T=block_t,
+        HEADS=heads, HEAD_DIM=d, HALF=rotary_dim // 2, NEOX=neox, BLOCK_T=block_t,
     )

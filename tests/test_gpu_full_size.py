@@ -116,7 +116,8 @@ def test_realign_copy_full_size_bf16() -> None:
     cos, sin, index = delta_rotation_table(deltas, cfg)
     expected = realign_keys(k[src.to(DEVICE)].float(), deltas.to(DEVICE), cfg).to(HALF)
     as_int = {"dtype": torch.int32, "device": DEVICE}
-    realign_copy(k, v, k, v, src.to(**as_int), dst.to(**as_int), index.to(**as_int), cos.to(DEVICE), sin.to(DEVICE), cfg)
+    realign_copy(k, v, k, v, src.to(**as_int), dst.to(**as_int), index.to(**as_int), cos.to(DEVICE), sin.to(DEVICE),
+                 cfg.rotary_dim, cfg.style == "neox")
     torch.testing.assert_close(k[dst.to(DEVICE)].float(), expected.float(), atol=2e-2, rtol=1e-2)
     assert torch.equal(v[dst.to(DEVICE)], v[src.to(DEVICE)])
 

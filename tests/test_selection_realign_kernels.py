@@ -69,7 +69,7 @@ def test_realign_copy_matches_reference(cfg: RopeConfig) -> None:
     cos, sin, index = delta_rotation_table(deltas, cfg)
     as_int = {"dtype": torch.int32, "device": DEVICE}
     realign_copy(k_dev, v_dev, k_dev, v_dev, src.to(**as_int), dst.to(**as_int), index.to(**as_int), cos.to(DEVICE),
-                 sin.to(DEVICE), cfg, block_t=16)  # in place, like SGLang's pool
+                 sin.to(DEVICE), cfg.rotary_dim, cfg.style == "neox", block_t=16)  # in place, like SGLang's pool
     torch.testing.assert_close(k_dev.cpu()[dst], realign_keys(k[src], deltas, cfg), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(v_dev.cpu()[dst], v[src])
     untouched = torch.ones(slots, dtype=torch.bool)

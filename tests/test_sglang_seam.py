@@ -99,9 +99,10 @@ elif fault == "after_insert":
 
     def insert(self, pieces, *args, **kwargs):
         result = real_insert(self, pieces, *args, **kwargs)
-        if any(piece.reusable for piece in pieces) and not calls:  # the first request with segments
+        if any(piece.reusable for piece in pieces):
             calls.append(1)
-            raise RuntimeError("injected fault: the graph adopted the slots, the checkpoint goes no further")
+            if len(calls) == 2:  # the first request with segments, as it is released (decoded tokens adopted)
+                raise RuntimeError("injected fault: the graph adopted the slots, the checkpoint goes no further")
         return result
 
     graph.SegmentGraph.insert = insert

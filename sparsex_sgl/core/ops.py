@@ -180,8 +180,10 @@ class TritonOps:
     def realign(self, k_src: torch.Tensor, v_src: torch.Tensor, k_dst: torch.Tensor, v_dst: torch.Tensor,
                 src_slots: torch.Tensor, dst_slots: torch.Tensor, delta_index: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, rope: RopeConfig) -> None:
+        if k_src.shape[-1] != rope.head_dim:
+            raise ValueError(f"the buffers' head_dim {k_src.shape[-1]} is not the rope config's {rope.head_dim}")
         self._realign.realign_copy(k_src, v_src, k_dst, v_dst, src_slots, dst_slots.to(torch.int32), delta_index,
-                                   cos, sin, rope)
+                                   cos, sin, rope.rotary_dim, rope.style == "neox")
 
 
 OP_SETS: dict[str, type[TorchOps | TritonOps]] = {"torch": TorchOps, "triton": TritonOps}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 import torch
 
@@ -20,7 +20,7 @@ from sparsex_sgl.core.errors import UnsupportedModelError
 
 RopeStyle = Literal["neox", "gptj"]
 RopeScaling = Literal["default", "linear", "llama3", "yarn"]
-SUPPORTED_SCALING: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
+SUPPORTED_SCALING: tuple[str, ...] = get_args(RopeScaling)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsex_sgl.core.protocol import TextPiece as Piece
+from sparsex_sgl.core.protocol import TextPiece
 from sparsex_sgl.eval.hotpotqa import INSTRUCTION, QAExample
 
 WORKLOADS = ("rag", "chat", "agents")
@@ -36,10 +36,10 @@ WORKLOADS = ("rag", "chat", "agents")
 @dataclass(frozen=True)
 class Message:
     role: str
-    pieces: tuple[Piece, ...]
+    pieces: tuple[TextPiece, ...]
 
     @classmethod
-    def of(cls, role: str, *pieces: Piece) -> Message:
+    def of(cls, role: str, *pieces: TextPiece) -> Message:
         return cls(role, tuple(pieces))
 
 
@@ -60,7 +60,7 @@ class WorkloadRequest:
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> WorkloadRequest:
         messages = tuple(
-            Message(m["role"], tuple(Piece(p["text"], bool(p["segment"])) for p in m["pieces"])) for m in row["messages"]
+            Message(m["role"], tuple(TextPiece(p["text"], bool(p["segment"])) for p in m["pieces"])) for m in row["messages"]
         )
         return cls(row["id"], row["workload"], messages, int(row["max_new_tokens"]), tuple(row.get("answers", ())),
                    dict(row.get("tags", {})))
@@ -121,8 +121,8 @@ def rag(examples: Sequence[QAExample], n_requests: int, reuse: float, seed: int,
         if kind == "new":
             asked.append(example)
         order = _new_order(example.paragraphs, rng, orders.setdefault(example.qid, set()))
-        content = (Piece(INSTRUCTION, False), *(Piece(p, True) for p in order),
-                   Piece(f"Question: {example.question}", False))
+        content = (TextPiece(INSTRUCTION, False), *(TextPiece(p, True) for p in order),
+                   TextPiece(f"Question: {example.question}", False))
         tags = {"reuse": "novel" if kind == "new" else "segments", "qid": example.qid,
                 "segments_seen": 0 if kind == "new" else len(order), "segments": len(order)}
         requests.append(WorkloadRequest(f"rag-{index:04d}", "rag", (Message("user", content),), max_new_tokens,
@@ -184,7 +184,7 @@ def chat(conversations: Sequence[list[str]], rounds: int, seed: int, max_new_tok
                 shown = _edited(shown, target, edit_kind, conversations[(c + 1) % len(conversations)])
                 tags.update(reuse="segments" if r == edit_round else "prefix+segments", edit=edit_kind,
                             edited_turn=target // 2 + 1, edit_round=edit_round)
-            messages = tuple(Message.of(role, Piece(text, True)) for role, text in shown)
+            messages = tuple(Message.of(role, TextPiece(text, True)) for role, text in shown)
             requests.append(WorkloadRequest(f"chat-{c:03d}-r{r}", "chat", messages, max_new_tokens, (), tags))
     requests.sort(key=lambda q: (q.tags["round"], q.tags["conversation"]))  # conversations interleave
     params = {"conversations": len(conversations), "rounds": rounds, "seed": seed, "max_new_tokens": max_new_tokens}
@@ -228,12 +228,12 @@ def agents(examples: Sequence[QAExample], n_agents: int, seed: int, max_new_toke
     for t, example in enumerate(examples):
         listing = _search_listing(example)
         for a in range(n_agents):
-            docs = [Piece(p, True) for p in example.paragraphs]
+            docs = [TextPiece(p, True) for p in example.paragraphs]
             rng.shuffle(docs)
-            material = [Piece(listing, True), *docs]
-            question = Piece(f"Task: {example.question}\n\n", False)
+            material = [TextPiece(listing, True), *docs]
+            question = TextPiece(f"Task: {example.question}\n\n", False)
             content = (question, *material) if a % 2 else (*material, question)
-            messages = (Message.of("system", Piece(AGENT_PROMPTS[a], False)), Message("user", tuple(content)))
+            messages = (Message.of("system", TextPiece(AGENT_PROMPTS[a], False)), Message("user", tuple(content)))
             tags = {"task": t, "agent": a, "reuse": "novel" if a == 0 else "segments", "qid": example.qid}
             requests.append(WorkloadRequest(f"agents-{t:03d}-a{a}", "agents", messages, max_new_tokens,
                                             (example.answer,), tags))
