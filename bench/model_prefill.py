@@ -3,7 +3,7 @@
 A randomly initialised model of a real shape (the architecture's config, no weights needed) processes a
 RAG-shaped prompt: a 64-token instruction, segments of ``--segment`` tokens cached alone beforehand, and
 a 64-token question. Full prefill runs dense causal attention in every layer (FlashInfer when installed,
-else SDPA); SparseX runs the hybrid plan (``--full-layers``, ``--ratio``, Sparse-Q selection): its full
+else SDPA); SparseX runs its selection (``--full-layers``, ``--ratio``, Sparse-Q): its full
 layers on the same dense attention, then the shared sparse-extend pipeline (``sparse_extend.py``, the one
 the SGLang adapter runs) on the Triton kernels. KV is laid out as SGLang's pool lays it out, per layer
 ``[slots, kv_heads, head_dim]``, the cached segments in allocator slots of their own. Times are medians of
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sparsex_sgl.core.config import method_config
+from sparsex_sgl.eval.methods import method_config
 from sparsex_sgl.reference import ReferenceExecutor
 from sparsex_sgl.reference.cache import ReferenceSegmentCache
 
@@ -114,12 +114,12 @@ def main() -> None:
         for seg in segs:
             assert cache.fill_segment(seg)
         lookup_s = timed(args.repeats, "cpu", cache.lookup, ids, spans)  # host work: the segment graph's lookup
-        plan = cache.lookup(ids, spans)
+        lookup = cache.lookup(ids, spans)
         full_s = timed(args.repeats, device, full_exec.prefill_full, ids)
-        sparse_s = timed(args.repeats, device, sparse_exec.prefill_reuse, ids, plan, cache.pool, config)
-        stats = sparse_exec.prefill_reuse(ids, plan, cache.pool, config).stats
+        sparse_s = timed(args.repeats, device, sparse_exec.prefill_reuse, ids, lookup, cache.pool, config)
+        stats = sparse_exec.prefill_reuse(ids, lookup, cache.pool, config).stats
         full_peak = peak_bytes(device, full_exec.prefill_full, ids)
-        sparse_peak = peak_bytes(device, sparse_exec.prefill_reuse, ids, plan, cache.pool, config)
+        sparse_peak = peak_bytes(device, sparse_exec.prefill_reuse, ids, lookup, cache.pool, config)
         row = {"n": n, "segments": n_segments, "full_s": full_s, "sparsex_s": sparse_s, "lookup_s": lookup_s,
                "speedup": full_s / sparse_s, "speedup_with_lookup": full_s / (sparse_s + lookup_s),
                "computed_rows": stats.computed_rows, "modeled_flops_ratio": full_exec.full_flops(n) / stats.flops,

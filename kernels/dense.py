@@ -1,8 +1,7 @@
 """Dense causal prefill attention (every row of a sequence over its own keys), FlashInfer where it wins.
 
 The full layers of a SparseX prefill, and full prefill itself, compute every row: plain causal attention,
-where FlashInfer's dense prefill runs at ~650 TFLOP/s on an H100 (../shared/docs/gpu.md) and no scattered
-kernel can do better. FlashInfer is optional: it is used when it is importable, the tensors are on CUDA
+where FlashInfer's dense prefill is near the GPU's peak and no scattered kernel can do better. FlashInfer is optional: it is used when it is importable, the tensors are on CUDA
 and the shape is one it ships kernels for; otherwise torch SDPA runs the same computation, so the
 Triton path and the CPU need nothing beyond torch. The choice is made per call by ``dense_backend``.
 """
