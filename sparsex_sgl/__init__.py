@@ -1,7 +1,8 @@
 """sparsex_sgl: segment-level KV-cache reuse (the SparseX method) for SGLang.
 
-The package root holds the engine-agnostic core (segments, graph, rope, select, hybrid); the SGLang
-adapter lives in ``sparsex_sgl.sglang`` and is imported only by SGLang's plugin loader.
+``sparsex_sgl.core`` is the engine-free method, ``sparsex_sgl.sglang`` the SGLang adapter (imported only by
+SGLang's plugin loader), ``sparsex_sgl.kernels`` the Triton kernels; the rest are user tools (the CLI,
+assets, the client, the evaluation and the load harness).
 """
 
 from sparsex_sgl.core.errors import (

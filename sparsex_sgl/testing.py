@@ -73,6 +73,17 @@ class Server:
                 self.process.wait()
 
 
+def idle_stats(server: Server, timeout: float = 30.0) -> dict[str, Any]:
+    """The first scheduler's ``/sparsex/stats`` once it holds no request (its counts are added when a request
+    is released, which can follow the HTTP reply by a scheduler step), or as they are after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats: dict[str, Any] = server.get("/sparsex/stats")["schedulers"][0]
+        if stats["tracked_requests"] == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
 def flush_cache(url: str, timeout: float = 60.0) -> bool:
     """``POST /flush_cache`` until it succeeds. SGLang refuses (400) while any request is running or
     waiting, and a request's scheduler-side cleanup can lag its HTTP reply, so one refusal right after

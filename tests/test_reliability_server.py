@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
 from sparsex_sgl.core.protocol import MARKER_BEGIN, MARKER_END, flatten_spans
 from sparsex_sgl.eval.hotpotqa import SegmentedPrompt, build_prompt, load_examples
-from sparsex_sgl.testing import Server, flush_cache, launch, wait_ready
+from sparsex_sgl.testing import Server, flush_cache, idle_stats, launch, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -61,15 +61,7 @@ def prompts(tok: Any) -> list[tuple[SegmentedPrompt, SegmentedPrompt]]:
     return out
 
 
-def stats(server: Server) -> dict[str, Any]:
-    """The scheduler's counters once it holds no request (counts are added when a request is released,
-    which can follow its HTTP reply by a scheduler step)."""
-    deadline = time.monotonic() + 30
-    while True:
-        s: dict[str, Any] = server.get("/sparsex/stats")["schedulers"][0]
-        if s["tracked_requests"] == 0 or time.monotonic() > deadline:
-            return s
-        time.sleep(0.2)
+stats = idle_stats
 
 
 def post(server: Server, prompt: SegmentedPrompt | None = None, *, spans: bool = True, text: str | None = None,

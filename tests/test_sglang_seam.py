@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import inspect
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,25 +152,17 @@ def _generate(server: Any, prompt: Any, **custom: Any) -> dict[str, Any]:
     return dict(reply)
 
 
-def _idle(server: Any) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    while True:
-        s: dict[str, Any] = server.get("/sparsex/stats")["schedulers"][0]
-        if s["tracked_requests"] == 0 or time.monotonic() > deadline:
-            return s
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 def test_a_changed_pin_leaves_sparsex_off_counted_and_serving(faulty_servers: dict[str, Any]) -> None:
     from sparsex_sgl.client import reuse_counts
+    from sparsex_sgl.testing import idle_stats
 
     server = faulty_servers["changed_pin"]
     first, again, _ = _prompts()
     _generate(server, first)
     reply = _generate(server, again)
     assert int(reuse_counts(reply["meta_info"])["reused"]) == 0
-    s = _idle(server)
+    s = idle_stats(server)
     assert "Req.init_next_round_input" in s["disabled_reason"]
     assert s["fallbacks"].get("sglang_changed", 0) >= 1 and s["reused_tokens"] == 0
 
@@ -179,12 +170,12 @@ def test_a_changed_pin_leaves_sparsex_off_counted_and_serving(faulty_servers: di
 @pytest.mark.slow
 def test_a_checkpoint_failing_after_adoption_leaves_every_slot_one_owner(faulty_servers: dict[str, Any]) -> None:
     from sparsex_sgl.client import reuse_counts
-    from sparsex_sgl.testing import flush_cache
+    from sparsex_sgl.testing import flush_cache, idle_stats
 
     server = faulty_servers["after_insert"]
     first, again, third = _prompts()
     _generate(server, first)  # its checkpoint fails right after the graph adopted its slots
-    s = _idle(server)
+    s = idle_stats(server)
     assert s["fallbacks"].get("internal_error") == 1 and s["tracked_requests"] == 0, s
     assert s["graph_tokens"] > 0 and s["allocator_free"] + s["graph_tokens"] == s["allocator_size"], s
     exact = _generate(server, again, sparsex_recompute_ratio=1.0)  # reuses what that checkpoint adopted
@@ -193,6 +184,6 @@ def test_a_checkpoint_failing_after_adoption_leaves_every_slot_one_owner(faulty_
     fresh = _generate(server, again, sparsex_recompute_ratio=1.0)  # computed from scratch after the flush
     assert fresh["output_ids"] == exact["output_ids"]
     assert flush_cache(server.url)
-    s = _idle(server)
+    s = idle_stats(server)
     assert s["graph_tokens"] == 0 and s["allocator_free"] == s["allocator_size"], s
     _generate(server, third)  # still serving

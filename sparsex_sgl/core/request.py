@@ -64,7 +64,7 @@ class RequestOutcome:
     """CRC-32 of the positions the sparse layers computed (int32, ascending): lets a client or a test check
     which rows ran without shipping them; 0 when no sparse forward ran."""
     pending_exact_len: torch.Tensor | None = None
-    """The sparse forward's exact length (``SparseExtendPlan.exact_len``), still on the device: read at
+    """The sparse forward's exact length (``SparseRows.exact_len``), still on the device: read at
     the checkpoint (``settle``), after the batch's results, so the forward never waits for it."""
 
     pending_rows: torch.Tensor | None = None

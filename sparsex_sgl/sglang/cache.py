@@ -320,11 +320,11 @@ class SegmentGraphCache(BasePrefixCache):
         cuts the same way, so no two of its nodes hold one slot."""
         key_ns = self._namespace(req)
         if match is not None:
-            planned, n_prompt = list(match.pieces), match.lookup.n_tokens
+            matched, n_prompt = list(match.pieces), match.lookup.n_tokens
         else:  # matched without the graph (nothing to match): the plain cut of the prompt
             n_prompt = compat.request_tokens(req)[1]
-            planned = split_into_pieces(token_ids[:n_prompt], [], key_ns, gap_block=GAP_BLOCK)
-        prompt = [p for p in planned if p.end <= len(token_ids)]
+            matched = split_into_pieces(token_ids[:n_prompt], [], key_ns, gap_block=GAP_BLOCK)
+        prompt = [p for p in matched if p.end <= len(token_ids)]
         end = prompt[-1].end if prompt else 0
         if end < n_prompt:  # a partial checkpoint: the next one continues the matched cut
             return prompt

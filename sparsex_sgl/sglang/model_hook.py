@@ -91,7 +91,7 @@ class SparseXForward:
             match = state.matched if state is not None and state.reuses else None
             lookup = None if match is None else match.lookup
             if state is not None and lookup is not None and (lookup.prefix_len != p or lookup.n_tokens != p + e):
-                self.runtime.fallback("plan_mismatch", f"request {state.rid}: matched prefix {lookup.prefix_len} of "
+                self.runtime.fallback("stale_match", f"request {state.rid}: matched prefix {lookup.prefix_len} of "
                                       f"{lookup.n_tokens}, scheduled prefix {p} + {e}")
                 lookup = None
             if lookup is None or match is None:

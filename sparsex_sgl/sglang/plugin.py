@@ -219,7 +219,7 @@ def _admit(original: Callable[..., Any], adder: PrefillAdder, req: Req, *args: A
       layers read every reused token's re-aligned KV). Where the chunk budget left would cut it, it is
       admitted whole as the first request of a batch, which then takes no more requests (its budget set
       to 0), or, behind other requests, it closes the batch and leads the next one. Requests without
-      reuse are chunked as on stock SGLang. ``SegmentGraphCache`` plans no reuse for an extend longer
+      reuse are chunked as on stock SGLang. ``SegmentGraphCache`` matches no reuse for an extend longer
       than ``max_extend_tokens`` (4 chunks), so one step stays bounded.
     - **No room**: a request with reuse keeps its reused nodes, and the cached paths they hang on, from
       eviction while it is admitted. If those and its extend cannot fit the pool even with nothing else
