@@ -9,8 +9,12 @@
 # qwen05-hotpotqa-served: the served case, paragraphs cached in another order (--cached other-order), at
 # L_full 2 with mass_prior 4 (shipped) and 64 (the development questions' candidate for this case; the run
 # kept 4).
+# qwen15-hotpotqa-served: the served case on the 1.5B model (issue 35): full, naive, CacheBlend-, EPIC-style and
+# shipped SparseX at ratios 0.15 / 0.3 / 0.5, L_full 2, paragraphs cached in another order.
 # Usage: bench/quality_heldout.sh [RUN ...]    RUN: qwen05-hotpotqa qwen05-squad qwen15-hotpotqa
-#                                              qwen15-hotpotqa-ratios qwen05-hotpotqa-served (default: all)
+#                                              qwen15-hotpotqa-ratios qwen05-hotpotqa-served
+#                                              qwen15-hotpotqa-served (default: all)
+# SPARSEX_THREADS=N runs torch on N threads (a run beside other work); the reports do not depend on it.
 #        bench/quality_heldout.sh --smoke DIR  the same grid on SmolLM2, one HotpotQA question, into DIR (CI)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,11 +31,16 @@ ratios=(--methods full,sparsex --ratio 0.3,0.5,0.75 --full-layers 2 --mass-prior
 served=(--methods full,naive,cacheblend,epic,sparsex --ratio 0.15 --full-layers 2 --signals sparse_q,mass,lookahead
         --mass-prior 4,64 --cached other-order)
 
+# The served case on the 1.5B model: the shipped SparseX and the baselines as the budget grows.
+served15=(--methods full,naive,cacheblend,epic,sparsex --ratio 0.15,0.3,0.5 --full-layers 2 --mass-prior 4
+          --cached other-order)
+
 sweep() {  # MODEL TASK N OUT [GRID...]
   local model=$1 task=$2 n=$3 out=$4
   shift 4
   [ $# -gt 0 ] || set -- "${grid[@]}"
-  .venv/bin/sparsex-sgl eval fidelity --model "$model" --data "$task" --n "$n" --offset 0 "$@" --out "$out" --resume
+  .venv/bin/sparsex-sgl eval fidelity --model "$model" --data "$task" --n "$n" --offset 0 "$@" --out "$out" --resume \
+    --threads "${SPARSEX_THREADS:-0}"
   .venv/bin/python -m sparsex_sgl.eval.quality_table "$out"
 }
 
@@ -40,7 +49,8 @@ if [ "${1:-}" = "--smoke" ]; then
   exit 0
 fi
 runs=("$@")
-[ ${#runs[@]} -gt 0 ] || runs=(qwen05-hotpotqa qwen05-squad qwen15-hotpotqa qwen15-hotpotqa-ratios qwen05-hotpotqa-served)
+[ ${#runs[@]} -gt 0 ] || runs=(qwen05-hotpotqa qwen05-squad qwen15-hotpotqa qwen15-hotpotqa-ratios qwen05-hotpotqa-served
+                               qwen15-hotpotqa-served)
 for name in "${runs[@]}"; do
   case "$name" in
     qwen05-hotpotqa) sweep qwen2.5-0.5b hotpotqa 200 bench/results/quality-heldout-qwen05-hotpotqa.json ;;
@@ -50,8 +60,10 @@ for name in "${runs[@]}"; do
       sweep qwen2.5-1.5b hotpotqa 100 bench/results/quality-heldout-qwen15-hotpotqa-ratios.json "${ratios[@]}" ;;
     qwen05-hotpotqa-served)
       sweep qwen2.5-0.5b hotpotqa 200 bench/results/quality-heldout-qwen05-hotpotqa-served.json "${served[@]}" ;;
+    qwen15-hotpotqa-served)
+      sweep qwen2.5-1.5b hotpotqa 100 bench/results/quality-heldout-qwen15-hotpotqa-served.json "${served15[@]}" ;;
     *) echo "unknown run $name (qwen05-hotpotqa, qwen05-squad, qwen15-hotpotqa, qwen15-hotpotqa-ratios," \
-            "qwen05-hotpotqa-served)" >&2
+            "qwen05-hotpotqa-served, qwen15-hotpotqa-served)" >&2
        exit 2 ;;
   esac
 done
