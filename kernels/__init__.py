@@ -2,7 +2,7 @@
 
 Every op has a torch reference (``attention_ref``) and a Triton implementation tested against it:
 ``scattered_attention`` (queries at explicit positions over SGLang's pooled KV, with the LSE),
-``selection`` (attention mass per reused key from the LSE, top-k) and ``realign`` (RoPE re-alignment
+``selection`` (attention mass per reused key from the LSE) and ``realign`` (RoPE re-alignment
 fused with the K/V copy between slots), plus ``dense`` (whole-sequence causal prefill: FlashInfer when
 installed on CUDA, else SDPA). The Triton modules are imported on demand, so this package
 loads without a GPU; their tests run them under ``TRITON_INTERPRET=1`` there. Nothing here imports sglang.

@@ -6,8 +6,9 @@
 - A real server whose pinned source "changed" (a pin altered in its processes) serves every request
   exactly, with SparseX off, the reason in ``/sparsex/stats`` and counted per request.
 - A real server whose checkpoint fails right after the graph adopted the request's slots keeps every
-  slot with one owner: idle, free + cached slots equal the pool, ``/flush_cache`` frees everything, and
-  reuse after it is exact at ratio 1.0 (the ownership bug of issue 32, reproduced against the earlier code).
+  slot with one owner: idle, free + cached slots equal the pool and ``/flush_cache`` frees everything (the
+  ownership bug of issue 32: the code before the fix lost its scheduler to SGLang's leak check here). The
+  same server's sparse layer failing mid-forward re-runs that batch as SGLang's own, exact prefill.
 
 The two servers get their fault from a ``sitecustomize`` module on their ``PYTHONPATH``, which every
 process they spawn imports at start-up; the package itself carries no test hook.
@@ -105,6 +106,24 @@ elif fault == "after_insert":
         return result
 
     graph.SegmentGraph.insert = insert
+
+    from sparsex_sgl.core import sparse_extend
+
+    real_build, real_run = sparse_extend.SparseExtendPlan.build.__func__, sparse_extend.SparseExtendPlan.run
+    state = {"batches": 0, "raised": False}
+
+    def build(cls, *args, **kwargs):
+        state["batches"] += 1
+        return real_build(cls, *args, **kwargs)
+
+    def run(self, *args, **kwargs):
+        if state["batches"] == 2 and not state["raised"]:  # the second batch with reuse, in a sparse layer
+            state["raised"] = True
+            raise RuntimeError("injected fault in a sparse layer")
+        return real_run(self, *args, **kwargs)
+
+    sparse_extend.SparseExtendPlan.build = classmethod(build)
+    sparse_extend.SparseExtendPlan.run = run
 '''
 
 
@@ -186,4 +205,10 @@ def test_a_checkpoint_failing_after_adoption_leaves_every_slot_one_owner(faulty_
     assert flush_cache(server.url)
     s = idle_stats(server)
     assert s["graph_tokens"] == 0 and s["allocator_free"] == s["allocator_size"], s
-    _generate(server, third)  # still serving
+    _generate(server, third)  # still serving; caches the paragraphs in a third order
+    fallen = _generate(server, again)  # its sparse layer fails: the batch re-runs as exact prefill
+    counts = reuse_counts(fallen["meta_info"])
+    assert counts["fallback"] == "sparse_forward_error" and int(counts["reused"]) == 0
+    assert fallen["output_ids"] == fresh["output_ids"]  # exact, as the prefill from scratch
+    s = idle_stats(server)
+    assert s["allocator_free"] + s["graph_tokens"] == s["allocator_size"], s

@@ -117,6 +117,9 @@ class Counters:
     sparse_batches: int = 0
     evicted_tokens: int = 0
     deferred_admissions: int = 0
+    uncached_collisions: int = 0
+    """Pieces a checkpoint could not cache because their hash names other cached tokens (the request itself
+    was served; only its KV stayed out of the graph)."""
     fallbacks: Counter[str] = field(default_factory=Counter)
 
 
@@ -125,7 +128,7 @@ class RequestState:
     """Everything SparseX holds for one request, from its first match to its release.
 
     ``matched`` is its last match (a waiting request is matched again each scheduling round, and
-    again without reuse after ``refuse_reuse``); ``outcome`` what its prefill did, filled in by the
+    again without reuse once ``reuse_refused``); ``outcome`` what its prefill did, filled in by the
     forward and settled at the checkpoint; the rest is its admission state."""
 
     rid: str

@@ -4,7 +4,9 @@ Every policy scores the reused tokens of a batch and each request takes its top 
 policies differ only in the score. Each is one registered scorer (``POLICIES``), and its docstring says
 why it exists; what a policy reads (the value deviation of the last full layer, the attention mass of the
 new rows) decides what the caller computes before ``sparse_extend.select``. The budget is one pure
-function (``recompute_budget``), and the adaptive budget one device function (``covering_counts``).
+function (``recompute_budget``), and the adaptive budget one device function (``covering_counts``). A new
+policy is a scorer registered with ``@policy`` and its name added to ``Selection``, the choices the settings
+accept (``tests/test_config.py`` checks the two agree).
 How the policies compare on held-out questions: docs/results.md.
 """
 

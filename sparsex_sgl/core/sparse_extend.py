@@ -131,8 +131,9 @@ class SparseExtendPlan:
     prefix_len``: row index = position + base), ``req_len`` (prompt length). Per new row (device ``[N]``,
     CSR ``new_indptr``): ``new_positions``, ``new_request``, ``new_index`` (row in the extend layout).
     ``scored``: the rows whose attention mass scores a request's reused tokens (``config.mass_rows``), and
-    ``scored_in_new [S]`` their index among the new rows. ``fixed`` is the budget layout at the requests'
-    ratios, which ``select`` uses unless the budget is adaptive.
+    ``scored_in_new [S]`` their index among the new rows. Per request (host): ``candidates``, the reused
+    tokens its policy may take, and ``max_budgets``, its budget at its ratio; ``fixed`` is the budget layout
+    of those, which ``select`` uses unless the budget is adaptive.
     """
 
     requests: tuple[ExtendRequest, ...]
@@ -153,6 +154,7 @@ class SparseExtendPlan:
     scored_in_new: torch.Tensor
     reused: ReusedTable
     max_reused: int
+    candidates: tuple[int, ...]
     max_budgets: tuple[int, ...]
     fixed: BudgetLayout
 
@@ -168,8 +170,9 @@ class SparseExtendPlan:
         segments = [list(r.reused) for r in reqs]
         n_reused = [sum(s.length for s in segs) for segs in segments]
         movable = [sum(s.length for s in segs if s.delta != 0) for segs in segments]
-        max_budgets = tuple(recompute_budget(n, r.recompute_ratio, policy.n_candidates(n, m))
-                            for r, n, m in zip(reqs, n_reused, movable, strict=True))
+        candidates = tuple(policy.n_candidates(n, m) for n, m in zip(n_reused, movable, strict=True))
+        max_budgets = tuple(recompute_budget(n, r.recompute_ratio, c)
+                            for r, n, c in zip(reqs, n_reused, candidates, strict=True))
         key_indptr = _indptr(n_reused)
         scored_rows = [_scored_rows(r, config) if n else [] for r, n in zip(reqs, n_reused, strict=True)]
         scored_indptr = _indptr([len(rows) for rows in scored_rows])
@@ -218,7 +221,7 @@ class SparseExtendPlan:
         fixed = _budget_layout(max_budgets, reqs, max_reused, ops, group, device)
         return cls(reqs, config, policy, rope, ops, req_to_token, group, d["req_pool"], d["req_base"], d["req_len"],
                    tuple(new_indptr), d["new_positions"], d["new_request"], d["new_index"], scored,
-                   d["scored_in_new"], reused, max_reused, max_budgets, fixed)
+                   d["scored_in_new"], reused, max_reused, candidates, max_budgets, fixed)
 
     @property
     def n_reused(self) -> tuple[int, ...]:
@@ -279,7 +282,7 @@ def select(plan: SparseExtendPlan, deviation: torch.Tensor | None = None,
     if score is not None and policy.scored:
         score = torch.where(forced, torch.full_like(score, float("inf")), score)
     layout = plan.fixed
-    if score is not None and config.coverage > 0:
+    if score is not None and policy.scored and config.coverage > 0:
         budgets = _covering_budgets(plan, score, forced)
         layout = _budget_layout(budgets, plan.requests, plan.max_reused, plan.ops, plan.group, plan.req_pool.device)
     chosen = _top(plan, score, layout)
@@ -323,8 +326,9 @@ def _covering_budgets(plan: SparseExtendPlan, score: torch.Tensor, forced: torch
     n_forced = torch.zeros(b, dtype=torch.int64, device=device).index_add_(0, table.request.long(), forced.long())
     ordered = torch.sort(finite.view(b, width), dim=1, descending=True).values
     counts = covering_counts(ordered, plan.config.coverage) + n_forced
-    return tuple(min(int(c), cap) if n else 0
-                 for c, cap, n in zip(counts.tolist(), plan.max_budgets, plan.n_reused, strict=True))
+    return tuple(recompute_budget(n, r.recompute_ratio, candidates, covering=int(c)) if n else 0
+                 for r, n, candidates, c in zip(plan.requests, plan.n_reused, plan.candidates, counts.tolist(),
+                                                strict=True))
 
 
 def _budget_layout(budgets: Sequence[int], requests: Sequence[ExtendRequest], max_reused: int, ops: OpSet,

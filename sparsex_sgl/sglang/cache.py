@@ -97,11 +97,12 @@ class SegmentGraphCache(BasePrefixCache):
         self.disable = False
         self.metrics = metrics
         """The Prometheus exporter (``--enable-metrics``), synced when counters change; None: metrics off."""
-        self.req_to_token_pool, self.token_to_kv_pool_allocator, self.page_size = compat.cache_pools(params)
+        (self.req_to_token_pool, self.req_to_token, self.token_to_kv_pool_allocator, self.pool_size,
+         self.page_size) = compat.cache_pools(params)
         self.device = device
         self.runtime = runtime
         self.graph = SegmentGraph(_PoolAllocator(self.token_to_kv_pool_allocator, device),
-                                  max_tokens=int(self.token_to_kv_pool_allocator.size))
+                                  max_tokens=self.pool_size)
         self.root_node = MatchHandle()
 
     # ------------------------------------------------------------------ request state
@@ -280,17 +281,17 @@ class SegmentGraphCache(BasePrefixCache):
             return
         # Decoded tokens attend to the prompt's KV: exact after an exact prompt, blended otherwise.
         exact_len = None if outcome is None or outcome.exact_len >= outcome.prompt else outcome.exact_len
-        row = compat.request_row(req, self.req_to_token_pool.req_to_token)
+        row = compat.request_row(req, self.req_to_token)
         row_slots = row[: pieces[-1].end].tolist()
         result: InsertResult | None = None
         try:
             result = self.graph.insert(pieces, row_slots, exact_len)
         finally:  # even if the insert failed midway: it may have adopted some of the row's slots
             placed = self._take_over(req, row, row_slots, self.graph.placed_path(pieces, result))
+            if placed is not None:  # the request runs on: what the tree now owns stays locked for it
+                compat.move_lock(req, self, MatchHandle((placed,)))
         if result is not None and result.collision:
-            self.runtime.fallback("hash_collision", "a piece to cache collides with a cached one: not cached")
-        if placed is not None:
-            compat.move_lock(req, self, MatchHandle((placed,)))
+            self.runtime.uncached_collision()
 
     def _take_over(self, req: Req, row: torch.Tensor, row_slots: Sequence[int],
                    path: tuple[list[int], NodeId | None]) -> NodeId | None:
@@ -389,6 +390,6 @@ class SegmentGraphCache(BasePrefixCache):
         out.update(graph_nodes=len(self.graph), graph_tokens=self.graph.total_tokens,
                    graph_protected_tokens=self.graph.protected_tokens,
                    allocator_free=int(self.token_to_kv_pool_allocator.available_size()),
-                   allocator_size=int(self.token_to_kv_pool_allocator.size))
+                   allocator_size=self.pool_size)
         return out
 

@@ -71,6 +71,8 @@ PINS: dict[str, str] = {
         "4ca2cac7fefcd32bc21a3e137201b292bb933a1c95f697cfad56e346e4a98dcb",
     "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding.__init__":
         "669e515f7f234f9188f01062fe2722ac1d5a597e610b8893ac8ad07543e27e1a",
+    "sglang.srt.managers.io_struct.GenerateReqInput":
+        "855c1ed70061fc39ccbad4f22e61bcbd7606cc9e453a7e5d5655cb3b94083ad0",
     "sglang.srt.managers.schedule_batch.Req.__init__":
         "95516b226df11e45019d15c8b853c7e8781fb2a8524f445c825e2b7ae52c19b7",
     "sglang.srt.managers.schedule_batch.Req.init_next_round_input":
@@ -78,6 +80,10 @@ PINS: dict[str, str] = {
     "sglang.srt.managers.schedule_batch.Req.refresh_fill_ids":
         "c36555f5ab4697b73bf5bff1c90605804a0768a3fa6063691f740185a7a2e340",
     "sglang.srt.managers.schedule_batch.ReqKvInfo": "78ec05bef977dd1a6fe03af28ebef42247d9517b405ba425213caa14c5610ad4",
+    "sglang.srt.managers.schedule_batch.ScheduleBatch":
+        "6db4b835a70420455a5770ce5b34b82f520ae4b3fafcef1661dba6969c06787a",
+    "sglang.srt.managers.schedule_policy.AddReqResult":
+        "a3d369b4716f5b7d37a0d247b2e02f3df569f11ac095fb2988b6faa25542baa0",
     "sglang.srt.managers.schedule_policy.PrefillAdder.__init__":
         "311684cd26be5b49ecc864a1f5adabf6263513b986c4d8d5738703b8d58615aa",
     "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req":
@@ -164,10 +170,11 @@ _WRAPPED_MARK = "__sparsex__"
 
 # ---------------------------------------------------------------------- pins
 def source_digest(dotted: str) -> str:
-    """SHA-256 of the source of the object at ``dotted`` ("" if it cannot be read: gone or not Python)."""
+    """SHA-256 of the source of the object at ``dotted`` ("" if it cannot be read: gone, not Python, or its
+    module fails to import: any of these is a change)."""
     try:
         return hashlib.sha256(inspect.getsource(_resolve(dotted)).encode()).hexdigest()
-    except (ImportError, AttributeError, OSError, TypeError):
+    except Exception:  # noqa: BLE001 - whatever stops the source being read, the pin does not hold
         return ""
 
 
@@ -184,7 +191,8 @@ def _changed_now() -> tuple[str, ...]:
 
 
 def unchanged() -> bool:
-    """Whether this process's SGLang is the source every pin was read against (computed once)."""
+    """Whether this process's SGLang is the source every pin was read against (computed once per process:
+    the plugin computes it while the server starts, so no request waits for it)."""
     return not _changed_now()
 
 
@@ -308,12 +316,14 @@ def internal_state_tree_cache(controller: Any) -> Any:
     return controller.scheduler.tree_cache
 
 
+@_pin("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state")
 def set_internal_state(result: Any, section: str, value: dict[str, object]) -> None:
     result.internal_state[section] = value
 
 
 # ---------------------------------------------------------------------- the tokenizer manager
-@_pin("sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__")
+@_pin("sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__",
+      "sglang.srt.managers.io_struct.GenerateReqInput")
 def tokenizer_parts(manager: Any) -> tuple[Any, Any, int]:
     """The tokenizer manager's server args, tokenizer and the model's vocabulary size."""
     return manager.server_args, manager.tokenizer, int(manager.model_config.vocab_size)
@@ -431,23 +441,28 @@ def move_lock(req: Req, cache: BasePrefixCache, handle: Any) -> None:
 
 
 # ---------------------------------------------------------------------- admission
-@_pin("sglang.srt.managers.schedule_policy.PrefillAdder.__init__", "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req")
+@_pin("sglang.srt.managers.schedule_policy.PrefillAdder.__init__",
+      "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req")
 def adder_view(adder: PrefillAdder) -> tuple[BasePrefixCache, list[Req], list[Req]]:
     """The batch being built: its tree cache, the requests admitted so far, the requests running."""
     running = adder.running_batch.reqs if adder.running_batch is not None else []
     return adder.tree_cache, adder.can_run_list, list(running)
 
 
-@_pin("sglang.srt.managers.schedule_policy.PrefillAdder.__init__", "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req")
+@_pin("sglang.srt.managers.schedule_policy.PrefillAdder.__init__",
+      "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req")
 def chunk_budget(adder: PrefillAdder) -> int | None:
     """Tokens the chunked-prefill budget has left in this batch (None: chunked prefill is off)."""
     return adder.rem_chunk_tokens
 
 
+@_pin("sglang.srt.managers.schedule_policy.PrefillAdder.__init__",
+      "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req")
 def set_chunk_budget(adder: PrefillAdder, tokens: int | None) -> None:
     adder.rem_chunk_tokens = tokens
 
 
+@_pin("sglang.srt.managers.schedule_policy.AddReqResult")
 def add_req_results() -> Any:
     """SGLang's ``AddReqResult`` (what ``add_one_req`` returns)."""
     from sglang.srt.managers.schedule_policy import AddReqResult
@@ -469,6 +484,8 @@ def batch_states(forward_batch: ForwardBatch) -> list[RequestState | None]:
     return getattr(forward_batch, _BATCH_STATES, None) or []
 
 
+@_pin("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+      "sglang.srt.managers.schedule_batch.ScheduleBatch")
 def carry_states(batch: ScheduleBatch, forward_batch: ForwardBatch) -> None:
     """An extend batch's requests' SparseX states go with the forward batch built from it."""
     if batch.forward_mode.is_extend():  # the batch may be the overlap scheduler's copy, without the cache
@@ -658,13 +675,24 @@ def build_parts(ctx: TreeCacheBuildContext) -> tuple[Any, ModelRunner, Any, int,
     return ctx.server_args, ctx.tp_worker.model_runner, hf_config, num_layers, ctx.params
 
 
-@_pin("sglang.srt.mem_cache.cache_init_params.CacheInitParams", "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.alloc",
+@_pin("sglang.srt.mem_cache.cache_init_params.CacheInitParams",
+      "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.alloc",
       "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free",
       "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.available_size")
-def cache_pools(params: Any) -> tuple[Any, Any, int]:
-    """The ``req_to_token`` pool, the token allocator (``alloc(n) -> Tensor | None``, ``free(Tensor)``,
-    ``available_size()``, ``size``) and the page size a tree cache is built over."""
-    return params.req_to_token_pool, params.token_to_kv_pool_allocator, int(params.page_size)
+def cache_pools(params: Any) -> tuple[Any, torch.Tensor, Any, int, int]:
+    """What a tree cache is built over: the ``req_to_token`` pool (a tree cache exposes it as
+    ``req_to_token_pool``) and its table, the token allocator (``alloc(n) -> Tensor | None``,
+    ``free(Tensor)``, ``available_size()``; exposed as ``token_to_kv_pool_allocator``), the pool's size in
+    slots and the page size."""
+    allocator = params.token_to_kv_pool_allocator
+    return (params.req_to_token_pool, params.req_to_token_pool.req_to_token, allocator, int(allocator.size),
+            int(params.page_size))
+
+
+@_pin("sglang.srt.server_args.ServerArgs")
+def on_cpu(server_args: Any) -> bool:
+    """Whether the server runs on the CPU (``--device cpu``)."""
+    return getattr(server_args, "device", None) == "cpu"
 
 
 @_pin("sglang.srt.server_args.ServerArgs")

@@ -28,6 +28,7 @@ COUNTERS: dict[str, str] = {
     "sparse_batches": "Prefill batches that ran the sparse layers",
     "evicted_tokens": "Tokens evicted from the segment graph",
     "deferred_admissions": "Admissions deferred to wait for a segment another request computes",
+    "uncached_collisions": "Pieces left uncached because their hash names other cached tokens",
 }
 
 

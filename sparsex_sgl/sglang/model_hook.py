@@ -1,7 +1,7 @@
 """The sparse extend path: SparseX's decoder loop around an SGLang Llama / Qwen2 / Qwen3 model.
 
 Installed on the *instance* of the decoder stack by the cache factory, after model load. A batch without
-reuse runs the original forward, at the cost of one look at each request's state. Otherwise the batch's
+reuse runs the original forward, at the cost of reading the batch's layout and each request's state. Otherwise the batch's
 ``SparseExtendPlan`` (``core.sparse_extend``, the pipeline the reference executor runs too) is built once,
 and this loop:
 
@@ -57,17 +57,18 @@ class SparseXForward:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
                  input_embeds: torch.Tensor | None = None, pp_proxy_tensors: Any = None, **kwargs: Any) -> Any:
-        layout = compat.extend_layout(forward_batch)
-        if layout is None or input_embeds is not None or pp_proxy_tensors is not None or kwargs:
+        if input_embeds is not None or pp_proxy_tensors is not None or kwargs:
             return self.original(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors, **kwargs)
         outcomes: list[tuple[int, RequestOutcome]] = []
         try:
-            plan = self._plan(forward_batch, layout, outcomes)
+            layout = compat.extend_layout(forward_batch)
+            plan = None if layout is None else self._plan(forward_batch, layout, outcomes)
             if plan is None:
                 return self.original(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors)
             out = self._sparse_forward(input_ids, positions, forward_batch, plan, outcomes)
         except Exception as exc:
             logger.exception("SparseX sparse forward failed; recomputing the batch with full prefill")
+            compat.set_sparse_step(forward_batch, None)  # the re-run's layers are all SGLang's own
             compat.residual_stream().clear(forward_batch)
             for _, outcome in outcomes:
                 self.runtime.fallback("sparse_forward_error", repr(exc))

@@ -93,7 +93,7 @@ def _add_cli_args(original: Callable[..., Any], parser: argparse.ArgumentParser)
 
 def _export(server_args: Any, config: ServerConfig | None) -> None:
     """Hand the settings to the scheduler processes (they inherit the environment at spawn)."""
-    if getattr(server_args, "device", None) == "cpu":
+    if compat.on_cpu(server_args):
         os.environ[CPU_SHIM_ENV] = "1"
         compat.use_torch_rotary()
     if config is not None:
@@ -116,6 +116,7 @@ def _from_cli_args(original: Callable[..., Any], cls: Any, args: argparse.Namesp
     _export(server_args, config)
     if config is not None:
         compat.add_stats_route(STATS_ROUTE, STATE_SECTION)
+        compat.unchanged()  # read the pins now, in the launcher (the tokenizer's process), not at a request
     return server_args
 
 
@@ -132,6 +133,8 @@ def _engine_server_args(base: Callable[..., Any]) -> Callable[..., Any]:
             raise ValueError("sparsex_* options need enable_sparsex=True")
         server_args = base(**kwargs)
         _export(server_args, config)
+        if config is not None:
+            compat.unchanged()  # read the pins now, not at the first request
         return server_args
 
     return build_server_args
@@ -228,12 +231,14 @@ def _admit(original: Callable[..., Any], adder: PrefillAdder, req: Req, *args: A
     """
     from sparsex_sgl.sglang.cache import SegmentGraphCache
 
-    tree_cache, batch, running_reqs = compat.adder_view(adder)
     request = compat.request_state(req)
-    if not isinstance(tree_cache, SegmentGraphCache) or request is None:
+    if request is None or not compat.unchanged():
         return original(adder, req, *args, **kwargs)
-    results = compat.add_req_results()
+    tree_cache, batch, running_reqs = compat.adder_view(adder)
+    if not isinstance(tree_cache, SegmentGraphCache) or tree_cache.runtime.disabled_kind:
+        return original(adder, req, *args, **kwargs)
     runtime = tree_cache.runtime
+    results = compat.add_req_results()
     budget = compat.chunk_budget(adder)
     try:
         running = [compat.request_state(r) for r in running_reqs]

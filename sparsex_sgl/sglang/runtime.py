@@ -86,6 +86,16 @@ class SchedulerRuntime:
             logger.error("SparseX internal error in %s; the request falls back to stock prefill and the server "
                          "keeps serving (further cases are only counted)", where, exc_info=exc)
 
+    def uncached_collision(self) -> None:
+        """A checkpoint stopped at a piece whose hash names other cached tokens (counted; logged once)."""
+        with self._lock:
+            self.counters.uncached_collisions += 1
+            first = "uncached_collision" not in self._logged
+            self._logged.add("uncached_collision")
+        if first:
+            logger.error("SparseX: a segment hash names two different token sequences; the later one is not "
+                         "cached (further cases are only counted)")
+
     def tracked_requests(self) -> int:
         """Requests this scheduler holds SparseX state for; 0 when it is idle (a leak check)."""
         return len(self.open_requests)
