@@ -112,17 +112,19 @@ def _decode(body: bytes) -> Any:
 
 
 def launch(model: Path, extra: Sequence[str], log: Path, max_total_tokens: int = 8192,
-           base_flags: Sequence[str] = CPU_FLAGS, env: Mapping[str, str] | None = None) -> Server:
+           base_flags: Sequence[str] = CPU_FLAGS, env: Mapping[str, str] | None = None,
+           cwd: Path | None = None) -> Server:
     """Start ``python -m sglang.launch_server`` in its own process group; ``wait_ready`` to block.
 
     ``base_flags`` default to the CPU set; pass ``()`` on a GPU machine to keep SGLang's own defaults.
-    ``env`` adds variables to the server's environment (e.g. ``TRITON_INTERPRET``)."""
+    ``env`` adds variables to the server's environment (e.g. ``TRITON_INTERPRET``); ``cwd`` is where it starts
+    (``python -m`` puts that folder first on the server's import path)."""
     port = free_port()
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), *base_flags,
            "--max-total-tokens", str(max_total_tokens), "--host", "127.0.0.1", "--port", str(port), *extra]
     out = log.open("wb")
     process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                               env=None if env is None else {**os.environ, **env})
+                               env=None if env is None else {**os.environ, **env}, cwd=cwd)
     return Server(f"http://127.0.0.1:{port}", process, log)
 
 

@@ -7,12 +7,14 @@ Two layers of the same promise:
 - the reference executor on tiny random Llama and Qwen3 models, every recompute method and SparseX signal
   (naive, CacheBlend-, EPIC-style, ``sparse_q`` and its query-mass variants, the look-ahead pass, the
   adaptive budget), paragraphs cached alone and cached in another order;
-- a real ``--enable-sparsex`` SGLang server with SmolLM2 on reordered HotpotQA prompts at two ratios.
+- real ``--enable-sparsex`` SGLang servers with SmolLM2 on reordered HotpotQA prompts at two ratios, under the
+  default policy, EPIC-style's and the query-mass policy over every full layer with an adaptive budget.
 
 The recorded values are not derived from the code under test: a change in any step (the budget, a scorer,
 tie breaking, the row layout, re-rotation, the sparse layers) changes a CRC or a token and fails here. To
-re-record after an *intended* change of behaviour, run this file with ``SPARSEX_RECORD_PINS=1`` and paste
-what it prints, saying in the commit why the behaviour changed.
+re-record after an *intended* change of behaviour, run this file with ``SPARSEX_RECORD_PINS=1`` (and, for the
+servers, ``SPARSEX_PINS_SERVER_PYTHONPATH`` naming a checkout of the code before the change) and paste what it
+prints, saying in the commit why the behaviour changed.
 """
 
 from __future__ import annotations
@@ -196,34 +198,72 @@ def test_reference_executor_rows_counts_and_outputs_are_the_pinned_ones(family: 
     assert got == REFERENCE_PINS[key]
 
 
-SERVER_PINS: list[tuple[int, int, int, int, tuple[int, ...]]] = [
-    (41, 1355, 203, 2676586832, (504, 6510, 282, 260, 12986, 23399, 476, 20429)),
-    (41, 1355, 678, 1791536030, (504, 6510, 282, 260, 12986, 23399, 476, 20429)),
-    (221, 1286, 193, 3922473366, (504, 2582, 10916, 7706, 1528, 334, 30, 61)),
-    (41, 1466, 733, 472295587, (504, 937, 2882, 282, 2582, 10916, 7706, 1528)),
-    (41, 1935, 290, 653455102, (504, 3140, 2496, 338, 1065, 344, 254, 4573)),
-    (41, 1935, 968, 2603986266, (504, 3140, 2496, 338, 476, 67, 2668, 41121)),
-]
-"""Per reordered request (3 HotpotQA questions x ratios 0.15 and 0.5): (prefix, reused, recomputed,
-rows_crc32, greedy output ids), recorded at commit 36352d4."""
+SERVER_PINS: dict[str, list[tuple[int, int, int, int, tuple[int, ...]]]] = {
+    "sparse_q": [
+        (41, 1355, 203, 2676586832, (504, 6510, 282, 260, 12986, 23399, 476, 20429)),
+        (41, 1355, 678, 1791536030, (504, 6510, 282, 260, 12986, 23399, 476, 20429)),
+        (221, 1286, 193, 3922473366, (504, 2582, 10916, 7706, 1528, 334, 30, 61)),
+        (41, 1466, 733, 472295587, (504, 937, 2882, 282, 2582, 10916, 7706, 1528)),
+        (41, 1935, 290, 653455102, (504, 3140, 2496, 338, 1065, 344, 254, 4573)),
+        (41, 1935, 968, 2603986266, (504, 3140, 2496, 338, 476, 67, 2668, 41121)),
+    ],
+    "first_k": [
+        (41, 1355, 203, 2648663212, (504, 6510, 282, 260, 12986, 23399, 476, 20429)),
+        (41, 1355, 678, 3024600764, (504, 6510, 282, 260, 12986, 23399, 476, 20429)),
+        (221, 1286, 193, 4018260245, (504, 2582, 10916, 7706, 1528, 1541, 33243, 553)),
+        (41, 1466, 733, 2024823083, (504, 937, 2882, 282, 2582, 10916, 7706, 1528)),
+        (41, 1935, 290, 1258919511, (504, 3140, 2496, 338, 38607, 20139, 4573, 3720)),
+        (41, 1935, 968, 1173440413, (504, 3140, 2496, 338, 476, 67, 2668, 41121)),
+    ],
+    "query_mass_all_coverage": [
+        (41, 1355, 192, 2989419999, (504, 6510, 282, 260, 12986, 23399, 476, 20429)),
+        (41, 1355, 212, 4066488525, (504, 6510, 282, 260, 12986, 23399, 476, 20429)),
+        (221, 1286, 178, 683396943, (504, 2582, 10916, 7706, 1528, 334, 30, 61)),
+        (41, 1466, 198, 1371946675, (504, 937, 2882, 282, 2582, 10916, 7706, 1528)),
+        (41, 1935, 273, 894253258, (504, 3140, 2496, 338, 38607, 20139, 28, 253)),
+        (41, 1935, 267, 41526370, (504, 3140, 2496, 338, 38607, 20139, 28, 253)),
+    ],
+}
+"""Per server setting, per reordered request (3 HotpotQA questions x ratios 0.15 and 0.5): (prefix, reused,
+recomputed, rows_crc32, greedy output ids), recorded by the code of commit 36352d4."""
+
+SERVER_SETTINGS: dict[str, dict[str, Any]] = {
+    "sparse_q": {},  # the shipped default
+    "first_k": {"selection": "first_k", "full_layers": 0, "min_tokens_per_segment": 0},
+    "query_mass_all_coverage": {"selection": "query_mass", "mass_layers": "all", "coverage": 0.5},
+}
+"""The settings a pinned server runs with, as a preset (a flat mapping: both the code before the redesign
+and after it read one): the default, EPIC-style's policy (no full layers), and the query-mass policy summed
+over every full layer (the model hook records two layers' queries) with the adaptive budget."""
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+@pytest.fixture(scope="module", params=list(SERVER_SETTINGS))
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    """A server per pinned setting. ``SPARSEX_PINS_SERVER_PYTHONPATH`` (recording only) puts another checkout
+    of the package first on the server's path, so the pins can be recorded by the code before a change."""
+    import yaml
+
     from sparsex_sgl.assets import resolve_model
     from sparsex_sgl.testing import launch, wait_ready
 
-    server = launch(resolve_model("smollm2"), ["--enable-sparsex"], tmp_path_factory.mktemp("pins") / "server.log",
-                    8192)
+    name = request.param
+    logs = tmp_path_factory.mktemp(f"pins-{name}")
+    flags = ["--enable-sparsex"]
+    if SERVER_SETTINGS[name]:
+        (logs / "preset.yaml").write_text(yaml.safe_dump(SERVER_SETTINGS[name]))
+        flags += ["--sparsex-config", str(logs / "preset.yaml")]
+    other = os.environ.get("SPARSEX_PINS_SERVER_PYTHONPATH")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [other, os.environ.get("PYTHONPATH")]))} if other else None
+    server = launch(resolve_model("smollm2"), flags, logs / "server.log", 8192, env=env, cwd=logs if other else None)
     try:
         wait_ready(server)
-        yield server
+        yield name, server
     finally:
         server.stop()
 
 
 @pytest.mark.slow
-def test_served_rows_counts_and_outputs_are_the_pinned_ones(server: Any) -> None:
+def test_served_rows_counts_and_outputs_are_the_pinned_ones(server: tuple[str, Any]) -> None:
     from transformers import AutoTokenizer
 
     from sparsex_sgl.assets import hotpotqa_path, resolve_model
@@ -232,6 +272,7 @@ def test_served_rows_counts_and_outputs_are_the_pinned_ones(server: Any) -> None
     from sparsex_sgl.eval.hotpotqa import build_prompt, load_examples
     from sparsex_sgl.testing import flush_cache
 
+    name, server = server
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
     got = []
     for example in load_examples(hotpotqa_path(), 3, offset=4):
@@ -252,9 +293,9 @@ def test_served_rows_counts_and_outputs_are_the_pinned_ones(server: Any) -> None
                         int(counts["rows_crc32"]), tuple(reply["output_ids"])))
     assert all(reused > 0 for _, reused, _, _, _ in got)
     if RECORD:
-        print("SERVER_PINS = [")
+        print(f"    {name!r}: [")
         for row in got:
-            print(f"    {row!r},")
-        print("]")
+            print(f"        {row!r},")
+        print("    ],")
         return
-    assert got == SERVER_PINS
+    assert got == SERVER_PINS[name]
