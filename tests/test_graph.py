@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sparsex_sgl.core.errors import SegmentHashCollisionError
-from sparsex_sgl.core.graph import SegmentGraph, segments_it_caches, segments_it_computes
+from sparsex_sgl.core.graph import EvictedSegment, SegmentGraph, segments_it_caches, segments_it_computes
 from sparsex_sgl.core.request import MAX_DEFERRALS, Match, RequestState, should_defer
 from sparsex_sgl.core.segments import (
     SHARED,
@@ -333,13 +333,22 @@ SEGMENTS = [tuple([t] * n) for t, n in zip(range(1, 7), (3, 1, 4, 2, 5, 2))]
 
 
 class GraphMachine(RuleBasedStateMachine):
-    """Random request traffic against a small pool and budget."""
+    """Random request traffic against a small pool and budget, with a lower tier that keeps what eviction
+    hands it and loads segments back as detached nodes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.allocator = FreeListAllocator(24)
-        self.graph = SegmentGraph(self.allocator, max_tokens=16)
+        self.graph = SegmentGraph(self.allocator, max_tokens=16, on_evict=self._spill)
         self.held: list[tuple] = []  # locked node-id tuples  # type: ignore[type-arg]
+        self.tier: dict[SegmentHash, EvictedSegment] = {}
+        self.source_start: dict[int, int] = {}  # detached node id -> the position its KV was computed at
+
+    def _spill(self, segment: EvictedSegment) -> None:
+        """Only an exact, client-marked segment reaches the tier, with slots still allocated to it."""
+        assert segment.token_ids in SEGMENTS, segment.token_ids
+        assert all(s in self.allocator._used for s in segment.slots)
+        self.tier[segment.key] = segment
 
     def _pieces(self, order: list[int], tail: list[int]) -> list[Piece]:
         """Segments in ``order``, then a gap (cut in blocks of 3, aligned along the cached path)."""
@@ -389,6 +398,9 @@ class GraphMachine(RuleBasedStateMachine):
             covered |= set(range(r.target_start, r.target_start + r.length))
         assert covered == set(range(len(ids))) and plan.new_rows[-1] == len(ids) - 1
         assert all(self.graph.is_exact(r.node_id) for r in plan.reused)  # blended KV is never moved
+        for r in plan.reused:  # a loaded segment is re-rotated from where its KV was computed
+            assert r.source_start == self.source_start.get(r.node_id, r.source_start)
+        assert not set(plan.prefix_node_ids) & set(self.source_start)  # a detached node is never a prefix
         exact_len = 0
         for piece, nid in zip(pieces, plan.prefix_node_ids):
             if not self.graph.is_exact(nid):
@@ -398,6 +410,26 @@ class GraphMachine(RuleBasedStateMachine):
         if keep:
             self.graph.lock(plan.node_ids)
             self.held.append(plan.node_ids)
+
+    @precondition(lambda self: self.tier)
+    @rule(index=st.integers(0, 10))
+    def load(self, index: int) -> None:
+        """A segment the tier kept comes back as a detached node, unless the graph holds it exactly."""
+        segment = list(self.tier.values())[index % len(self.tier)]
+        piece = make_piece(segment.token_ids, 0, len(segment.token_ids), SHARED, reusable=True)
+        assert piece.key == segment.key
+        if self.graph.has_source(piece.key):
+            return
+        slots = self.graph.alloc(piece.length)
+        if slots is None:
+            return
+        nid = self.graph.insert_detached(piece, slots, segment.start_pos)
+        if nid is None:
+            self.allocator.free(slots)
+            return
+        del self.tier[segment.key]
+        self.source_start[nid] = segment.start_pos
+        assert self.graph.has_source(piece.key)
 
     @precondition(lambda self: self.held)
     @rule(index=st.integers(0, 10))
@@ -419,7 +451,10 @@ class GraphMachine(RuleBasedStateMachine):
     @rule()
     def reset(self) -> None:
         locked = sum(1 for nd in self.graph._nodes.values() if nd.lock_ref > 0)
+        spilled = len(self.tier)
         assert self.graph.reset() == locked  # leaked locks are reported, and their nodes dropped too
+        assert len(self.tier) == spilled  # a flush drops the graph's nodes; it spills nothing
+        self.source_start.clear()
         assert len(self.graph) == 0 and self.graph.total_tokens == self.graph.protected_tokens == 0
         self.held.clear()
 

@@ -9,6 +9,7 @@ pydantic enforces and whose values the flag parser and the error messages read. 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -96,12 +97,40 @@ class ServerConfig:
     """Parse in-band segment markers in every text prompt; off: only requests with ``sparsex_markers``."""
     report_counts: bool = True
     """Return each request's ``sparsex_*`` counts in ``meta_info`` (they reveal what others cached)."""
+    host_tier_gb: float = 0.0
+    """Host memory (GB) that keeps the segments the device pool evicts (``core.tiers.HostTier``); 0: none."""
+    storage_backend: str = ""
+    """A shared segment store on one of SGLang's HiCache storage backends, by its name (``file``, ``mooncake``,
+    ``dynamic``, ...); "": none."""
+    storage_extra_config: str = ""
+    """The backend's settings, a JSON object as SGLang's ``--hicache-storage-backend-extra-config`` takes
+    (``file``: ``{"file_storage_path": DIR}``; ``dynamic``: ``backend_name``, ``module_path``, ``class_name``)."""
+    storage_timeout_s: float = 2.0
+    """The longest a scheduler waits for one store read before it recomputes the segment."""
 
     def __post_init__(self) -> None:
+        if self.host_tier_gb < 0 or self.storage_timeout_s <= 0:
+            raise ValueError(f"host_tier_gb must be >= 0 and storage_timeout_s > 0, got {self.host_tier_gb} and "
+                             f"{self.storage_timeout_s}")
+        if self.storage_extra_config and not self.storage_backend:
+            raise ValueError("storage_extra_config needs a storage_backend")
+        self.storage_settings()
         if self.min_segment_tokens < 1:
             raise ValueError(f"min_segment_tokens must be >= 1, got {self.min_segment_tokens}")
         if self.auto_segment_tokens != 0 and self.auto_segment_tokens < 4:
             raise ValueError(f"auto_segment_tokens must be 0 (off) or >= 4, got {self.auto_segment_tokens}")
+
+    def storage_settings(self) -> dict[str, Any] | None:
+        """``storage_extra_config`` parsed (None when empty); a ValueError unless it is a JSON object."""
+        if not self.storage_extra_config:
+            return None
+        try:
+            value = json.loads(self.storage_extra_config)
+        except ValueError as exc:
+            raise ValueError(f"storage_extra_config is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"storage_extra_config must be a JSON object, got {type(value).__name__}")  # noqa: TRY004 - a config error
+        return value
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ServerConfig:

@@ -19,6 +19,11 @@ tested on the CPU with exact slot ids. Eviction is LRU over unlocked leaves, wit
 Accounting follows SGLang's ``RadixCache``: the protected (locked) token count is kept as locks change,
 and eviction pops a heap of leaves, so neither costs a scan of the graph (a GPU server caches millions of
 tokens, and the scheduler waits for every lock, unlock and eviction; ``bench/graph_scale.py``).
+
+Segments can outlive the graph (docs/how-it-works.md, "Tiers"): an exact segment node that eviction removes
+is handed to ``on_evict`` first, while its slots still hold its KV, so a lower tier can keep it; a segment
+loaded back from such a tier enters as a *detached* node (``insert_detached``): its context is not a root
+path of this graph, so it serves only as a non-prefix source, which is all a moved segment needs.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class _Node:
     child_lengths: Counter[int] = field(default_factory=Counter)
     """How many children have each length: the cuts ``SegmentGraph.align`` tries."""
     exact: bool = True
+    reusable: bool = False
+    """Inserted as a client-marked segment (a gap block is never worth keeping below the graph)."""
     lock_ref: int = 0
     last_access: int = 0
 
@@ -79,6 +86,17 @@ class ReusedSegment:
     @property
     def delta(self) -> int:
         return self.target_start - self.source_start
+
+
+@dataclass(frozen=True)
+class EvictedSegment:
+    """An exact segment node being evicted: its tokens, the position its KV was computed at, and the slots
+    that still hold that KV while ``on_evict`` runs (they are freed right after)."""
+
+    key: SegmentHash
+    token_ids: tuple[int, ...]
+    start_pos: int
+    slots: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -149,14 +167,21 @@ class InsertResult:
 class SegmentGraph:
     """Segment KV bookkeeping with exact-prefix and non-prefix lookup, refcounts and LRU eviction."""
 
-    def __init__(self, allocator: SlotAllocator, max_tokens: int) -> None:
+    def __init__(self, allocator: SlotAllocator, max_tokens: int,
+                 on_evict: Callable[[EvictedSegment], None] | None = None) -> None:
+        """``on_evict`` sees every exact segment node that eviction removes, before its slots are freed
+        (never at ``reset``, which drops everything); an exception it raises propagates only after the
+        node is gone, so the graph stays consistent."""
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         self._allocator = allocator
         self.max_tokens = max_tokens
         self._ids = itertools.count(1)
         self._clock = itertools.count(1)
+        self._on_evict = on_evict
         self._root = _Node(NodeId(0), None, SegmentHash(b""), (), (), 0)
+        self._detached = _Node(NodeId(-1), None, SegmentHash(b""), (), (), 0)
+        """Parent of the detached nodes: never walked by a prefix lookup, so they are never a prefix hit."""
         self._nodes: dict[NodeId, _Node] = {}
         self._by_key: dict[SegmentHash, dict[NodeId, _Node]] = {}
         self.total_tokens = 0
@@ -327,6 +352,7 @@ class SegmentGraph:
                     if child.token_ids != piece.token_ids:  # never raise here: earlier pieces were adopted
                         collision = True
                         break
+                    child.reusable |= piece.reusable
                     took = exact and not child.exact
                     if took and child.lock_ref > 0:  # a running request reads the blended KV: keep it
                         break
@@ -372,9 +398,29 @@ class SegmentGraph:
             last, node = child.id, child
         return slots, last
 
-    def _add_node(self, parent: _Node, piece: Piece, slots: tuple[int, ...], exact: bool) -> _Node:
+    def has_source(self, key: SegmentHash) -> bool:
+        """Whether an exact node holds the piece ``key`` names (a lookup can reuse it without loading)."""
+        return any(nd.exact for nd in self._by_key.get(key, {}).values())
+
+    def insert_detached(self, piece: Piece, slots: Sequence[int], source_start: int) -> NodeId | None:
+        """Adopt ``slots`` holding the exact KV of ``piece``'s tokens computed at ``source_start`` under a
+        context this graph does not hold (a segment loaded from a lower tier, or prefilled behind a sink
+        prefix), as a node that serves only as a non-prefix source. Returns its id, or None (slots not
+        adopted) when there is no room or a detached node holds the piece already."""
+        if len(slots) != piece.length or not piece.reusable:
+            raise ValueError(f"a detached node holds a segment: {len(slots)} slots for a {piece.length}-token "
+                             f"piece (reusable: {piece.reusable})")
+        if piece.key in self._detached.children or not self._make_room(piece.length):
+            return None
+        node = self._add_node(self._detached, piece, tuple(slots), exact=True, start_pos=source_start)
+        self._touch(node, next(self._clock))
+        return node.id
+
+    def _add_node(self, parent: _Node, piece: Piece, slots: tuple[int, ...], exact: bool,
+                  start_pos: int | None = None) -> _Node:
         assert len(slots) == piece.length, (len(slots), piece.length)
-        node = _Node(NodeId(next(self._ids)), parent, piece.key, piece.token_ids, slots, piece.start, exact=exact)
+        node = _Node(NodeId(next(self._ids)), parent, piece.key, piece.token_ids, slots,
+                     piece.start if start_pos is None else start_pos, exact=exact, reusable=piece.reusable)
         parent.children[piece.key] = node
         parent.child_lengths[node.length] += 1
         self._nodes[node.id] = node
@@ -394,7 +440,7 @@ class SegmentGraph:
 
     def _inc(self, node: _Node) -> None:
         nd: _Node | None = node
-        while nd is not None and nd is not self._root:
+        while nd is not None and nd.parent is not None:  # up to the root (or the detached nodes' parent)
             if nd.lock_ref == 0:
                 self.protected_tokens += nd.length
             nd.lock_ref += 1
@@ -402,7 +448,7 @@ class SegmentGraph:
 
     def _dec(self, node: _Node) -> None:
         nd: _Node | None = node
-        while nd is not None and nd is not self._root:
+        while nd is not None and nd.parent is not None:
             assert nd.lock_ref > 0, f"unlock of node {nd.id} whose lock_ref is {nd.lock_ref}"
             nd.lock_ref -= 1
             if nd.lock_ref == 0:
@@ -432,6 +478,10 @@ class SegmentGraph:
             if self.evict(1) == 0:
                 return None
 
+    def free_slots(self, slots: Sequence[int]) -> None:
+        """Give back slots from ``alloc`` that no node adopted."""
+        self._allocator.free(slots)
+
     def _make_room(self, n: int) -> bool:
         if n > self.max_tokens:
             return False
@@ -449,10 +499,10 @@ class SegmentGraph:
             if victim is None or victim.children or victim.lock_ref or victim.last_access != last_access:
                 continue  # stale: the node changed since this entry was pushed
             freed += victim.length
-            self._remove(victim)
+            self._remove(victim, spill=True)
         return freed
 
-    def _remove(self, node: _Node) -> None:
+    def _remove(self, node: _Node, spill: bool = False) -> None:
         assert node.parent is not None and not node.children and node.lock_ref == 0
         del node.parent.children[node.key]
         lengths = node.parent.child_lengths
@@ -465,9 +515,13 @@ class SegmentGraph:
         if not same_key:
             del self._by_key[node.key]
         self.total_tokens -= node.length
-        self._allocator.free(node.slots)
-        if node.parent is not self._root:
-            self._push_if_evictable(node.parent)
+        try:
+            if spill and self._on_evict is not None and node.exact and node.reusable:
+                self._on_evict(EvictedSegment(node.key, node.token_ids, node.start_pos, node.slots))
+        finally:
+            self._allocator.free(node.slots)
+            if node.parent.parent is not None:  # not a root: the parent may have become a leaf
+                self._push_if_evictable(node.parent)
 
     def reset(self) -> int:
         """Drop every node and free its slots; returns how many were still locked.
@@ -477,8 +531,9 @@ class SegmentGraph:
         leaked = sum(1 for nd in self._nodes.values() if nd.lock_ref > 0)
         for nd in self._nodes.values():
             self._allocator.free(nd.slots)
-        self._root.children.clear()
-        self._root.child_lengths.clear()
+        for root in (self._root, self._detached):
+            root.children.clear()
+            root.child_lengths.clear()
         self._nodes.clear()
         self._by_key.clear()
         self._lru.clear()
@@ -518,7 +573,10 @@ class SegmentGraph:
             assert nd.lock_ref >= 0
             assert nd.parent is not None and nd.parent.children.get(nd.key) is nd
             assert self._by_key[nd.key][nd.id] is nd
-            assert nd.start_pos == (nd.parent.start_pos + nd.parent.length)
+            if nd.parent is self._detached:
+                assert nd.exact and nd.reusable and not nd.children, nd.id
+            else:
+                assert nd.start_pos == (nd.parent.start_pos + nd.parent.length)
             assert nd.child_lengths == Counter(c.length for c in nd.children.values()), nd.id
             child_locks = sum(c.lock_ref for c in nd.children.values())
             assert nd.lock_ref >= child_locks, (nd.id, nd.lock_ref, child_locks)

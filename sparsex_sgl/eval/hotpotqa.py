@@ -19,8 +19,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from sparsex_sgl.core.prewarm import chat_frame
+
 INSTRUCTION = "Answer the question using the documents below. Reply with a short answer only.\n\n"
-MARKER = "\u2063SPARSEX_CONTENT\u2063"
 
 
 @dataclass(frozen=True)
@@ -68,17 +69,6 @@ def load_examples(path: Path, n: int, offset: int = 0) -> list[QAExample]:
         )
         for row in rows[offset : offset + n]
     ]
-
-
-def chat_frame(tokenizer: Any) -> tuple[str, str]:
-    """The chat template's text before and after the user message (generation prompt included)."""
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": MARKER}], tokenize=False, add_generation_prompt=True
-        )
-        head, tail = rendered.split(MARKER)
-        return head, tail
-    return "", "\nAnswer:"
 
 
 def build_prompt(tokenizer: Any, example: QAExample, seed: int) -> SegmentedPrompt:

@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sparsex_sgl.core.errors import InvalidSegmentsError, SegmentHashCollisionError
-from sparsex_sgl.core.graph import InsertResult, NodeId, SegmentGraph, segments_it_caches, segments_it_computes
+from sparsex_sgl.core.graph import (
+    EvictedSegment,
+    InsertResult,
+    NodeId,
+    SegmentGraph,
+    segments_it_caches,
+    segments_it_computes,
+)
 from sparsex_sgl.core.protocol import NAMESPACE_KEY, RATIO_KEY, SPANS_KEY, parse_ratio, parse_spans
 from sparsex_sgl.core.request import GAP_BLOCK, Match, RequestOutcome, RequestState
 from sparsex_sgl.core.segments import (
@@ -51,6 +58,7 @@ from sparsex_sgl.sglang.compat import (
 )
 from sparsex_sgl.sglang.metrics import PrometheusExport
 from sparsex_sgl.sglang.runtime import SchedulerRuntime
+from sparsex_sgl.sglang.tiers import PoolTiers
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -93,7 +101,7 @@ class SegmentGraphCache(BasePrefixCache):
     """Prefix cache plus segment reuse over SGLang's KV pool."""
 
     def __init__(self, params: Any, runtime: SchedulerRuntime, device: torch.device,
-                 metrics: PrometheusExport | None = None) -> None:
+                 metrics: PrometheusExport | None = None, tiers: PoolTiers | None = None) -> None:
         self.disable = False
         self.metrics = metrics
         """The Prometheus exporter (``--enable-metrics``), synced when counters change; None: metrics off."""
@@ -101,8 +109,10 @@ class SegmentGraphCache(BasePrefixCache):
          self.page_size) = compat.cache_pools(params)
         self.device = device
         self.runtime = runtime
+        self.tiers = tiers
+        """The host tier and the shared store below the pool (None: segments die on eviction)."""
         self.graph = SegmentGraph(_PoolAllocator(self.token_to_kv_pool_allocator, device),
-                                  max_tokens=self.pool_size)
+                                  max_tokens=self.pool_size, on_evict=None if tiers is None else self._spill)
         self.root_node = MatchHandle()
 
     # ------------------------------------------------------------------ request state
@@ -181,6 +191,8 @@ class SegmentGraphCache(BasePrefixCache):
                 auto_segmented = bool(spans)
                 if spans:
                     pieces = self._pieces(token_ids, spans, key_ns)
+            if spans and not reason and self.tiers is not None:
+                self.tiers.load(self.graph, pieces)
             lookup = self.graph.lookup(pieces)
         except SegmentHashCollisionError as exc:
             self.runtime.fallback("hash_collision", str(exc))
@@ -292,6 +304,16 @@ class SegmentGraphCache(BasePrefixCache):
                 compat.move_lock(req, self, MatchHandle((placed,)))
         if result is not None and result.collision:
             self.runtime.uncached_collision()
+        if result is not None and self.tiers is not None:
+            self.tiers.keep(self.graph, pieces, result)
+
+    def _spill(self, evicted: EvictedSegment) -> None:
+        """The graph evicts an exact segment: the tiers keep it. A failure costs only that segment."""
+        assert self.tiers is not None
+        try:
+            self.tiers.spill(evicted)
+        except Exception as exc:  # noqa: BLE001 - logged and counted by internal_error
+            self.runtime.internal_error("spill", exc)
 
     def _take_over(self, req: Req, row: torch.Tensor, row_slots: Sequence[int],
                    path: tuple[list[int], NodeId | None]) -> NodeId | None:
@@ -359,7 +381,8 @@ class SegmentGraphCache(BasePrefixCache):
 
     def _sync_metrics(self) -> None:
         if self.metrics is not None:
-            self.metrics.sync(self.runtime.counters, len(self.graph), self.graph.total_tokens)
+            self.metrics.sync(self.runtime.counters, len(self.graph), self.graph.total_tokens,
+                              None if self.tiers is None else self.tiers.counters)
 
     def evictable_size(self) -> int:
         return self.graph.evictable_tokens
@@ -377,6 +400,8 @@ class SegmentGraphCache(BasePrefixCache):
         return self.graph.total_tokens
 
     def reset(self) -> None:
+        if self.tiers is not None:
+            self.tiers.clear()
         leaked = self.graph.reset()
         if leaked:
             logger.error("SparseX: %d cache nodes were still locked at a cache flush (a lock leak); dropped", leaked)
@@ -391,5 +416,7 @@ class SegmentGraphCache(BasePrefixCache):
                    graph_protected_tokens=self.graph.protected_tokens,
                    allocator_free=int(self.token_to_kv_pool_allocator.available_size()),
                    allocator_size=self.pool_size)
+        if self.tiers is not None:
+            out["tiers"] = self.tiers.stats()
         return out
 

@@ -109,6 +109,14 @@ PINS: dict[str, str] = {
     "sglang.srt.mem_cache.cache_init_params.CacheInitParams":
         "f053037848f3a09cfdc87d88c0d02514995b447631ae5ccf35944b37d5d4ec81",
     "sglang.srt.mem_cache.common.release_kv_cache": "90e19434d1fa8c220ddc6bf9349fcbf831e46de1310d92156887a113045435f9",
+    "sglang.srt.mem_cache.hicache_storage.HiCacheFile.exists":
+        "2f531e31ad3b0af84b254eef10599d20a78967edeea679422d88ccf5729dc9fa",
+    "sglang.srt.mem_cache.hicache_storage.HiCacheFile.get":
+        "0ca3ac4e0d7b65628dd2491bf5067a0505a7bf2d8b24d87a3f5304e52c7c2988",
+    "sglang.srt.mem_cache.hicache_storage.HiCacheFile.set":
+        "29390fb5cbd0bea379dfa2b9a1675ece86ebc70020a84b3180293d5038b96c74",
+    "sglang.srt.mem_cache.hicache_storage.HiCacheStorageConfig":
+        "5265356794bed999a4453f5046497eeac30de667259e95a68003d15b37ced814",
     "sglang.srt.mem_cache.memory_pool.KVWriteLoc": "e8a5d95ba308eb463af3daa9e213015ee9d00063db0349dbed5c8306152f6a8e",
     "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.__init__":
         "292b714d4030ac7c69731dc50f2802a1e4563a9ccfce08236c2c018a4d0715f3",
@@ -122,6 +130,10 @@ PINS: dict[str, str] = {
         "474f1c413d92b0a63be304c08af01b9bad1b3bfe12298f6bb3f9d362dc0dcbf2",
     "sglang.srt.mem_cache.registry.TreeCacheBuildContext":
         "ab93e276f6240fe60bce3c8ca6933477409639e094518a33ac00c8ac8f6c355d",
+    "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory._create_builtin_backend":
+        "75ba4c4c2b2f3aa3ac0f7b719488a8639d37aa8017ff8d517caa82f3398f98a9",
+    "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory.create_backend":
+        "32bb8e1563e291391df615cdb14d2f45d4fe168066fc17454798639ab929b1ad",
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new":
         "1f92fa245fced357d681c76ce8b7874c4b1fab10380a8eb3f88243c6ab7aa35f",
     "sglang.srt.model_executor.model_runner.ModelRunner.__init__":
@@ -656,7 +668,9 @@ def residual_stream() -> Any:
 def refused_features(ctx: TreeCacheBuildContext) -> list[str]:
     """The features of this server the ``sparsex`` cache does not support."""
     refused = [
-        (ctx.enable_hierarchical_cache, "hierarchical cache (--enable-hierarchical-cache)"),
+        (ctx.enable_hierarchical_cache,
+         ("hierarchical cache (--enable-hierarchical-cache: SparseX keeps segments in its own tiers, "
+          "--sparsex-host-tier-gb and --sparsex-storage-backend)")),
         (ctx.is_hybrid_swa, "sliding-window hybrid models"),
         (ctx.is_hybrid_ssm, "mamba/SSM hybrid models"),
         (ctx.tp_size > 1, "tensor parallelism > 1"),
@@ -687,6 +701,33 @@ def cache_pools(params: Any) -> tuple[Any, torch.Tensor, Any, int, int]:
     allocator = params.token_to_kv_pool_allocator
     return (params.req_to_token_pool, params.req_to_token_pool.req_to_token, allocator, int(allocator.size),
             int(params.page_size))
+
+
+@_pin("sglang.srt.mem_cache.registry.TreeCacheBuildContext")
+def tp_shard(ctx: TreeCacheBuildContext) -> tuple[int, int]:
+    """This scheduler's tensor-parallel rank and the TP size: which share of the KV heads its pool holds."""
+    return int(ctx.tp_rank), int(ctx.tp_size)
+
+
+@_pin("sglang.srt.mem_cache.hicache_storage.HiCacheStorageConfig",
+      "sglang.srt.mem_cache.hicache_storage.HiCacheFile.get", "sglang.srt.mem_cache.hicache_storage.HiCacheFile.set",
+      "sglang.srt.mem_cache.hicache_storage.HiCacheFile.exists",
+      "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory.create_backend",
+      "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory._create_builtin_backend")
+def storage_backend(name: str, extra_config: dict[str, Any] | None, model_name: str, tp_rank: int,
+                    tp_size: int) -> Any:
+    """One of SGLang's HiCache storage backends by its ``--hicache-storage-backend`` name (``dynamic`` loads
+    an out-of-tree class from ``extra_config``), configured as a non-MLA rank of one pipeline stage. Backends
+    that need SGLang's host KV pool (``mooncake``, ``hf3fs``, ...) get none and refuse to build here. The
+    store relies on the tested default's semantics: ``get`` fills the target or raises on a short read,
+    ``set`` writes a temporary file and renames it, ``exists`` is a stat."""
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+    config = HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
+                                  attn_cp_size=1, is_mla_model=False, enable_storage_metrics=False,
+                                  is_page_first_layout=False, model_name=model_name, extra_config=extra_config)
+    return StorageBackendFactory.create_backend(name, config, None)
 
 
 @_pin("sglang.srt.server_args.ServerArgs")

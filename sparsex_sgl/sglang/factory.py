@@ -11,16 +11,21 @@ features the cache cannot work with at all (hierarchical cache, paged pools, TP 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import torch
+
+from sparsex_sgl.core.config import ServerConfig
 from sparsex_sgl.core.errors import UnsupportedModelError
 from sparsex_sgl.core.ops import op_set
 from sparsex_sgl.core.rope import RopeConfig
+from sparsex_sgl.core.tiers import HostTier, KVLayout, SegmentStore, TierCounters
 from sparsex_sgl.sglang import compat, model_hook
 from sparsex_sgl.sglang.cache import SegmentGraphCache
 from sparsex_sgl.sglang.metrics import PrometheusExport
 from sparsex_sgl.sglang.runtime import SchedulerRuntime
 from sparsex_sgl.sglang.settings import config_of
+from sparsex_sgl.sglang.tiers import PoolTiers
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
@@ -65,4 +70,27 @@ def build(ctx: TreeCacheBuildContext) -> SegmentGraphCache:
     else:
         logger.info("SparseX on: %s, %d layers, %s ops", config, num_layers, runtime.ops.name)
     metrics = PrometheusExport({"model_name": model_name}) if metrics_on else None
-    return SegmentGraphCache(params, runtime, device, metrics)
+    tiers = _tiers(config, pool, num_layers, device, model_name, compat.tp_shard(ctx)) if not reason else None
+    return SegmentGraphCache(params, runtime, device, metrics, tiers)
+
+
+def _tiers(config: ServerConfig, pool: Any, num_layers: int, device: torch.device, model_name: str,
+           shard: tuple[int, int]) -> PoolTiers | None:
+    """The host tier and the shared store the flags ask for (None: the pool is the only tier). A store
+    that cannot be built stops the launch, with SGLang's own reason."""
+    if not config.host_tier_gb and not config.storage_backend:
+        return None
+    k_buffer, v_buffer = compat.layer_buffers(pool, 0)
+    layout = KVLayout(model_name, k_buffer.dtype, num_layers, int(k_buffer.shape[1]), int(k_buffer.shape[2]),
+                      int(v_buffer.shape[2]), *shard)
+    counters = TierCounters()
+    host = HostTier(int(config.host_tier_gb * 1e9), counters) if config.host_tier_gb else None
+    store = None
+    if config.storage_backend:
+        try:
+            backend = compat.storage_backend(config.storage_backend, config.storage_settings(), model_name, *shard)
+        except Exception as exc:
+            raise ValueError(f"--sparsex-storage-backend {config.storage_backend}: {exc}") from exc
+        store = SegmentStore(backend, layout, counters, timeout_s=config.storage_timeout_s)
+    logger.info("SparseX tiers: host %.3g GB, store %s", config.host_tier_gb, config.storage_backend or "none")
+    return PoolTiers(pool, layout, device, host, store, counters, config.storage_backend)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from sparsex_sgl.core.request import Counters
+from sparsex_sgl.core.tiers import TierCounters
 
 COUNTERS: dict[str, str] = {
     "requests": "Requests recorded by the SparseX cache",
@@ -29,6 +30,20 @@ COUNTERS: dict[str, str] = {
     "evicted_tokens": "Tokens evicted from the segment graph",
     "deferred_admissions": "Admissions deferred to wait for a segment another request computes",
     "uncached_collisions": "Pieces left uncached because their hash names other cached tokens",
+}
+TIER_COUNTERS: dict[str, str] = {
+    "host_hits": "Segments loaded back from the host tier",
+    "host_hit_tokens": "Tokens of segments loaded back from the host tier",
+    "store_hits": "Segments loaded from the shared store",
+    "store_hit_tokens": "Tokens of segments loaded from the shared store",
+    "loaded_bytes": "Bytes of KV copied into the pool from the tiers",
+    "load_seconds": "Seconds spent loading segments from the tiers",
+    "spilled_segments": "Segments the pool evicted into the host tier",
+    "spilled_tokens": "Tokens of segments the pool evicted into the host tier",
+    "host_evictions": "Segments the host tier dropped to stay within its size",
+    "store_writes": "Segments written to the shared store",
+    "store_write_failures": "Segment writes the store refused or failed",
+    "store_write_drops": "Segment writes dropped because the writer was behind",
 }
 
 
@@ -49,20 +64,30 @@ class PrometheusExport:
                                   multiprocess_mode="livemax")
         self._graph_tokens = Gauge("sparsex_graph_tokens", "Tokens held by the segment graph", names,
                                    multiprocess_mode="livemax")
-        self._exported: dict[str, Any] = {"fallbacks": {}}
+        self._tier_counters = {key: Counter(f"sparsex_tier_{key}", text, names) for key, text in TIER_COUNTERS.items()}
+        self._store_faults = Counter("sparsex_tier_store_faults", "Store loads refused (recomputed), by reason",
+                                     [*names, "reason"])
+        self._exported: dict[str, Any] = {"fallbacks": {}, "store_faults": {}}
 
-    def sync(self, counters: Counters, graph_nodes: int, graph_tokens: int) -> None:
-        """Bring the metrics up to ``counters`` and the graph's size."""
+    def sync(self, counters: Counters, graph_nodes: int, graph_tokens: int, tiers: TierCounters | None = None) -> None:
+        """Bring the metrics up to ``counters``, the tiers' counters and the graph's size."""
         now: dict[str, Any] = {key: getattr(counters, key) for key in self._counters}
         now["fallbacks"] = dict(counters.fallbacks)  # not asdict: it rebuilds a Counter from its items
+        now["store_faults"] = {} if tiers is None else dict(tiers.store_faults)
         for key, metric in self._counters.items():
-            delta = now[key] - self._exported.get(key, 0)
-            if delta > 0:
-                metric.labels(**self.labels).inc(delta)
-        for reason, count in now["fallbacks"].items():
-            delta = count - self._exported["fallbacks"].get(reason, 0)
-            if delta > 0:
-                self._fallbacks.labels(**self.labels, reason=reason).inc(delta)
+            self._grow(metric, now[key], self._exported.get(key, 0))
+        for key, metric in self._tier_counters.items():
+            now["tier_" + key] = 0 if tiers is None else getattr(tiers, key)
+            self._grow(metric, now["tier_" + key], self._exported.get("tier_" + key, 0))
+        for section, metric in (("fallbacks", self._fallbacks), ("store_faults", self._store_faults)):
+            for reason, count in now[section].items():
+                delta = count - self._exported[section].get(reason, 0)
+                if delta > 0:
+                    metric.labels(**self.labels, reason=reason).inc(delta)
         self._exported = now
         self._graph_nodes.labels(**self.labels).set(graph_nodes)
         self._graph_tokens.labels(**self.labels).set(graph_tokens)
+
+    def _grow(self, metric: Any, value: float, exported: float) -> None:
+        if value > exported:
+            metric.labels(**self.labels).inc(value - exported)

@@ -26,6 +26,10 @@ FLAGS: dict[str, str] = {
     "sparsex_kernels": "kernels",
     "sparsex_min_segment_tokens": "min_segment_tokens",
     "sparsex_markers": "markers",
+    "sparsex_host_tier_gb": "host_tier_gb",
+    "sparsex_storage_backend": "storage_backend",
+    "sparsex_storage_backend_extra_config": "storage_extra_config",
+    "sparsex_storage_timeout": "storage_timeout_s",
 }
 """Override flags (as argparse / ``sgl.Engine`` names) and the setting each sets."""
 OPTIONS = ("enable_sparsex", "sparsex_config", *FLAGS, "sparsex_hide_counts")
@@ -54,6 +58,17 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sparsex-markers", action="store_true", default=None,
                        help="Parse in-band segment markers in every text prompt (default: only in requests with "
                             "custom_params sparsex_markers=true).")
+    group.add_argument("--sparsex-host-tier-gb", type=float, default=None, metavar="GB",
+                       help="Host memory that keeps segments evicted from the device pool, loaded back on a hit "
+                            "(default 0: none).")
+    group.add_argument("--sparsex-storage-backend", type=str, default=None, metavar="NAME",
+                       help="Share segments across instances and restarts in a store built on an SGLang HiCache "
+                            "storage backend: file, dynamic, ... (default: none).")
+    group.add_argument("--sparsex-storage-backend-extra-config", type=str, default=None, metavar="JSON",
+                       help='The backend\'s settings, as --hicache-storage-backend-extra-config takes them (file: '
+                            '{"file_storage_path": "DIR"}).')
+    group.add_argument("--sparsex-storage-timeout", type=float, default=None, metavar="SECONDS",
+                       help="Longest wait for one store read before the segment is recomputed (default 2).")
     group.add_argument("--sparsex-hide-counts", action="store_true", default=None,
                        help="Leave the per-request sparsex_* counts out of meta_info (/sparsex/stats keeps totals).")
 

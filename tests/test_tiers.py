@@ -1,0 +1,182 @@
+"""Segment tiers without a server: the stored object's checks (every fault the store can hand back), the host
+tier's LRU, and the segment store over SGLang's own ``file`` backend (built through the seam) with a store
+that raises, one that hangs, and two writers of one segment."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sparsex_sgl.core.segments import make_piece, namespace_key
+from sparsex_sgl.core.tiers import (
+    HostTier,
+    KVLayout,
+    ObjectError,
+    SegmentKV,
+    SegmentStore,
+    TierCounters,
+    decode,
+    encode,
+)
+from sparsex_sgl.sglang import compat
+
+LAYOUT = KVLayout("tiny", torch.float32, num_layers=3, kv_heads=2, head_dim=4, v_head_dim=4)
+
+
+def segment(tokens: tuple[int, ...], start: int = 5, namespace: str = "", seed: int = 0) -> SegmentKV:
+    gen = torch.Generator().manual_seed(seed)
+    n = len(tokens)
+    piece = make_piece(tokens, 0, n, namespace_key(namespace), reusable=True)
+    return SegmentKV(piece.key, tokens, start, torch.randn(3, n, 2, 4, generator=gen),
+                     torch.randn(3, n, 2, 4, generator=gen))
+
+
+def same(a: SegmentKV, b: SegmentKV) -> bool:
+    return (a.key, a.token_ids, a.source_start) == (b.key, b.token_ids, b.source_start) and bool(
+        torch.equal(a.k, b.k) and torch.equal(a.v, b.v))
+
+
+def test_an_object_reads_back_bit_exact_and_every_check_catches_its_fault() -> None:
+    seg = segment((3, 1, 4, 1, 5))
+    data = encode(seg, LAYOUT)
+    assert data.numel() == LAYOUT.object_bytes(5)
+    assert same(decode(data.clone(), seg.key, seg.token_ids, LAYOUT), seg)
+
+    def reason(data: torch.Tensor, **changes: Any) -> str:
+        args: dict[str, Any] = {"key": seg.key, "token_ids": seg.token_ids, "layout": LAYOUT, **changes}
+        with pytest.raises(ObjectError) as caught:
+            decode(data, **args)
+        return caught.value.reason
+
+    flipped = data.clone()
+    flipped[-3] ^= 0x10  # one bit of one V value
+    assert reason(flipped) == "corrupt"
+    assert reason(data[:-1]) == "corrupt"  # truncated
+    assert reason(torch.cat([data[:40], torch.zeros_like(data[40:])])) == "corrupt"  # half-written
+    other_model = KVLayout("other", torch.float32, 3, 2, 4, 4)
+    assert reason(data, layout=other_model) == "foreign"
+    assert reason(data, layout=KVLayout("tiny", torch.float32, 3, 2, 4, 4, tp_rank=1, tp_size=2)) == "foreign"
+    tenant = segment((3, 1, 4, 1, 5), namespace="tenant-b")
+    assert reason(data, key=tenant.key) == "foreign"
+    assert reason(data, token_ids=(3, 1, 4, 1, 6)) == "foreign"
+    assert LAYOUT.store_key(seg.key) != other_model.store_key(seg.key) != LAYOUT.store_key(tenant.key)
+
+
+def test_host_tier_keeps_the_most_recent_segments_within_its_size_and_gives_each_back_once() -> None:
+    counters = TierCounters()
+    one = segment((1, 2, 3, 4))
+    tier = HostTier(capacity_bytes=2 * one.nbytes + 1, counters=counters)
+    a, b, c = segment((1, 2, 3, 4)), segment((5, 6, 7, 8)), segment((9, 10, 11, 12))
+    tier.put(a)
+    tier.put(b)
+    tier.put(c)  # a goes: least recently put
+    assert a.key not in tier and b.key in tier and c.key in tier
+    assert counters.host_evictions == 1 and tier.bytes == 2 * one.nbytes
+    assert tier.take(b.key, (5, 6, 7, 9)) is None  # a hash collision is not served
+    taken = tier.take(b.key, b.token_ids)
+    assert taken is not None and same(taken, b)
+    assert tier.take(b.key, b.token_ids) is None and tier.bytes == one.nbytes  # exclusive: given back once
+    tier.put(segment(tuple(range(100))))  # larger than the tier: not kept, nothing dropped for it
+    assert len(tier) == 1 and counters.host_evictions == 1
+
+
+def file_store(path: Path, counters: TierCounters, **kwargs: Any) -> SegmentStore:
+    backend = compat.storage_backend("file", {"file_storage_path": str(path)}, "tiny", 0, 1)
+    return SegmentStore(backend, LAYOUT, counters, **kwargs)
+
+
+def stored_file(path: Path, seg: SegmentKV) -> Path:
+    (found,) = path.glob(f"{LAYOUT.store_key(seg.key)}*.bin")
+    return found
+
+
+def test_file_store_round_trip_and_every_fault_is_a_counted_miss(tmp_path: Path) -> None:
+    counters = TierCounters()
+    store = file_store(tmp_path, counters)
+    seg, other = segment((7, 7, 8, 9)), segment((1, 1, 2, 3), seed=1)
+    assert store.load(seg.key, seg.token_ids) is None  # missing: a miss, not a fault
+    store.save(seg)
+    store.save(other)
+    assert store.flush() and counters.store_writes == 2
+    loaded = store.load(seg.key, seg.token_ids)
+    assert loaded is not None and same(loaded, seg)
+
+    path = stored_file(tmp_path, seg)
+    good = path.read_bytes()
+    path.write_bytes(good[:-8])  # truncated: the file backend's short read
+    assert store.load(seg.key, seg.token_ids) is None
+    path.write_bytes(good[:200] + bytes([good[200] ^ 1]) + good[201:])
+    assert store.load(seg.key, seg.token_ids) is None
+    path.write_bytes(stored_file(tmp_path, other).read_bytes())  # another segment's object under this key
+    assert store.load(seg.key, seg.token_ids) is None
+    assert dict(counters.store_faults) == {"unreadable": 1, "corrupt": 1, "foreign": 1}
+    path.write_bytes(good)
+    assert store.load(seg.key, seg.token_ids) is not None  # the faults were per read: nothing sticks
+
+
+class HangingFile:
+    """The file backend, whose reads block until released (a store that hangs) or raise (one that fails)."""
+
+    def __init__(self, backend: Any, mode: str) -> None:
+        self.backend, self.mode, self.release = backend, mode, threading.Event()
+
+    def exists(self, key: str) -> bool:
+        return bool(self.backend.exists(key))
+
+    def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> Any:
+        if self.mode == "raise":
+            raise RuntimeError("store is down")
+        self.release.wait(30)
+        return self.backend.get(key, target_location)
+
+    def set(self, key: str, value: Any = None, target_location: Any = None, target_sizes: Any = None) -> bool:
+        self.release.wait(30)
+        return bool(self.backend.set(key, value))
+
+
+@pytest.mark.parametrize("mode", ["hang", "raise"])
+def test_a_store_that_hangs_or_raises_costs_a_bounded_wait_and_never_blocks_a_write(tmp_path: Path,
+                                                                                   mode: str) -> None:
+    counters = TierCounters()
+    seed_store = file_store(tmp_path, TierCounters())
+    seg = segment((4, 4, 4, 2))
+    seed_store.save(seg)
+    assert seed_store.flush()
+    backend = HangingFile(compat.storage_backend("file", {"file_storage_path": str(tmp_path)}, "tiny", 0, 1), mode)
+    store = SegmentStore(backend, LAYOUT, counters, timeout_s=0.3, readers=1, queue_size=2)
+    started = time.monotonic()
+    assert store.load(seg.key, seg.token_ids) is None
+    assert store.load(seg.key, seg.token_ids) is None  # hung: the one reader is still held, refused at once
+    elapsed = time.monotonic() - started
+    for _ in range(5):
+        store.save(segment((5, 5, 5, 5)))  # the writer is stuck (hang): the queue fills, saves return
+    assert time.monotonic() - started < 0.3 + 1.0
+    if mode == "hang":
+        assert dict(counters.store_faults) == {"timeout": 1, "busy": 1} and 0.3 <= elapsed < 1.0
+        assert counters.store_write_drops >= 2
+        backend.release.set()  # the store comes back: reads work again
+        time.sleep(0.2)
+        loaded = store.load(seg.key, seg.token_ids)
+        assert loaded is not None and same(loaded, seg)
+    else:
+        assert dict(counters.store_faults) == {"error": 2}
+
+
+def test_two_instances_writing_one_segment_at_once_leave_one_good_object(tmp_path: Path) -> None:
+    counters = [TierCounters(), TierCounters()]
+    stores = [file_store(tmp_path, c) for c in counters]
+    seg = segment(tuple(range(64)))
+    for _ in range(3):
+        for store in stores:
+            store.save(seg)
+    assert all(store.flush() for store in stores)
+    assert len(list(tmp_path.glob("*.bin"))) == 1
+    for store in stores:
+        loaded = store.load(seg.key, seg.token_ids)
+        assert loaded is not None and same(loaded, seg)
+    assert not any(c.store_faults or c.store_write_failures for c in counters)
