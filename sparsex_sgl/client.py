@@ -80,6 +80,19 @@ class SparseXClient:
         result: dict[str, Any] = self._request("/generate", {"text": text, "sampling_params": params})
         return result
 
+    def prewarm(self, segments: Sequence[str | Sequence[int]], namespace: str | None = None,
+                sink_prefix: str | Sequence[int] | None = None, **isolation: str) -> dict[str, Any]:
+        """Compute ``segments`` (texts or token ids) ahead of traffic (``POST /sparsex/prewarm``): each behind
+        the sink prefix (default: the chat template's opening), cached and stored without it. ``isolation``:
+        ``extra_key`` / ``cache_salt``, as the tenant's requests send them."""
+        payload: dict[str, Any] = {"segments": [s if isinstance(s, str) else list(s) for s in segments], **isolation}
+        if namespace is not None:
+            payload["namespace"] = namespace
+        if sink_prefix is not None:
+            payload["sink_prefix"] = sink_prefix if isinstance(sink_prefix, str) else list(sink_prefix)
+        reply: dict[str, Any] = self._request("/sparsex/prewarm", payload)
+        return reply
+
     def stats(self) -> list[dict[str, Any]]:
         """Cumulative SparseX counters of every scheduler (``GET /sparsex/stats``)."""
         reply: dict[str, Any] = self._request("/sparsex/stats")

@@ -19,7 +19,8 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sparsex_sgl"
 KERNELS = ROOT / "kernels"
-TOOLS = ("sparsex_sgl.cli", "sparsex_sgl.assets", "sparsex_sgl.client", "sparsex_sgl.testing", "sparsex_sgl.eval",
+TOOLS = ("sparsex_sgl.cli", "sparsex_sgl.prewarm_cli", "sparsex_sgl.assets", "sparsex_sgl.client", "sparsex_sgl.testing",
+         "sparsex_sgl.eval",
          "sparsex_sgl.harness")
 
 

@@ -274,3 +274,56 @@ def test_every_store_fault_under_a_live_server_is_recomputed_exactly_and_counted
         assert counts(generate(server, healthy[1]))["reused"] == segment_tokens(healthy[1])
     finally:
         server.stop()
+
+
+def test_prewarm_endpoint_and_cli_store_a_corpus_and_refuse_bad_calls_whole(
+        tmp_path: Path, questions: list[list[SegmentedPrompt]]) -> None:
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    server = start(resolve_model("smollm2"), tmp_path, "prewarm", ["--enable-sparsex", *store_flags(store)], 16384)
+    try:
+        wait_ready(server)
+        good = [list(questions[0][0].segment_ids(i)) for i in range(3)]
+        bad_calls: list[Any] = [
+            [1, 2], {"segments": []}, {"segments": "text"}, {"segments": good, "bogus": 1},
+            {"segments": [*good, [1, 2, 3]]},  # a segment too short to cache, after three good ones
+            {"segments": [*good, [10**9] * 20]}, {"segments": [*good, {"text": "x"}]},
+            {"segments": good, "sink_prefix": 5}, {"segments": good, "namespace": ["a"]},
+            {"segments": [[5] * 20] * 257}, {"segments": [[5] * 9000]},
+        ]
+        before = idle_stats(server)  # (SGLang's /health check may have cached a token or two)
+        for body in bad_calls:
+            status, reply = server.post("/sparsex/prewarm", body)
+            assert status == 400 and "error" in reply, (body if len(str(body)) < 200 else "...", reply)
+        response = __import__("httpx").post(server.url + "/sparsex/prewarm", content=b"{not json", timeout=60)
+        assert response.status_code == 400
+        stats = idle_stats(server)
+        assert (stats["requests"], stats["graph_tokens"]) == (before["requests"], before["graph_tokens"])
+        assert not list(store.glob("*.bin"))  # nothing computed, nothing stored
+
+        corpus = tmp_path / "corpus.jsonl"
+        paragraphs = [orders[0].segment_ids(i) for orders in questions[:2] for i in range(len(orders[0].spans))]
+        lines = [json.dumps({"input_ids": list(p)}) for p in paragraphs]
+        lines[7] = json.dumps({"input_ids": [1, 2]})  # a bad segment: the run stops at its call
+        corpus.write_text("\n".join(lines) + "\n")
+        command = [sys.executable, "-m", "sparsex_sgl.cli", "prewarm", str(corpus), "--url", server.url, "--batch", "4"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode != 0 and "segments 4..7: 400" in done.stderr, done.stderr[-2000:]
+        assert json.loads((tmp_path / "corpus.jsonl.prewarm").read_text()) == {"done": 4}
+        lines[7] = json.dumps({"input_ids": list(paragraphs[7])})
+        corpus.write_text("\n".join(lines) + "\n")
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert idle_stats(server)["requests"] == before["requests"] + len(paragraphs)  # resumed: no call sent twice
+        wait_written(server, len(paragraphs))
+
+        for use_store in (False, True):  # from the pool, then (flushed) from the store
+            if use_store:
+                assert flush_cache(server.url)
+            for orders in questions[:2]:
+                assert counts(generate(server, orders[1]))["reused"] == segment_tokens(orders[1])
+        assert tiers(server)["store_hits"] == sum(len(orders[1].spans) for orders in questions[:2])
+    finally:
+        server.stop()

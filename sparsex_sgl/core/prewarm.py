@@ -54,8 +54,12 @@ class PrewarmItem:
 
 @dataclass(frozen=True)
 class PrewarmRequest:
+    """One pre-warm call: its segments, and the isolation fields every request of a tenant sends (segments
+    are shared only between requests whose namespace, ``extra_key`` and ``cache_salt`` are all equal)."""
+
     items: tuple[PrewarmItem, ...]
     namespace: str | None
+    extra_key: str | None
     cache_salt: str | None
 
     @property
@@ -68,20 +72,21 @@ def parse_prewarm(body: object, encode: Callable[[str], list[int]], default_sink
     """Check a pre-warm call as a whole (``InvalidSegmentsError`` names the first problem, so nothing is
     submitted from a call that fails) and build its prompts.
 
-    ``{"segments": [text | [token ids]], "namespace": str, "cache_salt": str, "sink_prefix": text | [ids]}``;
+    ``{"segments": [text | [token ids]], "namespace": str, "extra_key": str, "cache_salt": str,
+    "sink_prefix": text | [ids]}``;
     ``sink_prefix`` defaults to ``default_sink`` (the chat template's opening), "" or [] for none."""
     if not isinstance(body, Mapping):
         raise InvalidSegmentsError(f"a pre-warm call is a JSON object, got {type(body).__name__}")
-    unknown = set(body) - {"segments", "namespace", "cache_salt", "sink_prefix"}
+    unknown = set(body) - {"segments", "namespace", "extra_key", "cache_salt", "sink_prefix"}
     if unknown:
-        raise InvalidSegmentsError(f"unknown pre-warm keys {sorted(unknown)}; valid: cache_salt, namespace, "
-                                   "segments, sink_prefix")
+        raise InvalidSegmentsError(f"unknown pre-warm keys {sorted(unknown)}; valid: cache_salt, extra_key, "
+                                   "namespace, segments, sink_prefix")
     segments = body.get("segments")
     if not isinstance(segments, list) or not segments:
         raise InvalidSegmentsError(f"'segments' must be a non-empty list of texts or token-id lists, got {short(segments)}")
     if len(segments) > MAX_SEGMENTS:
         raise InvalidSegmentsError(f"at most {MAX_SEGMENTS} segments per call, got {len(segments)}")
-    for key in ("namespace", "cache_salt"):
+    for key in ("namespace", "extra_key", "cache_salt"):
         if body.get(key) is not None and not isinstance(body[key], str):
             raise InvalidSegmentsError(f"{key!r} must be a string, got {short(body[key])}")
     sink = _token_ids(body.get("sink_prefix", default_sink), encode, vocab_size, "sink_prefix", allow_empty=True)
@@ -95,7 +100,7 @@ def parse_prewarm(body: object, encode: Callable[[str], list[int]], default_sink
             raise InvalidSegmentsError(f"segments[{index}]: {len(sink) + len(ids)} tokens with the sink prefix, "
                                        f"over the model's {max_tokens - 1}")
         items.append(PrewarmItem(tuple(sink) + tuple(ids), (len(sink), len(sink) + len(ids))))
-    return PrewarmRequest(tuple(items), body.get("namespace") or None, body.get("cache_salt") or None)
+    return PrewarmRequest(tuple(items), body.get("namespace") or None, body.get("extra_key"), body.get("cache_salt"))
 
 
 def _token_ids(value: object, encode: Callable[[str], list[int]], vocab_size: int, name: str,

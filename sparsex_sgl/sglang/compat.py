@@ -16,10 +16,11 @@ import functools
 import hashlib
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from fastapi import Request
 from sglang.srt.mem_cache.base_prefix_cache import (
     BasePrefixCache,
     CacheRequestHandle,
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.model_runner import ModelRunner
 
     from sparsex_sgl.core.request import RequestState
+
+Submit = Callable[[list[int], dict[str, Any], "str | None", "str | None"], Awaitable[dict[str, Any]]]
+"""Serve one prompt as ``/generate`` does: ``(input_ids, sampling_params, extra_key, cache_salt) -> reply``."""
 
 __all__ = [
     "BasePrefixCache", "CacheRequestHandle", "DecLockRefParams", "DecLockRefResult", "EvictParams", "EvictResult",
@@ -100,6 +104,8 @@ PINS: dict[str, str] = {
         "e6d36ac90556da841582a252ae1c229ff575d13c779345ee91700c5df589bbe7",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request":
         "913d991d70106bffabf71c04915609bc6cc8b15678478eb5aae2c10b9ef814d8",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request":
+        "894e0b7b045095200ca7ab30150bdcc7ef605c759d5d487d95427c473cf61f0a",
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.alloc":
         "923aed278344d0a540e1fab8ff523225486b54ce09bd572ea39fe51bf9b0e118",
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.available_size":
@@ -308,10 +314,6 @@ def add_stats_route(path: str, section: str) -> None:
     SGLang's internal-state RPC (``internal_state_hook`` puts the section there)."""
     from sglang.srt.entrypoints import http_server
 
-    app: FastAPI = http_server.app
-    if any(getattr(route, "path", None) == path for route in app.routes):
-        return
-
     async def stats() -> Any:
         manager = http_server.get_global_state().tokenizer_manager
         if not hasattr(manager, "get_internal_state"):  # a multi-tokenizer router: it keeps no scheduler link
@@ -319,7 +321,37 @@ def add_stats_route(path: str, section: str) -> None:
         states = await manager.get_internal_state()
         return {"schedulers": [state.get(section) for state in states]}
 
-    app.add_api_route(path, stats, methods=["GET"])
+    _add_route(http_server.app, path, stats, "GET")
+
+
+def _add_route(app: FastAPI, path: str, handler: Callable[..., Any], method: str) -> None:
+    if not any(getattr(route, "path", None) == path for route in app.routes):
+        app.add_api_route(path, handler, methods=[method])
+
+
+@_pin("sglang.srt.entrypoints.http_server.get_global_state", "sglang.srt.managers.io_struct.GenerateReqInput",
+      "sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__",
+      "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request")
+def add_generate_route(path: str, handler: Callable[[Any, Any, Submit], Any]) -> None:
+    """``POST path`` on SGLang's HTTP app: ``handler(request, tokenizer_manager, submit)``, where ``submit(input_ids,
+    sampling_params, extra_key, cache_salt)`` serves one prompt as ``/generate`` would (the same checks and
+    hooks) and returns its reply."""
+    from sglang.srt.entrypoints import http_server
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    async def route(request: Request) -> Any:  # FastAPI reads the annotation: a module-level name
+        manager = http_server.get_global_state().tokenizer_manager
+
+        async def submit(input_ids: list[int], sampling_params: dict[str, Any], extra_key: str | None,
+                         cache_salt: str | None) -> dict[str, Any]:
+            obj = GenerateReqInput(input_ids=input_ids, sampling_params=sampling_params, extra_key=extra_key,
+                                   cache_salt=cache_salt)
+            reply: dict[str, Any] = await manager.generate_request(obj, None).__anext__()
+            return reply
+
+        return await handler(request, manager, submit)
+
+    _add_route(http_server.app, path, route, "POST")
 
 
 @_pin("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state")
@@ -339,6 +371,12 @@ def set_internal_state(result: Any, section: str, value: dict[str, object]) -> N
 def tokenizer_parts(manager: Any) -> tuple[Any, Any, int]:
     """The tokenizer manager's server args, tokenizer and the model's vocabulary size."""
     return manager.server_args, manager.tokenizer, int(manager.model_config.vocab_size)
+
+
+@_pin("sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__")
+def context_length(manager: Any) -> int:
+    """The longest prompt plus output the served model takes (SGLang refuses longer requests)."""
+    return int(manager.context_len)
 
 
 @_pin("sglang.srt.sampling.sampling_params.SamplingParams")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sparsex_sgl.core import protocol
 from sparsex_sgl.core.config import ServerConfig
 from sparsex_sgl.core.segments import validate_spans
-from sparsex_sgl.sglang import compat, settings
+from sparsex_sgl.sglang import compat, prewarm, settings
 from sparsex_sgl.sglang.settings import NAME, OPTIONS, server_config
 
 if TYPE_CHECKING:
@@ -116,6 +116,7 @@ def _from_cli_args(original: Callable[..., Any], cls: Any, args: argparse.Namesp
     _export(server_args, config)
     if config is not None:
         compat.add_stats_route(STATS_ROUTE, STATE_SECTION)
+        compat.add_generate_route(prewarm.PATH, prewarm.handle)
         compat.unchanged()  # read the pins now, in the launcher (the tokenizer's process), not at a request
     return server_args
 
