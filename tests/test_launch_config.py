@@ -23,6 +23,10 @@ from sparsex_sgl.sglang.settings import resolve_config
         ([], "sparsex:\n  mass_heads: mean\n", "mass_heads: Input should be 'sum' or 'max' (got 'mean')"),
         ([], "sparsex:\n  ratio: 0.2\n", "unknown SparseX settings ['ratio']"),
         ([], "- 1\n- 2\n", "a preset is a mapping of settings"),
+        (["--enable-hierarchical-cache"], None, "drop --enable-hierarchical-cache and use --sparsex-host-tier-gb"),
+        (["--sparsex-storage-backend", "file", "--sparsex-storage-backend-extra-config", "{oops"], None,
+         "storage_extra_config is not JSON"),
+        (["--sparsex-host-tier-gb", "-1"], None, "host_tier_gb must be >= 0"),
     ],
 )
 def test_bad_settings_stop_the_launch_in_one_line(tmp_path: Path, flags: list[str], preset: str | None,

@@ -106,3 +106,30 @@ def test_paragraphs_cached_in_another_order_are_reused_with_their_context(smollm
     kl = {cached: evaluate(executor, tokenizer, n=1, offset=3, runs=runs, progress=False,
                            cached=cached)["methods"]["naive"]["kl_mean"] for cached in CACHE_SOURCES}
     assert 0 < kl["other-order"] < kl["alone"]
+
+
+def test_paragraphs_cached_behind_the_sink_prefix_are_reused_from_where_they_were_computed(smollm2) -> None:  # type: ignore[no-untyped-def]
+    """``--cached sink`` (the server's pre-warm): each paragraph prefilled behind the chat template's opening
+    and cached without it. Every paragraph is then reused, re-rotated from position ``len(sink)``; its KV is
+    not the KV of the paragraph cached alone (the reuse reads other numbers), and ratio 1.0 still equals
+    full prefill."""
+    from sparsex_sgl.core.prewarm import chat_frame
+
+    model, tokenizer = smollm2
+    executor = ReferenceExecutor(model)
+    prompt = build_prompt(tokenizer, load_examples(hotpotqa_path(), 1, offset=3)[0], seed=0)
+    sink = tokenizer(chat_frame(tokenizer)[0], add_special_tokens=False)["input_ids"]
+    assert len(sink) > 4
+    naive = SelectionConfig(full_layers=0, recompute_ratio=0.0, selection="none", min_tokens_per_segment=0)
+    logits = {}
+    for source in ("alone", "sink"):
+        cache = ReferenceSegmentCache(executor, num_slots=2 * len(prompt.input_ids))
+        fill_cache(cache, prompt, None, sink if source == "sink" else ())
+        lookup = cache.lookup(prompt.input_ids, prompt.spans)
+        assert [r.target_start for r in lookup.reused] == [start for start, _ in prompt.spans]
+        assert {r.source_start for r in lookup.reused} == {len(sink) if source == "sink" else 0}
+        logits[source] = cache.prefill(prompt.input_ids, prompt.spans, naive).logits
+        if source == "sink":
+            exact = cache.prefill(prompt.input_ids, prompt.spans, SelectionConfig(full_layers=2, recompute_ratio=1.0))
+            torch.testing.assert_close(exact.logits, executor.prefill_full(prompt.input_ids).logits, **TOL)
+    assert (logits["sink"] - logits["alone"]).abs().max() > 0.1

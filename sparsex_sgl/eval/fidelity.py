@@ -28,7 +28,7 @@ import os
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
+from sparsex_sgl.core.prewarm import chat_frame
 from sparsex_sgl.eval import hotpotqa, squad
 from sparsex_sgl.eval.hotpotqa import QAExample, SegmentedPrompt, build_prompt, first_line, gold_scores
 from sparsex_sgl.eval.methods import MASS_PRIOR, METHODS, SPARSEX_SIGNALS, method_config
@@ -56,10 +57,11 @@ SPLITS: dict[str, dict[str, tuple[int, int]]] = {
 }
 """Question index ranges ``[start, end)`` per task: signals and parameters are chosen on ``dev`` only, and
 ``heldout`` is what the README reports."""
-CACHE_SOURCES = ("alone", "other-order")
+CACHE_SOURCES = ("alone", "sink", "other-order")
 """Where the reused paragraphs' KV comes from. ``alone``: each paragraph prefilled by itself from position 0
 (the CacheBlend paper's protocol, and the harshest: a paragraph's KV has seen no other text, and its first
-token was an attention sink). ``other-order``: the same prompt with the paragraphs in another shuffle,
+token was an attention sink). ``sink``: each paragraph prefilled alone behind the chat template's opening
+and cached without it, as the server's pre-warm path caches a corpus (``core.prewarm``). ``other-order``: the same prompt with the paragraphs in another shuffle,
 prefilled exactly and stored as the server stores a served request, so each paragraph's KV has seen the
 instruction and the paragraphs before it there; the traffic the project is built for (RAG chunks that come
 back in another order)."""
@@ -208,6 +210,7 @@ def evaluate(
     examples = load_task(task, n - skip, offset + skip) if n > skip else []
     started = time.perf_counter() - earlier_seconds
     context = _Context(runs, offset, seed, task, executor, cached)
+    sink = tokenizer(chat_frame(tokenizer)[0], add_special_tokens=False)["input_ids"]
     report = _report(totals, per_question, context, skip, prompt_tokens, started) if skip else {}
     for done, example in enumerate(tqdm(examples, desc="fidelity", unit="q", disable=not progress), start=skip + 1):
         prompt = build_prompt(tokenizer, example, seed)
@@ -216,7 +219,8 @@ def evaluate(
         full_greedy = executor.greedy_decode(full, ANSWER_TOKENS)
         full_flops = full.stats.flops
         cache = ReferenceSegmentCache(executor, num_slots=2 * len(prompt.input_ids) + 2)
-        fill_cache(cache, prompt, build_prompt(tokenizer, example, seed + 1) if cached == "other-order" else None)
+        fill_cache(cache, prompt, build_prompt(tokenizer, example, seed + 1) if cached == "other-order" else None,
+                   sink if cached == "sink" else ())
         # Every method's prefill from one lookup, then one batched decode of all of them (same figures as
         # one method at a time; the full layers and the decode weight reads are shared).
         approximate = [index for index, run in enumerate(runs) if run.config is not None]
@@ -249,9 +253,11 @@ def evaluate(
     return report
 
 
-def fill_cache(cache: ReferenceSegmentCache, prompt: SegmentedPrompt, earlier: SegmentedPrompt | None) -> None:
-    """Cache ``prompt``'s instruction and paragraphs: each paragraph alone from position 0 when ``earlier`` is
-    None, else ``earlier`` (the same paragraphs in another order) prefilled exactly and stored whole."""
+def fill_cache(cache: ReferenceSegmentCache, prompt: SegmentedPrompt, earlier: SegmentedPrompt | None,
+               sink: Sequence[int] = ()) -> None:
+    """Cache ``prompt``'s instruction and paragraphs: each paragraph alone (behind ``sink``, if given) when
+    ``earlier`` is None, else ``earlier`` (the same paragraphs in another order) prefilled exactly and stored
+    whole."""
     executor = cache.executor
     if earlier is not None:
         cache.store(earlier.input_ids, earlier.spans, executor.prefill_full(earlier.input_ids))
@@ -259,7 +265,7 @@ def fill_cache(cache: ReferenceSegmentCache, prompt: SegmentedPrompt, earlier: S
     head = prompt.input_ids[: prompt.head_len]
     cache.store(head, [], executor.prefill_full(head))
     for index in range(len(prompt.spans)):
-        cache.fill_segment(prompt.segment_ids(index))
+        cache.fill_segment(prompt.segment_ids(index), sink)
 
 
 @dataclass(frozen=True)
@@ -339,8 +345,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="signals that get the --coverage budgets (default: all); the others run at --ratio")
     parser.add_argument("--seed", type=int, default=0, help="seed of the paragraph shuffles")
     parser.add_argument("--cached", default="alone", choices=CACHE_SOURCES,
-                        help="where the paragraphs' KV comes from: each alone from position 0, or an exact "
-                             "prefill of the same prompt in another order (as served traffic caches it)")
+                        help="where the paragraphs' KV comes from: each alone from position 0, each alone behind "
+                             "the chat template's opening (as the server pre-warms a corpus), or an exact prefill of "
+                             "the same prompt in another order (as served traffic caches it)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--resume", action="store_true",

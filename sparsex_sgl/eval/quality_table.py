@@ -50,8 +50,12 @@ def _header(meta: dict[str, Any]) -> str:
     model = meta.get("command", "").split("--model ")[-1].split(" ")[0] or "?"
     return (f"{model}, {meta.get('task', 'hotpotqa')} ({meta.get('split', 'other')} questions "
             f"{meta['offset']}..{meta['offset'] + meta['n'] - 1}, {meta['n']} questions, "
-            f"{meta['mean_prompt_tokens']:.0f} prompt tokens on average"
-            f"{'' if meta.get('cached', 'alone') == 'alone' else ', paragraphs cached in another order'})")
+            f"{meta['mean_prompt_tokens']:.0f} prompt tokens on average{CACHED_TEXT[meta.get('cached', 'alone')]})")
+
+
+CACHED_TEXT = {"alone": "", "other-order": ", paragraphs cached in another order",
+               "sink": ", paragraphs cached alone behind the chat template's opening"}
+"""How a report's header names where the paragraphs' KV came from (``fidelity.CACHE_SOURCES``)."""
 
 
 def _figures(m: dict[str, Any]) -> str:
@@ -146,6 +150,25 @@ def _direction(figures: Interval) -> str:
     return "significantly higher" if figures[1] > 0 else "significantly lower" if figures[2] < 0 else "n.s."
 
 
+def against_table(report: dict[str, Any], base: dict[str, Any]) -> str:
+    """Each method of ``report`` minus the same method of ``base``, question by question: two runs of the same
+    questions that differ in one setting (e.g. where the paragraphs were cached). Refuses reports of other
+    questions (their full prefill must agree question by question)."""
+    same = ("task", "offset", "n", "seed")
+    if any(report["meta"].get(k) != base["meta"].get(k) for k in same) or (
+            report["per_question"]["full"]["f1"] != base["per_question"]["full"]["f1"]):
+        raise SystemExit("--against needs two reports of the same questions (task, offset, n, seed, full prefill)")
+    label = CACHED_TEXT.get(base["meta"].get("cached", "alone"), "").removeprefix(", ") or "paragraphs cached alone"
+    rows = [f"| method | ΔF1 vs {label} (points) | ΔKL vs {label} |", "|---|---|---|"]
+    for name in report["per_question"]:
+        if name == "full" or name not in base["per_question"]:
+            continue
+        mine, theirs = report["per_question"][name], base["per_question"][name]
+        rows.append(f"| {name} | {interval_text(paired_difference(mine['f1'], theirs['f1']), 100)} | "
+                    f"{interval_text(paired_difference(mine['kl'], theirs['kl']), 1)} |")
+    return "\n".join(rows)
+
+
 def render(report: dict[str, Any], summary: bool = False) -> str:
     pairs = comparisons(report)
     tables = [summary_table(report, pairs)] if summary else [methods_table(report), paired_table(pairs)]
@@ -157,8 +180,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("reports", type=Path, nargs="+")
     parser.add_argument("--summary", action="store_true",
                         help="one row per method, intervals against CacheBlend-style and full in the row (README)")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="a report of the same questions: every method minus its counterpart there")
     args = parser.parse_args(argv)
-    print("\n\n".join(render(json.loads(path.read_text()), args.summary) for path in args.reports))
+    reports = [json.loads(path.read_text()) for path in args.reports]
+    out = [render(report, args.summary) for report in reports]
+    if args.against is not None:
+        base = json.loads(args.against.read_text())
+        out += [against_table(report, base) for report in reports]
+    print("\n\n".join(out))
 
 
 if __name__ == "__main__":

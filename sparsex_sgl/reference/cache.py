@@ -28,12 +28,15 @@ class ReferenceSegmentCache:
                                  executor.device)
         self.graph = SegmentGraph(self.pool.allocator, max_tokens or num_slots - 1)
 
-    def fill_segment(self, token_ids: Sequence[int]) -> bool:
-        """Cache a segment computed alone from position 0. False if there was no room."""
-        pieces = self._pieces(token_ids, [[0, len(token_ids)]])
-        if self.graph.lookup(pieces).prefix_node_ids:
-            return True  # already cached at the root
-        k, v = self.executor.encode_segment(token_ids)
+    def fill_segment(self, token_ids: Sequence[int], sink: Sequence[int] = ()) -> bool:
+        """Cache a segment computed alone: from position 0, or behind ``sink`` (a shared prefix, cached as a
+        gap before it, as the server's pre-warm caches it), so the segment's own KV starts at ``len(sink)``.
+        False if there was no room."""
+        prompt = [*sink, *token_ids]
+        pieces = self._pieces(prompt, [[len(sink), len(prompt)]])
+        if len(self.graph.lookup(pieces).prefix_node_ids) == len(pieces):
+            return True  # already cached on this path
+        k, v = self.executor.encode_segment(prompt)
         return self._insert(pieces, k, v)
 
     def store(self, input_ids: Sequence[int], spans: object, result: PrefillResult) -> bool:

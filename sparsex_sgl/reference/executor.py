@@ -260,7 +260,7 @@ class ReferenceExecutor:
 
     @torch.no_grad()
     def encode_segment(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V ``[layers, len, kv_heads, head_dim]`` of a segment computed alone from position 0."""
+        """K/V ``[layers, len, kv_heads, head_dim]`` of ``token_ids`` computed alone from position 0."""
         result = self.prefill_full(token_ids)
         return result.kv.k, result.kv.v
 

@@ -115,6 +115,10 @@ def implied_server_args(values: dict[str, Any], config: ServerConfig) -> tuple[d
         raise ValueError(f"--enable-sparsex sets --radix-cache-backend {NAME}; got {values['radix_cache_backend']!r}")
     if values.get("disable_radix_cache"):
         raise ValueError("--enable-sparsex needs the radix cache; drop --disable-radix-cache")
+    if values.get("enable_hierarchical_cache"):
+        raise ValueError("--enable-sparsex keeps segments in its own tiers, whose keys find a segment at any "
+                         "position (HiCache's prefix-chained keys cannot): drop --enable-hierarchical-cache and use "
+                         "--sparsex-host-tier-gb and --sparsex-storage-backend")
     if values.get("attention_backend") == NAME:
         raise ValueError(f"--attention-backend {NAME} is set by --enable-sparsex for prefill only; drop it")
     chosen = values.get("prefill_attention_backend")
