@@ -59,6 +59,8 @@ class RequestOutcome:
     recomputed: int = 0
     computed: int = 0
     exact_len: int = 0
+    loaded: int = 0
+    """Tokens of the segments this request's match brought into the pool from the host tier or the store."""
     fallback: str = ""
     rows_crc32: int = 0
     """CRC-32 of the positions the sparse layers computed (int32, ascending): lets a client or a test check
@@ -141,6 +143,8 @@ class RequestState:
     deferrals: int = 0
     reuse_refused: bool = False
     """Match it with exact prefix reuse only from now on (it could not be admitted with reuse)."""
+    loaded: int = 0
+    """Tokens its matches loaded from the tiers (a later match finds them in the pool)."""
 
     @property
     def reuses(self) -> bool:

@@ -132,6 +132,34 @@ def rag(examples: Sequence[QAExample], n_requests: int, reuse: float, seed: int,
     return Workload("rag", params, tuple(requests))
 
 
+def corpus_rag(examples: Sequence[QAExample], n_requests: int, per_request: int, zipf: float, seed: int,
+               max_new_tokens: int = 4) -> Workload:
+    """RAG over a corpus: the paragraphs of ``examples``, each with a Zipf popularity (rank ``r`` drawn with
+    weight ``r ** -zipf``, ranks in a seeded random order); each request retrieves ``per_request`` distinct
+    paragraphs by popularity, in the order drawn, and asks the question of its first paragraph. Popular
+    paragraphs come back often and rare ones seldom, so a pool far smaller than the corpus keeps only part
+    of what is reused (``bench/tiers.py``)."""
+    rng = random.Random(seed)
+    corpus = [(example, paragraph) for example in examples for paragraph in dict.fromkeys(example.paragraphs)]
+    rng.shuffle(corpus)  # popularity rank = position
+    weights = [(rank + 1) ** -zipf for rank in range(len(corpus))]
+    requests = []
+    for index in range(n_requests):
+        drawn: list[int] = []
+        while len(drawn) < per_request:
+            pick = rng.choices(range(len(corpus)), weights)[0]
+            if pick not in drawn:
+                drawn.append(pick)
+        example = corpus[drawn[0]][0]
+        content = (TextPiece(INSTRUCTION, False), *(TextPiece(corpus[i][1], True) for i in drawn),
+                   TextPiece(f"Question: {example.question}", False))
+        requests.append(WorkloadRequest(f"corpus-{index:04d}", "corpus_rag", (Message("user", content),),
+                                        max_new_tokens, (example.answer,), {"paragraphs": drawn}))
+    params = {"n_requests": n_requests, "per_request": per_request, "zipf": zipf, "seed": seed,
+              "corpus_paragraphs": len(corpus), "max_new_tokens": max_new_tokens}
+    return Workload("corpus_rag", params, tuple(requests))
+
+
 # --------------------------------------------------------------------------------------------- chat
 def sharegpt_conversations(path: Path, limit: int, min_user_turns: int, max_chars: int) -> list[list[str]]:
     """The first ``limit`` ShareGPT conversations that alternate human/gpt with ``min_user_turns``+ user turns.

@@ -192,7 +192,7 @@ class SegmentGraphCache(BasePrefixCache):
                 if spans:
                     pieces = self._pieces(token_ids, spans, key_ns)
             if spans and not reason and self.tiers is not None:
-                self.tiers.load(self.graph, pieces)
+                state.loaded += self.tiers.load(self.graph, pieces)
             lookup = self.graph.lookup(pieces)
         except SegmentHashCollisionError as exc:
             self.runtime.fallback("hash_collision", str(exc))
@@ -212,7 +212,7 @@ class SegmentGraphCache(BasePrefixCache):
         n = lookup.n_tokens
         outcome = RequestOutcome(prompt=n, prefix=lookup.prefix_len,
                                  blended_prefix=lookup.prefix_len - lookup.exact_prefix_len,
-                                 computed=n - lookup.prefix_len, fallback=fallback)
+                                 computed=n - lookup.prefix_len, loaded=state.loaded, fallback=fallback)
         outcome.exact_len = outcome.exact_bound
         state.outcome = outcome  # the model hook fills it in; the checkpoint and the meta_info hook read it
         node_ids = lookup.prefix_node_ids[-1:] + tuple(r.node_id for r in lookup.reused)

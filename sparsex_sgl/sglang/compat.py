@@ -340,7 +340,13 @@ def add_generate_route(path: str, handler: Callable[[Any, Any, Submit], Any]) ->
     from sglang.srt.managers.io_struct import GenerateReqInput
 
     async def route(request: Request) -> Any:  # FastAPI reads the annotation: a module-level name
+        from fastapi.responses import JSONResponse
+        from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
         manager = http_server.get_global_state().tokenizer_manager
+        if not isinstance(manager, TokenizerManager):  # a multi-tokenizer router serves /generate its own way
+            return JSONResponse({"error": f"{path} needs a single tokenizer manager, not {type(manager).__name__}"},
+                                status_code=501)
 
         async def submit(input_ids: list[int], sampling_params: dict[str, Any], extra_key: str | None,
                          cache_salt: str | None) -> dict[str, Any]:

@@ -88,11 +88,13 @@ class PoolTiers:
             if adopted and node_id is not None and piece.reusable and graph.is_exact(node_id):
                 self.store.save(self._snapshot(piece.key, piece.token_ids, piece.start, graph.node_slots(node_id)))
 
-    def load(self, graph: SegmentGraph, pieces: Sequence[Piece]) -> None:
+    def load(self, graph: SegmentGraph, pieces: Sequence[Piece]) -> int:
         """Bring the request's marked segments that the pool lacks back from the host tier or the store, as
-        detached nodes; stops when the pool has no room. Loaded nodes are locked until every load is done
-        (a later one must not evict an earlier one); the caller's lookup follows at once."""
+        detached nodes, and return their tokens; a segment the pool has no room for stays where it was.
+        Loaded nodes are locked until every load is done (a later one must not evict an earlier one); the
+        caller's lookup follows at once."""
         loaded: list[NodeId] = []
+        tokens = 0
         try:
             for piece in pieces:
                 if not piece.reusable or graph.has_source(piece.key):
@@ -102,8 +104,10 @@ class PoolTiers:
                     continue
                 graph.lock([node_id])
                 loaded.append(node_id)
+                tokens += piece.length
         finally:
             graph.unlock(loaded)
+        return tokens
 
     def _load_one(self, graph: SegmentGraph, piece: Piece) -> NodeId | None:
         started = time.perf_counter()
