@@ -155,3 +155,32 @@ def test_heldout_quality_script_runs_its_grid(tmp_path: Path) -> None:
     assert report["methods"]["sparsex:lookahead[r=0.15,L=2]"]["flops_frac"] > report["methods"][
         "sparsex[r=0.15,L=2]"]["flops_frac"]  # the look-ahead pass is counted
     assert "- F1 significantly above CacheBlend-style:" in done.stdout
+
+
+def test_sink_quality_script_compares_the_two_caches_on_the_same_questions(tmp_path: Path) -> None:
+    """``bench/quality_sink.sh --smoke``: paragraphs cached alone, then behind the sink prefix, on one SmolLM2
+    question; the paired table (sink minus alone) per method, and the two reports agree on full prefill."""
+    done = subprocess.run(["bash", str(Path(__file__).parents[1] / "bench" / "quality_sink.sh"), "--smoke",
+                           str(tmp_path)], capture_output=True, text=True, check=False, timeout=1500)
+    assert done.returncode == 0, done.stderr
+    alone, sink = (json.loads((tmp_path / f"quality-dev-smollm2-hotpotqa-{c}.json").read_text()) for c in ("alone", "sink"))
+    assert (alone["meta"]["cached"], sink["meta"]["cached"]) == ("alone", "sink")
+    assert alone["per_question"]["full"] == sink["per_question"]["full"]
+    assert alone["per_question"]["naive"]["kl"] != sink["per_question"]["naive"]["kl"]  # other KV was reused
+    for method in ("naive", "cacheblend", "sparsex"):
+        assert f"| {method} | " in done.stdout.split("ΔF1 vs paragraphs cached alone")[1]
+
+
+def test_tiers_benchmark_runs_every_system_on_a_small_corpus(tmp_path: Path) -> None:
+    """``bench/tiers.py`` on a few requests: every system answers, the unbounded pool reuses at least what the
+    pool alone does, and the report, table and plot are written."""
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "tiers.py"), "--questions", "12",
+                           "--requests", "3", "--per-request", "4", "--pool", "2500", "--host-gb", "0.5",
+                           "--out", str(tmp_path)], capture_output=True, text=True, check=False, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    systems = report["systems"]
+    assert set(systems) == {"stock", "pool only", "host tier", "unbounded", "two instances"}
+    assert systems["unbounded"]["reused_per_request"] >= systems["pool only"]["reused_per_request"]
+    assert report["meta"]["corpus_vs_pool"] > 10
+    assert (tmp_path / "tiers.png").stat().st_size > 0 and "| host tier |" in (tmp_path / "table.md").read_text()

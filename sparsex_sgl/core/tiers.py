@@ -17,8 +17,6 @@ import struct
 import threading
 import time
 from collections import Counter, OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from queue import Full, Queue
 from typing import Any, Protocol
@@ -156,6 +154,8 @@ class TierCounters:
     spilled_tokens: int = 0
     host_evictions: int = 0
     """Segments the host tier dropped to stay within its size (to the store, if one keeps them)."""
+    store_misses: int = 0
+    """Store reads that found no object (not a fault: the segment was never stored, or was evicted there)."""
     store_writes: int = 0
     store_write_failures: int = 0
     store_write_drops: int = 0
@@ -220,11 +220,21 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
 
+@dataclass
+class _Read:
+    """One store read's outcome, filled in by its thread."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    data: torch.Tensor | None = None
+    error: Exception | None = None
+
+
 class SegmentStore:
     """Segments in a shared object store, read with a bound on time and written behind the scheduler.
 
-    - Reads run on ``readers`` worker threads and are waited for at most ``timeout_s``; a store that hangs
-      holds at most those threads, and while they are all held a read is refused at once (``busy``), so a
+    - Each read runs on a daemon thread of its own (a hung read never keeps the process from exiting) and is
+      waited for at most ``timeout_s``; at most ``readers`` reads are out at once, so a store that hangs
+      holds at most that many threads, and while they are all held a read is refused at once (``busy``): a
       scheduler never waits longer than ``timeout_s`` for one read.
     - Writes go to one writer thread through a queue of ``queue_size`` objects; a full queue drops the
       write (counted), so a slow or hung store never blocks the scheduler.
@@ -238,7 +248,6 @@ class SegmentStore:
         self.layout = layout
         self.timeout_s = timeout_s
         self._counters = counters
-        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sparsex-store-read")
         self._free_readers = threading.Semaphore(readers)
         self._missed: dict[SegmentHash, float] = {}
         self._queue: Queue[SegmentKV | None] = Queue(queue_size)
@@ -254,23 +263,21 @@ class SegmentStore:
         if not self._free_readers.acquire(blocking=False):
             self._fault("busy")
             return None
-        future: Future[torch.Tensor | None] = self._readers.submit(self._read, key, len(token_ids))
-        future.add_done_callback(lambda _: self._free_readers.release())
-        try:
-            data = future.result(timeout=self.timeout_s)
-        except FutureTimeout:
+        read = _Read()
+        threading.Thread(target=self._read, args=(key, len(token_ids), read), name="sparsex-store-read",
+                         daemon=True).start()
+        if not read.done.wait(self.timeout_s):
             self._fault("timeout")
             return None
-        except ObjectError as exc:
-            self._fault(exc.reason)
+        if read.error is not None:
+            error = read.error
+            self._fault(error.reason if isinstance(error, ObjectError) else
+                         "unreadable" if isinstance(error, OSError) else "error")
             return None
-        except OSError:
-            self._fault("unreadable")
-            return None
-        except Exception:  # noqa: BLE001 - any failure of a third-party store means: recompute
-            self._fault("error")
-            return None
+        data = read.data
         if data is None:
+            with self._stats_lock:
+                self._counters.store_misses += 1
             self._missed[key] = time.monotonic() + MISS_TTL_S
             if len(self._missed) > 65536:
                 now = time.monotonic()
@@ -282,15 +289,21 @@ class SegmentStore:
             self._fault(exc.reason)
             return None
 
-    def _read(self, key: SegmentHash, n_tokens: int) -> torch.Tensor | None:
-        name = self.layout.store_key(key)
-        if not self.backend.exists(name):
-            return None
-        target = torch.empty(self.layout.object_bytes(n_tokens), dtype=torch.uint8)
-        got = self.backend.get(name, target)
-        if got is None:
-            raise ObjectError("unreadable", "listed but not returned")  # vanished between exists and get
-        return got if isinstance(got, torch.Tensor) else target
+    def _read(self, key: SegmentHash, n_tokens: int, read: _Read) -> None:
+        """One read, on its own thread: the object's bytes (or None: not stored), or the error it met."""
+        try:
+            name = self.layout.store_key(key)
+            if self.backend.exists(name):
+                target = torch.empty(self.layout.object_bytes(n_tokens), dtype=torch.uint8)
+                got = self.backend.get(name, target)
+                if got is None:  # vanished between exists and get
+                    raise ObjectError("unreadable", "listed but not returned")
+                read.data = got if isinstance(got, torch.Tensor) else target
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting scheduler, which counts it
+            read.error = exc
+        finally:
+            read.done.set()
+            self._free_readers.release()
 
     def _fault(self, reason: str) -> None:
         with self._stats_lock:

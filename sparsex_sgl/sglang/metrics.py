@@ -41,6 +41,7 @@ TIER_COUNTERS: dict[str, str] = {
     "spilled_segments": "Segments the pool evicted into the host tier",
     "spilled_tokens": "Tokens of segments the pool evicted into the host tier",
     "host_evictions": "Segments the host tier dropped to stay within its size",
+    "store_misses": "Store reads that found no object",
     "store_writes": "Segments written to the shared store",
     "store_write_failures": "Segment writes the store refused or failed",
     "store_write_drops": "Segment writes dropped because the writer was behind",
