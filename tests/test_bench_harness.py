@@ -174,7 +174,7 @@ def test_sink_quality_script_compares_the_two_caches_on_the_same_questions(tmp_p
 def test_tiers_benchmark_runs_every_system_on_a_small_corpus(tmp_path: Path) -> None:
     """``bench/tiers.py`` on a few requests: every system answers, the unbounded pool reuses at least what the
     pool alone does, and the report, table and plot are written."""
-    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "tiers.py"), "--questions", "12",
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "tiers.py"), "--questions", "20",
                            "--requests", "3", "--per-request", "4", "--pool", "2500", "--host-gb", "0.5",
                            "--out", str(tmp_path)], capture_output=True, text=True, check=False, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
