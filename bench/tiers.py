@@ -59,7 +59,9 @@ def prepare(args: argparse.Namespace) -> tuple[list[PreparedRequest], int, int]:
     return requests, corpus, sum(touched.values())
 
 
-def start_systems(args: argparse.Namespace, work: Path, unbounded_pool: int) -> dict[str, list[Server]]:
+def start_systems(args: argparse.Namespace, work: Path, unbounded_pool: int,
+                  systems: dict[str, list[Server]]) -> None:
+    """Start every system's servers into ``systems`` (the caller stops what started, whatever fails)."""
     model = resolve_model("smollm2")
     host = ["--enable-sparsex", "--sparsex-host-tier-gb", str(args.host_gb)]
     store = ["--sparsex-storage-backend", "file", "--sparsex-storage-backend-extra-config",
@@ -71,24 +73,24 @@ def start_systems(args: argparse.Namespace, work: Path, unbounded_pool: int) -> 
         "unbounded": [(["--enable-sparsex"], unbounded_pool)],
         "two instances": [([*host, *store], args.pool), ([*host, *store], args.pool)],
     }
-    # Six servers start side by side: SGLang's CPU memory profile sees the others' memory as taken, and the
-    # pools are bounded by --max-total-tokens anyway.
-    systems = {name: [launch(model, [*flags, "--mem-fraction-static", "0.9"], work / f"{name.replace(' ', '-')}-{i}.log",
-                             pool)
-                      for i, (flags, pool) in enumerate(specs)] for name, specs in plan.items()}
-    for servers in systems.values():
-        for server in servers:
+    for name, specs in plan.items():
+        for i, (flags, pool) in enumerate(specs):
+            # One at a time: SGLang's CPU memory profile counts a neighbour's loading weights as its own. The
+            # others' memory is taken already, so the static fraction is high; --max-total-tokens bounds the pool.
+            server = launch(model, [*flags, "--mem-fraction-static", "0.95"], work / f"{name.replace(' ', '-')}-{i}.log",
+                            pool)
+            systems.setdefault(name, []).append(server)
             wait_ready(server)
-    return systems
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     requests, corpus_tokens, touched_tokens = prepare(args)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        systems = start_systems(args, work, touched_tokens + 200 * len(requests) + 8192)
-        results: dict[str, list[RequestResult]] = {name: [] for name in systems}
+        systems: dict[str, list[Server]] = {}
         try:
+            start_systems(args, work, touched_tokens + 200 * len(requests) + 8192, systems)
+            results: dict[str, list[RequestResult]] = {name: [] for name in systems}
             for index, request in enumerate(requests):
                 for name, servers in systems.items():
                     server = servers[index % len(servers)]

@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from sparsex_sgl.core.protocol import SPANS_KEY, flatten_spans
+
 CPU_FLAGS = (
     "--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
     "--disable-cuda-graph", "--skip-server-warmup", "--dtype", "float32", "--mem-fraction-static", "0.3",
@@ -43,6 +45,17 @@ class Server:
     def post(self, path: str, payload: dict[str, Any], timeout: float = 600) -> tuple[int, Any]:
         response = httpx.post(self.url + path, json=payload, timeout=timeout)
         return response.status_code, _decode(response.content)
+
+    def generate(self, input_ids: Sequence[int], spans: Sequence[tuple[int, int]] | None, max_new_tokens: int,
+                 **custom: Any) -> dict[str, Any]:
+        """A greedy ``/generate`` of ``input_ids`` with its segment ``spans`` (None: no segment data, as a stock
+        client sends) and any other ``custom_params``; asserts a 200 and returns the reply."""
+        params: dict[str, Any] = {"temperature": 0, "max_new_tokens": max_new_tokens}
+        if spans is not None:
+            params["custom_params"] = {SPANS_KEY: flatten_spans(spans), **custom}
+        status, reply = self.post("/generate", {"input_ids": list(input_ids), "sampling_params": params})
+        assert status == 200, reply
+        return dict(reply)
 
     def hang_up_after(self, payload: dict[str, Any], events: int) -> None:
         """Send a streaming ``/generate`` and close the connection after ``events`` server-sent events (0: at

@@ -67,12 +67,7 @@ def prompts() -> list[list[SegmentedPrompt]]:
 
 
 def generate(server: Server, prompt: SegmentedPrompt, segments: bool = True, **custom: Any) -> dict[str, Any]:
-    params: dict[str, Any] = {"temperature": 0, "max_new_tokens": NEW_TOKENS}
-    if segments:
-        params["custom_params"] = {"sparsex_spans": flatten_spans(prompt.spans), **custom}
-    status, reply = server.post("/generate", {"input_ids": list(prompt.input_ids), "sampling_params": params})
-    assert status == 200, reply
-    return reply
+    return server.generate(prompt.input_ids, prompt.spans if segments else None, NEW_TOKENS, **custom)
 
 
 def stats(server: Server) -> dict[str, Any]:

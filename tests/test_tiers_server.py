@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
-from sparsex_sgl.core.protocol import flatten_spans
 from sparsex_sgl.eval.hotpotqa import SegmentedPrompt, build_prompt, load_examples
 from sparsex_sgl.testing import Server, flush_cache, idle_stats, launch, wait_ready
 
@@ -51,12 +50,7 @@ def questions() -> list[list[SegmentedPrompt]]:
 
 
 def generate(server: Server, prompt: SegmentedPrompt, segments: bool = True, **custom: Any) -> dict[str, Any]:
-    params: dict[str, Any] = {"temperature": 0, "max_new_tokens": NEW_TOKENS}
-    if segments:
-        params["custom_params"] = {"sparsex_spans": flatten_spans(prompt.spans), **custom}
-    status, reply = server.post("/generate", {"input_ids": list(prompt.input_ids), "sampling_params": params})
-    assert status == 200, reply
-    return reply
+    return server.generate(prompt.input_ids, prompt.spans if segments else None, NEW_TOKENS, **custom)
 
 
 def counts(reply: dict[str, Any]) -> dict[str, Any]:
