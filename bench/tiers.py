@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument("--per-request", type=int, default=6)
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--pool", type=int, default=4096, help="device pool (tokens) of every server but the unbounded")
-    ap.add_argument("--host-gb", type=float, default=4.0)
+    ap.add_argument("--host-gb", type=float, default=1.0, help="host tier of each tiered server (three of them)")
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
