@@ -148,17 +148,17 @@ def test_a_store_that_hangs_or_raises_costs_a_bounded_wait_and_never_blocks_a_wr
     seed_store.save(seg)
     assert seed_store.flush()
     backend = HangingFile(compat.storage_backend("file", {"file_storage_path": str(tmp_path)}, "tiny", 0, 1), mode)
-    store = SegmentStore(backend, LAYOUT, counters, timeout_s=0.3, readers=1, queue_size=2)
+    store = SegmentStore(backend, LAYOUT, counters, timeout_s=0.3, readers=1, queue_bytes=2 * seg.nbytes)
     started = time.monotonic()
     assert store.load(seg.key, seg.token_ids) is None
     assert store.load(seg.key, seg.token_ids) is None  # hung: the one reader is still held, refused at once
     elapsed = time.monotonic() - started
     for _ in range(5):
-        store.save(segment((5, 5, 5, 5)))  # the writer is stuck (hang): the queue fills, saves return
+        store.save(segment((5, 5, 5, 5)))  # the writer is stuck (hang): two objects' bytes queue, saves return
     assert time.monotonic() - started < 0.3 + 1.0
     if mode == "hang":
         assert dict(counters.store_faults) == {"timeout": 1, "busy": 1} and 0.3 <= elapsed < 1.0
-        assert counters.store_write_drops >= 2
+        assert counters.store_write_drops == 3  # the one being written and one queued fill the bytes
         backend.release.set()  # the store comes back: reads work again
         time.sleep(0.2)
         loaded = store.load(seg.key, seg.token_ids)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from queue import Full, Queue
+from queue import Queue
 from typing import Any, Protocol
 
 import torch
@@ -236,21 +236,24 @@ class SegmentStore:
       waited for at most ``timeout_s``; at most ``readers`` reads are out at once, so a store that hangs
       holds at most that many threads, and while they are all held a read is refused at once (``busy``): a
       scheduler never waits longer than ``timeout_s`` for one read.
-    - Writes go to one writer thread through a queue of ``queue_size`` objects; a full queue drops the
-      write (counted), so a slow or hung store never blocks the scheduler.
+    - Writes go to one writer thread through a queue holding at most ``queue_bytes`` of K/V (the object
+      being written included); a write past that is dropped (counted), so a slow or hung store never blocks
+      the scheduler and never makes it hold more memory than that.
     - Every load is checked (``decode``); anything that fails is a counted fault and the segment is
       recomputed by the caller.
     """
 
     def __init__(self, backend: ObjectStore, layout: KVLayout, counters: TierCounters, timeout_s: float = 2.0,
-                 readers: int = 2, queue_size: int = 256) -> None:
+                 readers: int = 2, queue_bytes: int = 256 << 20) -> None:
         self.backend = backend
         self.layout = layout
         self.timeout_s = timeout_s
         self._counters = counters
         self._free_readers = threading.Semaphore(readers)
         self._missed: dict[SegmentHash, float] = {}
-        self._queue: Queue[SegmentKV | None] = Queue(queue_size)
+        self._queue: Queue[SegmentKV] = Queue()
+        self._queue_bytes = queue_bytes
+        self._pending_bytes = 0
         self._stats_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="sparsex-store-write", daemon=True)
         self._writer.start()
@@ -313,23 +316,23 @@ class SegmentStore:
     def save(self, segment: SegmentKV) -> None:
         """Queue ``segment`` for writing; never blocks (a full queue drops it, counted)."""
         self._missed.pop(segment.key, None)
-        try:
-            self._queue.put_nowait(segment)
-        except Full:
-            with self._stats_lock:
+        with self._stats_lock:
+            if self._pending_bytes + segment.nbytes > self._queue_bytes:
                 self._counters.store_write_drops += 1
+                return
+            self._pending_bytes += segment.nbytes
+        self._queue.put_nowait(segment)
 
     def _write_loop(self) -> None:
         while True:
             segment = self._queue.get()
-            if segment is None:
-                return
             try:
                 name = self.layout.store_key(segment.key)
                 ok = self.backend.exists(name) or bool(self.backend.set(name, encode(segment, self.layout)))
             except Exception:  # noqa: BLE001 - a failed write only costs a later recompute
                 ok = False
             with self._stats_lock:
+                self._pending_bytes -= segment.nbytes
                 if ok:
                     self._counters.store_writes += 1
                 else:
