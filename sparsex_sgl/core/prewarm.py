@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sparsex_sgl.core.errors import InvalidSegmentsError
-from sparsex_sgl.core.protocol import NAMESPACE_KEY, RATIO_KEY, SPANS_KEY, short
+from sparsex_sgl.core.protocol import NAMESPACE_KEY, RATIO_KEY, SPANS_KEY, check_vocabulary, short
 
 MAX_SEGMENTS = 256
 """Segments in one pre-warm call (the CLI sends a corpus in calls of this size or fewer)."""
@@ -43,6 +43,11 @@ class PrewarmItem:
     input_ids: tuple[int, ...]
     span: tuple[int, int]
 
+    @property
+    def tokens(self) -> int:
+        """The segment's own tokens (the sink prefix not counted)."""
+        return self.span[1] - self.span[0]
+
     def sampling_params(self, namespace: str | None) -> dict[str, Any]:
         """A prefill without decoding, at ratio 1.0 (anything the request could reuse is recomputed, so what
         it caches is exact), with the segment marked."""
@@ -64,7 +69,7 @@ class PrewarmRequest:
 
     @property
     def tokens(self) -> int:
-        return sum(item.span[1] - item.span[0] for item in self.items)
+        return sum(item.tokens for item in self.items)
 
 
 def parse_prewarm(body: object, encode: Callable[[str], list[int]], default_sink: str, vocab_size: int,
@@ -109,9 +114,7 @@ def _token_ids(value: object, encode: Callable[[str], list[int]], vocab_size: in
         ids = encode(value) if value else []
     elif isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         ids = list(value)
-        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise InvalidSegmentsError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+        check_vocabulary(ids, vocab_size, name)
     else:
         raise InvalidSegmentsError(f"{name} must be a text or a list of token ids, got {short(value)}")
     if not ids and not allow_empty:

@@ -47,6 +47,13 @@ MARKER_BEGIN = "<|sx_segment|>"
 MARKER_END = "<|/sx_segment|>"
 
 
+def check_vocabulary(token_ids: Sequence[int], vocab_size: int, name: str) -> None:
+    """InvalidSegmentsError naming the first id of ``token_ids`` outside ``[0, vocab_size)``."""
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidSegmentsError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
 def parse_spans(value: object) -> list[tuple[int, int]]:
     """Pairs from the flat wire list; shape and type errors raise InvalidSegmentsError.
 

@@ -160,9 +160,7 @@ def _validate_prompt(manager: Any, obj: Any, input_ids: Any, *args: Any, **kwarg
         raise ValueError("the prompt is empty")
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
         raise ValueError("input_ids must be integers")
-    if min(input_ids) < 0 or max(input_ids) >= vocab:
-        bad = next(t for t in input_ids if not 0 <= t < vocab)
-        raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab})")
+    protocol.check_vocabulary(input_ids, vocab, "input_ids")
     if isinstance(custom, dict) and custom.get(protocol.SPANS_KEY):
         validate_spans(protocol.parse_spans(custom[protocol.SPANS_KEY]), len(input_ids))
 

@@ -40,10 +40,10 @@ async def handle(request: Any, manager: Any, submit: compat.Submit) -> Any:
     segments = []
     for item, reply in zip(call.items, replies):
         if isinstance(reply, BaseException):
-            segments.append({"tokens": item.span[1] - item.span[0], "error": str(reply)[:200]})
+            segments.append({"tokens": item.tokens, "error": str(reply)[:200]})
             continue
         details = reply["meta_info"].get("cached_tokens_details") or {}
-        segments.append({"tokens": item.span[1] - item.span[0], "computed": details.get("sparsex_computed"),
+        segments.append({"tokens": item.tokens, "computed": details.get("sparsex_computed"),
                          "fallback": details.get("sparsex_fallback", "")})
     failed = sum("error" in s for s in segments)
     return JSONResponse({"segments": segments, "tokens": call.tokens, "failed": failed},
