@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from mooncake_master import mooncake_master  # tests/: on sys.path (pytest's rootdir insertion)
 
 from sparsex_sgl.core.segments import make_piece, namespace_key
 from sparsex_sgl.core.tiers import (
@@ -180,3 +181,32 @@ def test_two_instances_writing_one_segment_at_once_leave_one_good_object(tmp_pat
         loaded = store.load(seg.key, seg.token_ids)
         assert loaded is not None and same(loaded, seg)
     assert not any(c.store_faults or c.store_write_failures for c in counters)
+
+
+def test_mooncake_store_shares_segments_between_clients_and_every_fault_is_a_counted_miss(tmp_path: Path) -> None:
+    """The real distributed store (a master on 127.0.0.1, TCP): a second client reads what the first wrote;
+    a short, long, corrupt or foreign (another tenant's) object under a segment's key is a counted fault, never a segment."""
+    with mooncake_master(tmp_path / "master.log") as config:
+        counters = [TierCounters(), TierCounters()]
+        stores = [SegmentStore(compat.storage_backend("mooncake", config, "tiny", 0, 1), LAYOUT, c) for c in counters]
+        seg, tenant_b = segment(tuple(range(300))), segment(tuple(range(300)), namespace="b", seed=1)
+        assert stores[1].load(seg.key, seg.token_ids) is None  # missing: a miss, not a fault
+        for store in stores:  # both write the same segment: one object, every read good
+            store.save(seg)
+        assert all(store.flush() for store in stores)
+        for store in stores:
+            loaded = store.load(seg.key, seg.token_ids)
+            assert loaded is not None and same(loaded, seg)
+
+        raw = stores[0].backend.backend.store  # Mooncake's own client, to put damaged objects
+        good = bytes(encode(seg, LAYOUT).numpy())
+        name = LAYOUT.store_key(seg.key)
+        for damaged in (good[:-8], good + b"\0" * 8, good[:200] + bytes([good[200] ^ 1]) + good[201:],
+                        bytes(encode(tenant_b, LAYOUT).numpy())):
+            assert raw.remove(name, True) == 0 and raw.put(name, damaged) == 0
+            stores[1]._missed.clear()
+            assert stores[1].load(seg.key, seg.token_ids) is None
+        assert dict(counters[1].store_faults) == {"corrupt": 2, "unreadable": 1, "foreign": 1}
+        assert raw.remove(name, True) == 0 and raw.put(name, good) == 0
+        loaded = stores[1].load(seg.key, seg.token_ids)
+        assert loaded is not None and same(loaded, seg)

@@ -4,7 +4,8 @@
   it and serve the very rows and tokens a server whose pool never evicts serves; at ratio 1.0 the output
   equals stock SGLang's;
 - two servers sharing one ``file`` store: the second reuses what the first computed, with the first's rows and
-  tokens; tenants stay apart; a restarted server reuses what was stored before;
+  tokens; tenants stay apart; a restarted server reuses what was stored before; the same over a real Mooncake
+  master with SGLang's ``mooncake`` backend;
 - every store fault (missing, truncated, corrupt, foreign and half-written objects, a store that raises, one
   that hangs) injected under a live server: the request is served exact (stock's output), the fault counted,
   and no slot is leaked afterwards.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mooncake_master import mooncake_master  # tests/: on sys.path (pytest's rootdir insertion)
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
 from sparsex_sgl.eval.hotpotqa import SegmentedPrompt, build_prompt, load_examples
@@ -184,6 +186,35 @@ def test_instances_sharing_a_file_store_reuse_each_others_segments_across_restar
         for server in (first, second, restarted):
             if server is not None:
                 server.stop()
+
+
+def test_instances_sharing_a_mooncake_store_reuse_each_others_segments_and_tenants_stay_apart(
+        tmp_path: Path, questions: list[list[SegmentedPrompt]]) -> None:
+    """The same as above on SGLang's ``mooncake`` backend over a real Mooncake master (TCP on 127.0.0.1); each
+    server mounts 256 MB of its memory into the store."""
+    with mooncake_master(tmp_path / "master.log") as config:
+        flags = ["--enable-sparsex", "--sparsex-storage-backend", "mooncake", "--sparsex-storage-backend-extra-config",
+                 json.dumps(config | {"global_segment_size": 256 << 20})]
+        model = resolve_model("smollm2")
+        first, second = start(model, tmp_path, "first", flags, 16384), start(model, tmp_path, "second", flags, 16384)
+        try:
+            wait_ready(first)
+            wait_ready(second)
+            orders = questions[3]
+            generate(first, orders[0], sparsex_namespace="tenant-a")
+            wait_written(first, len(orders[0].spans))
+            expected = generate(first, orders[1], sparsex_namespace="tenant-a")
+            warm_head(second, orders[1], sparsex_namespace="tenant-a")
+            got = generate(second, orders[1], sparsex_namespace="tenant-a")
+            assert counts(got)["reused"] == segment_tokens(orders[1])  # every paragraph, on its first visit
+            assert counts(got) == counts(expected) and got["output_ids"] == expected["output_ids"]
+            assert tiers(second)["store_hits"] == len(orders[1].spans) and not tiers(second)["store_faults"]
+            other = generate(second, questions[4][1], sparsex_namespace="tenant-b")
+            assert counts(other)["reused"] == 0
+            assert_idle_and_flushable(second)
+        finally:
+            first.stop()
+            second.stop()
 
 
 def new_objects(store: Path, before: set[Path]) -> list[Path]:

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -138,6 +139,16 @@ PINS: dict[str, str] = {
         "ab93e276f6240fe60bce3c8ca6933477409639e094518a33ac00c8ac8f6c355d",
     "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory._create_builtin_backend":
         "75ba4c4c2b2f3aa3ac0f7b719488a8639d37aa8017ff8d517caa82f3398f98a9",
+    "sglang.srt.mem_cache.storage.mooncake_store.mooncake_store.MooncakeBaseStore.register_buffer":
+        "dd029f6ecc7f62076f1408646d794f02388c2d77ad96c273a45d855eac8d57c0",
+    "sglang.srt.mem_cache.storage.mooncake_store.mooncake_store.MooncakeStore.__init__":
+        "14b64b1d6ef6c413be86513943a9a3d09954cb9b19e78c950cf3848b80410f42",
+    "sglang.srt.mem_cache.storage.mooncake_store.mooncake_store.MooncakeStore.exists":
+        "12e9706300e93b4772e73e4cc6291d916cfcdd0f0ebbaaa6526a3c863594cc90",
+    "sglang.srt.mem_cache.storage.mooncake_store.mooncake_store.MooncakeStore.get":
+        "521a1f49892fddd690207986badab759531ea4b8881c5b96a225f66e72e0cd79",
+    "sglang.srt.mem_cache.storage.mooncake_store.mooncake_store.MooncakeStore.set":
+        "3e4a276a2c272ae1b6060b276d30dd7a70174cc4bf5b3da35116408f8ab2996b",
     "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory.create_backend":
         "32bb8e1563e291391df615cdb14d2f45d4fe168066fc17454798639ab929b1ad",
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new":
@@ -757,21 +768,87 @@ def tp_shard(ctx: TreeCacheBuildContext) -> tuple[int, int]:
       "sglang.srt.mem_cache.hicache_storage.HiCacheFile.get", "sglang.srt.mem_cache.hicache_storage.HiCacheFile.set",
       "sglang.srt.mem_cache.hicache_storage.HiCacheFile.exists",
       "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory.create_backend",
-      "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory._create_builtin_backend")
+      "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory._create_builtin_backend",
+      "sglang.srt.mem_cache.storage.mooncake_store.mooncake_store.MooncakeBaseStore.register_buffer",
+      "sglang.srt.mem_cache.storage.mooncake_store.mooncake_store.MooncakeStore.__init__",
+      "sglang.srt.mem_cache.storage.mooncake_store.mooncake_store.MooncakeStore.get",
+      "sglang.srt.mem_cache.storage.mooncake_store.mooncake_store.MooncakeStore.set",
+      "sglang.srt.mem_cache.storage.mooncake_store.mooncake_store.MooncakeStore.exists")
 def storage_backend(name: str, extra_config: dict[str, Any] | None, model_name: str, tp_rank: int,
                     tp_size: int) -> Any:
     """One of SGLang's HiCache storage backends by its ``--hicache-storage-backend`` name (``dynamic`` loads
-    an out-of-tree class from ``extra_config``), configured as a non-MLA rank of one pipeline stage. Backends
-    that need SGLang's host KV pool (``mooncake``, ``hf3fs``, ...) get none and refuse to build here. The
-    store relies on the tested default's semantics: ``get`` fills the target or raises on a short read,
-    ``set`` writes a temporary file and renames it, ``exists`` is a stat."""
+    an out-of-tree class from ``extra_config``), configured as a non-MLA rank of one pipeline stage, with no
+    host KV pool (backends that need one, ``hf3fs`` and others, refuse to build here). The store relies on the
+    tested default's semantics: ``get`` fills the target or raises on a short read, ``set`` writes a
+    temporary file and renames it, ``exists`` is a stat. ``mooncake`` moves bytes only between buffers
+    registered with its transfer engine, so it is wrapped in ``_RegisteredObjects``."""
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
     from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 
     config = HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
                                   attn_cp_size=1, is_mla_model=False, enable_storage_metrics=False,
                                   is_page_first_layout=False, model_name=model_name, extra_config=extra_config)
-    return StorageBackendFactory.create_backend(name, config, None)
+    backend = StorageBackendFactory.create_backend(name, config, None)
+    return _RegisteredObjects(backend) if name == "mooncake" else backend
+
+
+class _RegisteredObjects:
+    """Whole objects through a zero-copy backend (SGLang's ``MooncakeStore``: ``get`` / ``set`` take a pointer
+    and a size inside memory registered with the transfer engine).
+
+    Each call borrows a registered staging buffer (one per concurrent caller: at most the store's readers
+    plus its writer), grown by doubling and re-registered when an object outgrows it. A read first zeroes
+    its window, so an object shorter than expected leaves zeros that fail the object's checksum (Mooncake
+    reports only success, not the length read); a longer one fails the read.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def _borrow(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            buffer = self._free.pop() if self._free else None
+        if buffer is None or buffer.numel() < nbytes:
+            if buffer is not None:
+                self.backend.store.unregister_buffer(buffer.data_ptr())
+            size = 1 << max(20, (nbytes - 1).bit_length())
+            buffer = torch.empty(size, dtype=torch.uint8)
+            self.backend.register_buffer(buffer)
+        return buffer
+
+    def _give_back(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buffer)
+
+    def exists(self, key: str) -> bool:
+        return bool(self.backend.exists(key))
+
+    def get(self, key: str, target_location: torch.Tensor | None = None, target_sizes: Any = None) -> Any:
+        assert target_location is not None
+        nbytes = target_location.numel()
+        buffer = self._borrow(nbytes)
+        try:
+            window = buffer[:nbytes]
+            window.zero_()
+            if not self.backend.get(key, target_location=window.data_ptr(), target_sizes=nbytes):
+                return None
+            target_location.copy_(window)
+            return target_location
+        finally:
+            self._give_back(buffer)
+
+    def set(self, key: str, value: torch.Tensor | None = None, target_location: Any = None,
+            target_sizes: Any = None) -> bool:
+        assert value is not None
+        nbytes = value.numel()
+        buffer = self._borrow(nbytes)
+        try:
+            buffer[:nbytes].copy_(value)
+            return bool(self.backend.set(key, target_location=buffer.data_ptr(), target_sizes=nbytes))
+        finally:
+            self._give_back(buffer)
 
 
 @_pin("sglang.srt.server_args.ServerArgs")
