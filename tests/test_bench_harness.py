@@ -159,7 +159,8 @@ def test_heldout_quality_script_runs_its_grid(tmp_path: Path) -> None:
 
 def test_sink_quality_script_compares_the_two_caches_on_the_same_questions(tmp_path: Path) -> None:
     """``bench/quality_sink.sh --smoke``: paragraphs cached alone, then behind the sink prefix, on one SmolLM2
-    question; the paired table (sink minus alone) per method, and the two reports agree on full prefill."""
+    question; the paired table (sink minus alone) per method, and the two reports agree on full prefill; then
+    the chunk-start grid on the sink case."""
     done = subprocess.run(["bash", str(Path(__file__).parents[1] / "bench" / "quality_sink.sh"), "--smoke",
                            str(tmp_path)], capture_output=True, text=True, check=False, timeout=1500)
     assert done.returncode == 0, done.stderr
@@ -169,6 +170,10 @@ def test_sink_quality_script_compares_the_two_caches_on_the_same_questions(tmp_p
     assert alone["per_question"]["naive"]["kl"] != sink["per_question"]["naive"]["kl"]  # other KV was reused
     for method in ("naive", "cacheblend", "sparsex"):
         assert f"| {method} | " in done.stdout.split("ΔF1 vs paragraphs cached alone")[1]
+    knob = json.loads((tmp_path / "quality-dev-smollm2-hotpotqa-sink-chunk-start.json").read_text())
+    assert set(knob["methods"]) == {"full", *(f"{m}[k={k}]" for m in ("cacheblend", "sparsex") for k in (0, 4, 16))}
+    assert knob["per_question"]["full"] == sink["per_question"]["full"]
+    assert "| sparsex[k=16] | cacheblend[k=16] |" in done.stdout  # each k paired with CacheBlend-style at that k
 
 
 def test_tiers_benchmark_runs_every_system_on_a_small_corpus(tmp_path: Path) -> None:

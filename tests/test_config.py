@@ -11,7 +11,7 @@ import pytest
 
 from sparsex_sgl.core.config import SELECTION_CHOICES, SelectionConfig, ServerConfig
 from sparsex_sgl.core.selection import POLICIES, Selection
-from sparsex_sgl.eval.fidelity import method_runs
+from sparsex_sgl.eval.fidelity import method_runs, with_chunk_starts
 from sparsex_sgl.eval.methods import method_config
 from sparsex_sgl.reference.executor import ReuseSetting
 from sparsex_sgl.reference.flops import ModelDims, modeled_prefill_flops
@@ -223,3 +223,20 @@ def test_checkpoints_are_replaced_whole(tmp_path) -> None:  # type: ignore[no-un
     write_atomic(out, {"meta": {"n": 1}})
     write_atomic(out, {"meta": {"n": 2}})
     assert json.loads(out.read_text()) == {"meta": {"n": 2}} and [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
+
+
+def test_chunk_starts_expand_the_scored_methods_and_pair_sparsex_with_cacheblend_at_the_same_k() -> None:
+    from sparsex_sgl.eval.quality_table import references
+
+    runs = with_chunk_starts(method_runs(["full", "naive", "epic", "cacheblend", "sparsex"], [0.15], [2]), [0, 4])
+    assert [r.name for r in runs] == ["full", "naive", "epic", "cacheblend[k=0]", "cacheblend[k=4]", "sparsex[k=0]",
+                                      "sparsex[k=4]"]
+    by_name = {r.name: r for r in runs}
+    assert by_name["sparsex[k=4]"].config == ReuseSetting(SelectionConfig(full_layers=2, recompute_ratio=0.15,
+                                                                          min_tokens_per_segment=4))
+    assert by_name["cacheblend[k=4]"].config == ReuseSetting(SelectionConfig(
+        full_layers=2, recompute_ratio=0.15, selection="kv_deviation", min_tokens_per_segment=4))
+    assert by_name["epic"].config == method_runs(["epic"], [0.15], [2])[0].config  # EPIC is the chunk start itself
+    methods = {r.name: {"method": r.method, "ratio": r.ratio, "full_layers": r.full_layers,
+                        "chunk_start": r.chunk_start, "signal": r.signal, "coverage": r.coverage} for r in runs}
+    assert references(methods, "sparsex[k=4]") == ["full", "cacheblend[k=4]"]

@@ -99,6 +99,7 @@ class MethodRun:
     mass_prior: float | None = None
     signal: str | None = None
     coverage: float | None = None
+    chunk_start: int | None = None
 
 
 def method_runs(methods: list[str], ratios: list[float], full_layers: list[int],
@@ -143,6 +144,23 @@ def method_runs(methods: list[str], ratios: list[float], full_layers: list[int],
                             runs.append(MethodRun(label + suffix, method, cfg, ratio, layers, prior, signal,
                                                   coverage))
     return runs
+
+
+def with_chunk_starts(runs: list[MethodRun], chunk_starts: list[int]) -> list[MethodRun]:
+    """Each scored run (CacheBlend-style, SparseX) once per chunk start ``k``, named ``<name>[k=K]``: the first
+    ``k`` tokens of every moved segment forced into its recompute set, within its budget (EPIC's fix for
+    chunk starts, as a knob of the scored policies: ``SelectionConfig.min_tokens_per_segment``). Without
+    the option each method keeps its own (CacheBlend-style 0, SparseX 1, the server's default)."""
+    out = []
+    for run in runs:
+        if run.method not in ("cacheblend", "sparsex") or run.config is None:
+            out.append(run)
+            continue
+        for k in chunk_starts:
+            selection = dataclasses.replace(run.config.selection, min_tokens_per_segment=k)
+            out.append(dataclasses.replace(run, name=f"{run.name}[k={k}]", chunk_start=k,
+                                           config=dataclasses.replace(run.config, selection=selection)))
+    return out
 
 
 def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
@@ -287,7 +305,7 @@ def _report(totals: dict[str, dict[str, float]], per_question: dict[str, dict[st
         metrics: dict[str, Any] = {key: totals[run.name][key] / n for key in METRICS}
         metrics["kl_median"] = statistics.median(per_question[run.name]["kl"])
         metrics.update(method=run.method, ratio=run.ratio, full_layers=run.full_layers, mass_prior=run.mass_prior,
-                       signal=run.signal, coverage=run.coverage)
+                       signal=run.signal, coverage=run.coverage, chunk_start=run.chunk_start)
         report["methods"][run.name] = metrics
     executor = context.executor
     report["meta"] = {
@@ -343,6 +361,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SparseX adaptive budget(s): share of the signal to cover, at most --ratio (0: fixed)")
     parser.add_argument("--coverage-signals", default=None,
                         help="signals that get the --coverage budgets (default: all); the others run at --ratio")
+    parser.add_argument("--chunk-start", type=parse_ints, default=None,
+                        help="chunk-start value(s) k, comma-separated: CacheBlend-style and SparseX once per k, the "
+                             "first k tokens of every moved segment forced into the recompute set (default: each "
+                             "method's own, 0 and 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the paragraph shuffles")
     parser.add_argument("--cached", default="alone", choices=CACHE_SOURCES,
                         help="where the paragraphs' KV comes from: each alone from position 0, each alone behind "
@@ -384,6 +406,8 @@ def sweep_grid(args: argparse.Namespace) -> str:
         grid += f" --coverage-signals {args.coverage_signals}"
     if args.cached != "alone":
         grid += f" --cached {args.cached}"
+    if args.chunk_start is not None:
+        grid += f" --chunk-start {','.join(map(str, args.chunk_start))}"
     return grid
 
 
@@ -405,6 +429,8 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"--coverage-signals {sorted(set(coverage_signals) - set(signals))} are not in --signals")
     runs = method_runs(methods, args.ratio, args.full_layers, args.mass_prior, signals, args.coverage,
                        coverage_signals)
+    if args.chunk_start is not None:
+        runs = with_chunk_starts(runs, args.chunk_start)
     grid = sweep_grid(args)
     command = f"sparsex-sgl eval fidelity --n {args.n} {grid}"
     resume = _resumable(args.out, grid) if args.resume else None

@@ -71,13 +71,14 @@ def methods_table(report: dict[str, Any]) -> str:
 
 
 def references(methods: dict[str, dict[str, Any]], name: str) -> list[str]:
-    """What a SparseX setting is compared with: full prefill, CacheBlend-style at its ratio and ``L_full``,
-    and, for an adaptive budget (``coverage`` > 0), the same signal at each fixed ratio and its ``L_full``
-    (the budget must match fixed-ratio quality at a lower mean recompute fraction)."""
+    """What a SparseX setting is compared with: full prefill, CacheBlend-style at its ratio, ``L_full`` and
+    chunk start, and, for an adaptive budget (``coverage`` > 0), the same signal at each fixed ratio and its
+    ``L_full`` (the budget must match fixed-ratio quality at a lower mean recompute fraction)."""
     m = methods[name]
     adaptive = bool(m.get("coverage"))
     return [other for other, om in methods.items() if om["method"] == "full" or (
-        om["method"] == "cacheblend" and om["ratio"] == m["ratio"] and om["full_layers"] == m["full_layers"]) or (
+        om["method"] == "cacheblend" and om["ratio"] == m["ratio"] and om["full_layers"] == m["full_layers"]
+        and om.get("chunk_start") == m.get("chunk_start")) or (
         adaptive and om["method"] == "sparsex" and not om.get("coverage") and om["signal"] == m["signal"]
         and om["full_layers"] == m["full_layers"])]
 
