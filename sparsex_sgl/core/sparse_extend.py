@@ -18,8 +18,9 @@ buffers, so both compute the same numbers, on the op set chosen at start-up (``o
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -123,6 +124,14 @@ class SparseRows:
     computed: tuple[int, ...]
 
 
+ShardReduce = Callable[[torch.Tensor, Literal["sum", "max"]], torch.Tensor]
+"""The sum or the max of a tensor over the ranks of a tensor-parallel group, returned on every rank. Each
+rank holds a share of the heads, so a signal computed per rank would rank tokens differently on each and the
+ranks would recompute different rows (the MLP and the output all-reduce mix rows). The plan reduces the
+per-head parts of its signals before any ranking: the squared value deviation and the mass summed over heads
+(``sum``), or the per-head maximum (``max``); every rank then scores, budgets and picks the same rows."""
+
+
 @dataclass(frozen=True, eq=False)
 class SparseExtendPlan:
     """The sparse extend of one batch; see the module docstring for the call order. Build with ``build``.
@@ -133,7 +142,8 @@ class SparseExtendPlan:
     ``scored``: the rows whose attention mass scores a request's reused tokens (``config.mass_rows``), and
     ``scored_in_new [S]`` their index among the new rows. Per request (host): ``candidates``, the reused
     tokens its policy may take, and ``max_budgets``, its budget at its ratio; ``fixed`` is the budget layout
-    of those, which ``select`` uses unless the budget is adaptive.
+    of those, which ``select`` uses unless the budget is adaptive. ``shards``: how a tensor-parallel rank
+    agrees its signals with the others (None: one rank holds every head).
     """
 
     requests: tuple[ExtendRequest, ...]
@@ -157,12 +167,15 @@ class SparseExtendPlan:
     candidates: tuple[int, ...]
     max_budgets: tuple[int, ...]
     fixed: BudgetLayout
+    shards: ShardReduce | None = None
 
     @classmethod
     def build(cls, requests: Sequence[ExtendRequest], config: SelectionConfig, rope: RopeConfig,
-              req_to_token: torch.Tensor, num_q_heads: int, num_kv_heads: int, ops: OpSet) -> SparseExtendPlan:
+              req_to_token: torch.Tensor, num_q_heads: int, num_kv_heads: int, ops: OpSet,
+              shards: ShardReduce | None = None) -> SparseExtendPlan:
         """The plan of ``requests`` over ``req_to_token [rows, max_len]`` (on the KV's device); the head
-        counts fix the GQA packing of the kernels' tiles."""
+        counts (this rank's) fix the GQA packing of the kernels' tiles; ``shards`` when the heads are split
+        across tensor-parallel ranks."""
         reqs = tuple(requests)
         device = req_to_token.device
         group = num_q_heads // num_kv_heads
@@ -221,7 +234,7 @@ class SparseExtendPlan:
         fixed = _budget_layout(max_budgets, reqs, max_reused, ops, group, device)
         return cls(reqs, config, policy, rope, ops, req_to_token, group, d["req_pool"], d["req_base"], d["req_len"],
                    tuple(new_indptr), d["new_positions"], d["new_request"], d["new_index"], scored,
-                   d["scored_in_new"], reused, max_reused, candidates, max_budgets, fixed)
+                   d["scored_in_new"], reused, max_reused, candidates, max_budgets, fixed, shards)
 
     @property
     def n_reused(self) -> tuple[int, ...]:
@@ -233,7 +246,10 @@ class SparseExtendPlan:
         """Per reused token ``[R]``: the distance between its fresh value (``v_fresh`` at its own slot, one full
         layer's buffer) and its cached value (``v_cached`` at its source slot, the same layer)."""
         fresh = v_fresh[self.reused.keys.slots].float()
-        return (fresh - v_cached[self.reused.src_slots.long()].float()).norm(dim=(-2, -1))
+        diff = fresh - v_cached[self.reused.src_slots.long()].float()
+        if self.shards is None:
+            return diff.norm(dim=(-2, -1))
+        return self.shards(diff.square().sum(dim=(-2, -1)), "sum").sqrt()
 
     def mass(self, q_new: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, scale: float) -> torch.Tensor:
         """One layer's attention mass per reused token ``[R]`` from the scored rows, given the layer's rotated
@@ -242,8 +258,11 @@ class SparseExtendPlan:
         q_scored = q_new[self.scored_in_new.long()].contiguous()
         _, lse = self.ops.attend(q_scored, k_buffer, v_buffer, self.req_to_token, self.scored, scale, need_lse=True)
         assert lse is not None
-        return self.ops.key_mass(q_scored, k_buffer, self.req_to_token, self.scored, lse, self.reused.keys, scale,
+        mass = self.ops.key_mass(q_scored, k_buffer, self.req_to_token, self.scored, lse, self.reused.keys, scale,
                                  self.config.mass_heads)
+        if self.shards is None:
+            return mass
+        return self.shards(mass, "max" if self.config.mass_heads == "max" else "sum")
 
     # ------------------------------------------------------------------ sparse layers
     def fill_reused(self, layers: Iterable[LayerBuffers]) -> None:
