@@ -56,6 +56,8 @@ __all__ = [
 
 PINS: dict[str, str] = {
     "sglang.srt.entrypoints.engine.Engine.__init__": "54412adbf86ad86b9d29ac676a3ef237ddc1c0b8d1d844ffae3c110dac656913",
+    "sglang.srt.distributed.parallel_state.init_model_parallel_group":
+        "cf0355669ac6af65dea4272e667c89f7b0e2783606ab5d3e3b9464b41d368ef8",
     "sglang.srt.entrypoints.http_server.get_global_state":
         "4141aecd7b88b98661677dca30e80afa33f5e976b716b07163f4610e7361981f",
     "sglang.srt.layers.layer_boundary.residual.batch.clear":
@@ -316,6 +318,29 @@ def use_torch_rotary() -> None:
     import sglang.srt.layers.rotary_embedding.base as rotary_base
 
     rotary_base._is_cpu = True
+
+
+@_pin("sglang.srt.distributed.parallel_state.init_model_parallel_group")
+def gloo_groups_without_nccl() -> None:
+    """Tensor parallelism on the CPU: SGLang 0.5.23 gives every process group that is not NPU, XPU or Mooncake
+    a PyNccl communicator, whose constructor needs CUDA, so ``--tp 2 --device cpu`` dies at start-up
+    ("Expected a cuda device, but got: cpu"). Groups on ``gloo``, the CPU's backend, get none (their
+    collectives then run on gloo, as SGLang's CPU path intends). Idempotent."""
+    from sglang.srt.distributed import parallel_state
+
+    original = parallel_state.init_model_parallel_group
+    if getattr(original, "_sparsex_gloo", False):
+        return
+
+    @functools.wraps(original)
+    def init(group_ranks: Any, local_rank: int, backend: str, use_pynccl: bool | None = None, *args: Any,
+             **kwargs: Any) -> Any:
+        if use_pynccl is None and backend == "gloo":
+            use_pynccl = False
+        return original(group_ranks, local_rank, backend, use_pynccl, *args, **kwargs)
+
+    init._sparsex_gloo = True  # type: ignore[attr-defined]
+    parallel_state.init_model_parallel_group = init
 
 
 @_pin("sglang.srt.entrypoints.http_server.get_global_state",

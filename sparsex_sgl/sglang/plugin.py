@@ -5,7 +5,8 @@ SGLang calls ``register()`` once in every process it starts (launcher, scheduler
 and attention backends, adds the launch flags (``settings``), and hooks a few SGLang methods through the
 official ``HookRegistry`` (``compat.HOOK_TARGETS``). Every hook is a no-op unless ``--enable-sparsex`` (or
 ``enable_sparsex=True``) was given, or where this SGLang is not the source ``compat`` was written against;
-the CPU shim is switched on by ``--device cpu`` for stock SGLang too.
+the CPU shim (pure-torch rotary, gloo groups without PyNccl for ``--tp`` > 1) is switched on by ``--device cpu``
+for stock SGLang too.
 
 Chunked prefill and the overlap scheduler stay on: a request that reuses segments runs in one extend step
 (``_admit``), every other request is chunked as on stock SGLang, and prefill CUDA graphs are refused for
@@ -60,6 +61,7 @@ def register() -> None:
     compat.wrap_engine_server_args(_engine_server_args)
     if os.environ.get(CPU_SHIM_ENV) == "1":
         compat.use_torch_rotary()
+        compat.gloo_groups_without_nccl()
 
 
 # ---------------------------------------------------------------------- backends
@@ -96,6 +98,7 @@ def _export(server_args: Any, config: ServerConfig | None) -> None:
     if compat.on_cpu(server_args):
         os.environ[CPU_SHIM_ENV] = "1"
         compat.use_torch_rotary()
+        compat.gloo_groups_without_nccl()
     if config is not None:
         server_args._sparsex_config = config.flat()
 
