@@ -30,8 +30,9 @@ def mooncake_missing() -> str:
 @contextmanager
 def mooncake_master(log: Path) -> Iterator[dict[str, Any]]:
     """A master for the duration; yields the ``--sparsex-storage-backend-extra-config`` a client needs."""
-    if mooncake_missing():
-        pytest.skip(f"mooncake client unavailable: {mooncake_missing()}")
+    missing = mooncake_missing()
+    if missing:
+        pytest.skip(f"mooncake client unavailable: {missing}")
     port = free_port()
     with log.open("w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "mooncake_master"), "-rpc_port", str(port),

@@ -12,11 +12,11 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_sparse_extend import HKV, HQ, ROPE, make_batch, run_select
+from test_sparse_extend import HKV, HQ, ROPE, make_batch
 
 from sparsex_sgl.core.config import SelectionConfig
 from sparsex_sgl.core.ops import op_set
-from sparsex_sgl.core.sparse_extend import SparseExtendPlan
+from sparsex_sgl.core.sparse_extend import SparseExtendPlan, select
 
 CONFIGS = {
     "sparse_q": SelectionConfig(full_layers=2, recompute_ratio=0.3, min_tokens_per_segment=2),
@@ -62,7 +62,7 @@ def rows_of(name: str, seed: int, rank: int | None, reduce: bool) -> tuple[list[
         q, k, v = shard[j]
         layer_mass = plan.mass(q[plan.new_index.long()], k, v, 32**-0.5)
         mass = layer_mass if mass is None else mass + layer_mass
-    rows = run_select(plan, shard)
+    rows = select(plan, deviation, mass)
     return (rows.layout.positions.tolist(), [] if deviation is None else deviation.tolist(),
             [] if mass is None else mass.tolist())
 

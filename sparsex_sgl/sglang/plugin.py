@@ -60,8 +60,13 @@ def register() -> None:
     ])
     compat.wrap_engine_server_args(_engine_server_args)
     if os.environ.get(CPU_SHIM_ENV) == "1":
-        compat.use_torch_rotary()
-        compat.gloo_groups_without_nccl()
+        _cpu_shim()
+
+
+def _cpu_shim() -> None:
+    """What SGLang 0.5.23 lacks on the CPU: the pure-torch rotary embedding and gloo groups without PyNccl."""
+    compat.use_torch_rotary()
+    compat.gloo_groups_without_nccl()
 
 
 # ---------------------------------------------------------------------- backends
@@ -97,8 +102,7 @@ def _export(server_args: Any, config: ServerConfig | None) -> None:
     """Hand the settings to the scheduler processes (they inherit the environment at spawn)."""
     if compat.on_cpu(server_args):
         os.environ[CPU_SHIM_ENV] = "1"
-        compat.use_torch_rotary()
-        compat.gloo_groups_without_nccl()
+        _cpu_shim()
     if config is not None:
         server_args._sparsex_config = config.flat()
 
