@@ -12,11 +12,13 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheFile
 
 
 class FaultyFileStore(HiCacheFile):
-    """``FAULT`` holding ``hang``: every read blocks until the file changes; ``raise``: every read raises."""
+    """``FAULT`` holding ``hang``: every read blocks until the file changes; ``raise``: every read raises;
+    ``raise@R``: reads raise on tensor-parallel rank R only."""
 
     def __init__(self, storage_config: Any, kwargs: Any = None) -> None:
         super().__init__(storage_config)
         self.control = Path(self.file_path) / "FAULT"
+        self.rank = int(storage_config.tp_rank)
 
     def _mode(self) -> str:
         try:
@@ -25,7 +27,7 @@ class FaultyFileStore(HiCacheFile):
             return ""
 
     def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> Any:
-        if self._mode() == "raise":
+        if self._mode() in ("raise", f"raise@{self.rank}"):
             raise RuntimeError("injected store failure")
         while self._mode() == "hang":
             time.sleep(0.05)

@@ -189,3 +189,34 @@ def test_tiers_benchmark_runs_every_system_on_a_small_corpus(tmp_path: Path) -> 
     assert systems["unbounded"]["reused_per_request"] >= systems["pool only"]["reused_per_request"]
     assert report["meta"]["corpus_vs_pool"] > 10
     assert (tmp_path / "tiers.png").stat().st_size > 0 and "| host tier |" in (tmp_path / "table.md").read_text()
+
+
+def test_tp_benchmark_runs_both_phases_on_a_few_requests(tmp_path: Path) -> None:
+    """``bench/tp.py`` on a few requests: stock and SparseX at TP 1 and TP 2 answer, every rank reports, the
+    requests that ran sparse layers at TP 1 ran the same rows at TP 2, and the table is written."""
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "tp.py"), "--requests", "3",
+                           "--reuse", "0.5", "--new-tokens", "2", "--pool", "8192", "--out", str(tmp_path)],
+                          capture_output=True, text=True, check=False, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["systems"]) == {"TP 1", "TP 2"}
+    assert len(report["systems"]["TP 2"]["reused_tokens"]) == 2  # one entry per rank
+    rows = report["rows"]
+    assert rows["sparse_requests"] >= 1 and rows["same_rows"] == rows["sparse_requests"], rows
+    assert "| TP 2 |" in (tmp_path / "table.md").read_text()
+
+
+def test_checkpoint_replay_runs_every_policy_on_every_workload(tmp_path: Path) -> None:
+    """``bench/checkpoints.py`` on a few requests: every policy replays every workload; block 64 keeps the most
+    states of the fixed policies and recomputes the least; the table and the plot are written."""
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "checkpoints.py"), "--requests",
+                           "24", "--out", str(tmp_path)], capture_output=True, text=True, check=False, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["workloads"]) == {"document QA", "RAG pools", "system prompts"}
+    for workload in report["workloads"].values():
+        rows = workload["policies"]
+        assert rows["block 64"]["states"] >= rows["block 512"]["states"]
+        assert rows["block 64"]["recomputed_per_request"] <= rows["block 512"]["recomputed_per_request"]
+        assert all(0 <= row["recomputed_per_request"] <= row["hit_per_request"] for row in rows.values())
+    assert (tmp_path / "pareto.png").stat().st_size > 0 and "| DP M=4 |" in (tmp_path / "table.md").read_text()

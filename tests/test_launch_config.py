@@ -27,6 +27,8 @@ from sparsex_sgl.sglang.settings import resolve_config
         (["--sparsex-storage-backend", "file", "--sparsex-storage-backend-extra-config", "{oops"], None,
          "storage_extra_config is not JSON"),
         (["--sparsex-host-tier-gb", "-1"], None, "host_tier_gb must be >= 0"),
+        (["--pp-size", "2"], None, "does not support pipeline parallelism"),
+        (["--enable-dp-attention", "--tp", "2"], None, "does not support DP attention"),
     ],
 )
 def test_bad_settings_stop_the_launch_in_one_line(tmp_path: Path, flags: list[str], preset: str | None,

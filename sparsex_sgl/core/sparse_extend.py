@@ -264,6 +264,16 @@ class SparseExtendPlan:
             return mass
         return self.shards(mass, "max" if self.config.mass_heads == "max" else "sum")
 
+    def absent(self, signal: Literal["deviation", "mass"]) -> torch.Tensor:
+        """A sharded plan's signal with nothing from this rank (its own part could not be computed): the
+        rank still joins the reduce the others are in, so every rank gets the same tensor and no rank waits
+        for one that never comes; the batch then falls back on every rank (``agreement``)."""
+        assert self.shards is not None, "only a tensor-parallel rank has others to reduce with"
+        zeros = torch.zeros(self.reused.src_slots.numel(), dtype=torch.float32, device=self.req_to_token.device)
+        if signal == "deviation":
+            return self.shards(zeros, "sum").sqrt()
+        return self.shards(zeros, "max" if self.config.mass_heads == "max" else "sum")
+
     # ------------------------------------------------------------------ sparse layers
     def fill_reused(self, layers: Iterable[LayerBuffers]) -> None:
         """Write the re-aligned cached K and the cached V of every reused token into its request's own slot,

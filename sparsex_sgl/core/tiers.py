@@ -161,7 +161,8 @@ class TierCounters:
     store_write_drops: int = 0
     """Writes not queued because the writer was this many objects behind (the scheduler never waits)."""
     store_faults: Counter[str] = field(default_factory=Counter)
-    """Loads refused, by reason: missing, unreadable, corrupt, foreign, error, timeout, busy."""
+    """Loads refused, by reason: missing, unreadable, corrupt, foreign, error, timeout, busy; other_rank: read
+    here but not on another tensor-parallel rank, so no rank used it."""
 
 
 class HostTier:

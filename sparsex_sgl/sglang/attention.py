@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sparsex_sgl.core.agreement import RankGuard
 from sparsex_sgl.core.sparse_extend import SparseExtendPlan, SparseRows
 from sparsex_sgl.sglang import compat
 
@@ -35,6 +36,8 @@ class SparseLayers:
 
     plan: SparseExtendPlan
     rows: SparseRows
+    guard: RankGuard
+    """Where a failure of this rank's attention is kept until the batch's next vote (tensor parallelism)."""
 
 
 class SparseXAttnBackend:
@@ -61,9 +64,15 @@ class SparseXAttnBackend:
         """Attention of the selected rows only: their fresh K/V overwrite the re-aligned copies, then each row
         attends to its request's keys up to its own position."""
         layer_id, q_heads, _, head_dim, v_head_dim, scale = compat.attention_shape(layer)
-        compat.write_kv(self.pool, layer, step.rows.slots, k, v)
         q_rows = q.view(-1, q_heads, head_dim)
         out = q.new_empty(q_rows.shape[0], q_heads * v_head_dim)
-        keys, values = compat.layer_buffers(self.pool, layer_id)
-        step.plan.run(step.rows, q_rows, keys, values, scale, out=out.view(-1, q_heads, v_head_dim))
+
+        def attend() -> bool:
+            compat.write_kv(self.pool, layer, step.rows.slots, k, v)
+            keys, values = compat.layer_buffers(self.pool, layer_id)
+            step.plan.run(step.rows, q_rows, keys, values, scale, out=out.view(-1, q_heads, v_head_dim))
+            return True
+
+        if not step.guard.attempt(attend, False):
+            out.zero_()  # a placeholder: the rank's failure is kept and the batch falls back at its next vote
         return out

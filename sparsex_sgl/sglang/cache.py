@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sparsex_sgl.core.agreement import Gather, Verdict, available_everywhere, vote
 from sparsex_sgl.core.errors import InvalidSegmentsError, SegmentHashCollisionError
 from sparsex_sgl.core.graph import (
     EvictedSegment,
@@ -37,6 +38,7 @@ from sparsex_sgl.core.request import GAP_BLOCK, Match, RequestOutcome, RequestSt
 from sparsex_sgl.core.segments import (
     NamespaceKey,
     Piece,
+    SegmentHash,
     auto_spans,
     cut_gap,
     make_piece,
@@ -79,6 +81,29 @@ class MatchHandle:
 
     def __hash__(self) -> int:
         return hash(self.node_ids)
+
+
+@dataclass
+class _MatchVotes:
+    """The votes of one match, cast in the same order on every rank and every path (a failure included):
+    the segments read from the tiers (when there are tiers), then the match itself."""
+
+    gather: Gather | None
+    with_loads: bool
+    loads_cast: bool = False
+
+    def available(self, found: Sequence[tuple[SegmentHash, bool]]) -> set[Any]:
+        self.loads_cast = True
+        return available_everywhere(self.gather, found)
+
+    def close(self, match: Match | None, failure: str) -> Verdict:
+        if self.with_loads and not self.loads_cast:
+            self.available([])
+        lookup = None if match is None else match.lookup
+        ballot = None if lookup is None or match is None else (
+            lookup.n_tokens, lookup.prefix_len, lookup.exact_prefix_len, match.recompute_ratio,
+            tuple((r.source_start, r.target_start, r.length) for r in lookup.reused))
+        return vote(self.gather, "match", ballot, failure)
 
 
 class _PoolAllocator:
@@ -161,15 +186,28 @@ class SegmentGraphCache(BasePrefixCache):
         return self.graph.align(pieces, lambda start, end: make_piece(token_ids, start, end, key_ns, reusable=False))
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        """The request's match. With tensor parallelism the ranks then vote on it (``core.agreement``): if one
+        failed, or their matches differ, every rank drops it and serves the request as stock SGLang would
+        from position 0, counting the same fallback."""
+        votes = _MatchVotes(self.runtime.gather, with_loads=self.tiers is not None)
+        failure, result = "", None
         try:
-            return self._match(params)
+            result = self._match(params, votes)
         except Exception as exc:  # noqa: BLE001 - a SparseX bug must not stop the scheduler: serve it unshared
             self.runtime.internal_error("match_prefix", exc)
-            if params.req is not None:
-                self.drop(params.req)
-            return self._result(MatchHandle(), 0)
+            failure = "internal_error"
+        state = None if params.req is None else compat.request_state(params.req)
+        verdict = votes.close(None if failure or state is None else state.matched, failure)
+        if result is not None and verdict.agreed:
+            return result
+        if not failure:  # another rank failed, or the ranks' graphs differ: this rank falls back with them
+            self.runtime.fallback(verdict.reason, f"reported by tensor-parallel rank {verdict.rank}"
+                                  if verdict.rank >= 0 else "the ranks' matches differ")
+        if params.req is not None:
+            self.drop(params.req)
+        return self._result(MatchHandle(), 0)
 
-    def _match(self, params: MatchPrefixParams) -> MatchResult:
+    def _match(self, params: MatchPrefixParams, votes: _MatchVotes) -> MatchResult:
         req = params.req
         limit = len(params.key)
         if req is None or limit == 0:
@@ -192,7 +230,7 @@ class SegmentGraphCache(BasePrefixCache):
                 if spans:
                     pieces = self._pieces(token_ids, spans, key_ns)
             if spans and not reason and self.tiers is not None:
-                state.loaded += self.tiers.load(self.graph, pieces)
+                state.loaded += self.tiers.load(self.graph, pieces, votes.available)
             lookup = self.graph.lookup(pieces)
         except SegmentHashCollisionError as exc:
             self.runtime.fallback("hash_collision", str(exc))

@@ -18,7 +18,7 @@ import importlib
 import inspect
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from fastapi import Request
@@ -44,7 +44,9 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
     from sglang.srt.model_executor.model_runner import ModelRunner
 
+    from sparsex_sgl.core.agreement import Gather
     from sparsex_sgl.core.request import RequestState
+    from sparsex_sgl.core.sparse_extend import ShardReduce
 
 Submit = Callable[[list[int], dict[str, Any], "str | None", "str | None"], Awaitable[dict[str, Any]]]
 """Serve one prompt as ``/generate`` does: ``(input_ids, sampling_params, extra_key, cache_salt) -> reply``."""
@@ -56,6 +58,8 @@ __all__ = [
 
 PINS: dict[str, str] = {
     "sglang.srt.entrypoints.engine.Engine.__init__": "54412adbf86ad86b9d29ac676a3ef237ddc1c0b8d1d844ffae3c110dac656913",
+    "sglang.srt.distributed.parallel_state.GroupCoordinator.__init__":
+        "dfcd45b955026c6bc01e20d93b3a15a2ae52178e6a5a9d882cd28fe36c947b16",
     "sglang.srt.distributed.parallel_state.init_model_parallel_group":
         "cf0355669ac6af65dea4272e667c89f7b0e2783606ab5d3e3b9464b41d368ef8",
     "sglang.srt.entrypoints.http_server.get_global_state":
@@ -746,14 +750,14 @@ def residual_stream() -> Any:
 # ---------------------------------------------------------------------- building the cache
 @_pin("sglang.srt.mem_cache.registry.TreeCacheBuildContext", "sglang.srt.mem_cache.cache_init_params.CacheInitParams")
 def refused_features(ctx: TreeCacheBuildContext) -> list[str]:
-    """The features of this server the ``sparsex`` cache does not support."""
+    """The features of this server the ``sparsex`` cache does not support (parallelism other than TP is refused
+    before the launch, ``settings.implied_server_args``)."""
     refused = [
         (ctx.enable_hierarchical_cache,
          ("hierarchical cache (--enable-hierarchical-cache: SparseX keeps segments in its own tiers, "
           "--sparsex-host-tier-gb and --sparsex-storage-backend)")),
         (ctx.is_hybrid_swa, "sliding-window hybrid models"),
         (ctx.is_hybrid_ssm, "mamba/SSM hybrid models"),
-        (ctx.tp_size > 1, "tensor parallelism > 1"),
         (ctx.params.page_size != 1, "--page-size other than 1"),
         (ctx.disable_radix_cache, "--disable-radix-cache"),
     ]
@@ -787,6 +791,31 @@ def cache_pools(params: Any) -> tuple[Any, torch.Tensor, Any, int, int]:
 def tp_shard(ctx: TreeCacheBuildContext) -> tuple[int, int]:
     """This scheduler's tensor-parallel rank and the TP size: which share of the KV heads its pool holds."""
     return int(ctx.tp_rank), int(ctx.tp_size)
+
+
+@_pin("sglang.srt.mem_cache.registry.TreeCacheBuildContext",
+      "sglang.srt.distributed.parallel_state.GroupCoordinator.__init__")
+def tp_collectives(ctx: TreeCacheBuildContext) -> tuple[Gather | None, ShardReduce | None]:
+    """The tensor-parallel group's two collectives (None, None with one rank): the vote, every rank's
+    ballot gathered over the group's CPU (gloo) group, which needs no device sync; and the signal reduce,
+    an all-reduce over its device group (NCCL on CUDA, gloo on the CPU)."""
+    if int(ctx.tp_size) <= 1:
+        return None, None
+    cpu_group, device_group = ctx.tp_group.cpu_group, ctx.tp_group.device_group
+    size = int(ctx.tp_size)
+
+    def gather(ballot: object) -> list[object]:
+        ballots: list[object] = [None] * size
+        torch.distributed.all_gather_object(ballots, ballot, group=cpu_group)
+        return ballots
+
+    def reduce(tensor: torch.Tensor, op: Literal["sum", "max"]) -> torch.Tensor:
+        out = tensor.clone()
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM if op == "sum" else
+                                     torch.distributed.ReduceOp.MAX, group=device_group)
+        return out
+
+    return gather, reduce
 
 
 @_pin("sglang.srt.mem_cache.hicache_storage.HiCacheStorageConfig",

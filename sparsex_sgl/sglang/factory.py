@@ -5,7 +5,7 @@ this is where the model's rope, the KV pool and the decoder stack are inspected.
 serve (an SGLang whose pinned sources changed, another architecture, a rope type without a delta rotation,
 a quantized pool) leaves the cache working as an exact prefix cache: every request then runs stock
 prefill, and the reason is logged once, counted per request and reported in the statistics. Server
-features the cache cannot work with at all (hierarchical cache, paged pools, TP > 1, ...) stop the launch.
+features the cache cannot work with at all (hierarchical cache, paged pools, pipeline parallelism, ...) stop the launch.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sparsex_sgl.core.agreement import DISAGREEMENT
 from sparsex_sgl.core.config import ServerConfig
 from sparsex_sgl.core.errors import UnsupportedModelError
 from sparsex_sgl.core.ops import op_set
@@ -61,16 +62,23 @@ def build(ctx: TreeCacheBuildContext) -> SegmentGraphCache:
         kind, reason = "unsupported_model", (f"KV pool {type(pool).__name__} (only an unquantized MHATokenToKVPool is "
                                              "supported)")
     max_extend = CHUNKS_PER_REUSE_STEP * chunk if chunk is not None else None
-    runtime = SchedulerRuntime(config, rope, num_layers, op_set(config.kernels, device), max_extend_tokens=max_extend)
+    gather, shards = compat.tp_collectives(ctx)
+    shard = compat.tp_shard(ctx)
+    runtime = SchedulerRuntime(config, rope, num_layers, op_set(config.kernels, device), max_extend_tokens=max_extend,
+                               gather=gather, tp_rank=shard[0])
+    if gather is not None:  # every rank gathers, whatever it found above, so none waits for another
+        sizes = gather(compat.cache_pools(params)[3])
+        if len(set(sizes)) > 1 and not reason:  # the ranks' graphs would evict differently: their decisions must be equal
+            kind, reason = DISAGREEMENT, f"the tensor-parallel ranks' KV pools differ in size: {sizes}"
     if not reason:
-        reason = model_hook.install(model, model_runner, runtime)
+        reason = model_hook.install(model, model_runner, runtime, shards)
         kind = "unsupported_model" if reason else ""
     if reason:
         runtime.disable(kind, reason)
     else:
         logger.info("SparseX on: %s, %d layers, %s ops", config, num_layers, runtime.ops.name)
-    metrics = PrometheusExport({"model_name": model_name}) if metrics_on else None
-    tiers = _tiers(config, pool, num_layers, device, model_name, compat.tp_shard(ctx)) if not reason else None
+    metrics = PrometheusExport({"model_name": model_name}, rank=shard[0]) if metrics_on else None
+    tiers = _tiers(config, pool, num_layers, device, model_name, shard) if not reason else None
     return SegmentGraphCache(params, runtime, device, metrics, tiers)
 
 

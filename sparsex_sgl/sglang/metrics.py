@@ -6,6 +6,11 @@ counters live in the scheduler process (``request.Counters``), so this exporter 
 them into prometheus_client metrics: counters grow by the difference since the last sync, gauges take
 the graph's size. It syncs when a request's outcome is recorded and after an eviction, so once requests
 have finished ``/metrics`` and ``/sparsex/stats`` agree.
+
+With tensor parallelism every rank counts every request (they take the same decisions), so request, token
+and graph figures come from rank 0 alone, while what each rank does on its own share of the heads (bytes
+and seconds moved between the tiers, store reads and writes and their faults) is exported by every rank and
+summed by the multiprocess merge. ``/sparsex/stats`` lists each rank's own counters.
 """
 
 from __future__ import annotations
@@ -48,15 +53,22 @@ TIER_COUNTERS: dict[str, str] = {
 }
 
 
-class PrometheusExport:
-    """The scheduler's SparseX metrics, prefixed ``sparsex_``, labelled like SGLang's own (``labels``)."""
+PER_RANK = frozenset({"loaded_bytes", "load_seconds", "store_misses", "store_writes", "store_write_failures",
+                      "store_write_drops"})
+"""Tier counters of a rank's own share of the KV, summed over tensor-parallel ranks (with the store faults)."""
 
-    def __init__(self, labels: dict[str, str]) -> None:
+
+class PrometheusExport:
+    """The scheduler's SparseX metrics, prefixed ``sparsex_``, labelled like SGLang's own (``labels``); a
+    tensor-parallel rank other than 0 (``rank``) exports only the ``PER_RANK`` sums."""
+
+    def __init__(self, labels: dict[str, str], rank: int = 0) -> None:
         # Imported here, in the scheduler, after SGLang set PROMETHEUS_MULTIPROC_DIR: prometheus_client
         # picks its multiprocess mode at import.
         from prometheus_client import Counter, Gauge
 
         self.labels = labels
+        self.rank = rank
         names = list(labels)
         self._counters = {key: Counter(f"sparsex_{key}", text, names) for key, text in COUNTERS.items()}
         self._fallbacks = Counter("sparsex_fallbacks", "Requests that fell back to exact full prefill, by reason",
@@ -76,18 +88,23 @@ class PrometheusExport:
         now["fallbacks"] = dict(counters.fallbacks)  # not asdict: it rebuilds a Counter from its items
         now["store_faults"] = {} if tiers is None else dict(tiers.store_faults)
         for key, metric in self._counters.items():
-            self._grow(metric, now[key], self._exported.get(key, 0))
+            if self.rank == 0:
+                self._grow(metric, now[key], self._exported.get(key, 0))
         for key, metric in self._tier_counters.items():
             now["tier_" + key] = 0 if tiers is None else getattr(tiers, key)
-            self._grow(metric, now["tier_" + key], self._exported.get("tier_" + key, 0))
+            if self.rank == 0 or key in PER_RANK:
+                self._grow(metric, now["tier_" + key], self._exported.get("tier_" + key, 0))
         for section, metric in (("fallbacks", self._fallbacks), ("store_faults", self._store_faults)):
+            if self.rank != 0 and section == "fallbacks":
+                continue
             for reason, count in now[section].items():
                 delta = count - self._exported[section].get(reason, 0)
                 if delta > 0:
                     metric.labels(**self.labels, reason=reason).inc(delta)
         self._exported = now
-        self._graph_nodes.labels(**self.labels).set(graph_nodes)
-        self._graph_tokens.labels(**self.labels).set(graph_tokens)
+        if self.rank == 0:
+            self._graph_nodes.labels(**self.labels).set(graph_nodes)
+            self._graph_tokens.labels(**self.labels).set(graph_tokens)
 
     def _grow(self, metric: Any, value: float, exported: float) -> None:
         if value > exported:

@@ -17,7 +17,10 @@ and this loop:
    each request's last row (always computed).
 
 A failure anywhere falls back to the original forward for the whole batch, which rewrites every extend
-row's K/V and is therefore exact.
+row's K/V and is therefore exact. With tensor parallelism every rank falls back together: the ranks reduce
+their signals before ``select`` and vote on the plan, the rows and the result (``core.agreement``), and a rank
+whose SparseX code failed keeps joining the collectives until the next vote. SGLang's own layer code is not
+guarded: a failure there on one rank alone stops the ranks as it would stop stock SGLang.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sparsex_sgl.core.agreement import RankGuard, Verdict
 from sparsex_sgl.core.request import RequestOutcome
-from sparsex_sgl.core.sparse_extend import ExtendRequest, SparseExtendPlan, SparseRows, select
+from sparsex_sgl.core.sparse_extend import ExtendRequest, ShardReduce, SparseExtendPlan, SparseRows, select
 from sparsex_sgl.sglang import compat
 from sparsex_sgl.sglang.attention import SparseLayers
 from sparsex_sgl.sglang.runtime import SchedulerRuntime
@@ -47,8 +51,10 @@ class SparseXForward:
     """Replaces ``decoder.forward`` on one model instance."""
 
     def __init__(self, decoder: torch.nn.Module, model_runner: ModelRunner, runtime: SchedulerRuntime,
-                 heads: tuple[int, int]) -> None:
+                 heads: tuple[int, int], shards: ShardReduce | None) -> None:
         self.decoder = decoder
+        self.shards = shards
+        """The tensor-parallel group's signal reduce (None with one rank): every rank selects the same rows."""
         self.original: Callable[..., Any] = decoder.forward
         self.runtime = runtime
         _, self.pool, self.req_to_token, _ = compat.runner_parts(model_runner)
@@ -61,23 +67,38 @@ class SparseXForward:
             return self.original(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors, **kwargs)
         outcomes: list[tuple[int, RequestOutcome]] = []
         try:
-            layout = compat.extend_layout(forward_batch)
-            plan = None if layout is None else self._plan(forward_batch, layout, outcomes)
-            if plan is None:
-                return self.original(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors)
-            out = self._sparse_forward(input_ids, positions, forward_batch, plan, outcomes)
+            out = self._sparse_forward(input_ids, positions, forward_batch, outcomes)
         except Exception as exc:
             logger.exception("SparseX sparse forward failed; recomputing the batch with full prefill")
-            compat.set_sparse_step(forward_batch, None)  # the re-run's layers are all SGLang's own
-            compat.residual_stream().clear(forward_batch)
-            for _, outcome in outcomes:
-                self.runtime.fallback("sparse_forward_error", repr(exc))
-                outcome.mark_exact("sparse_forward_error")
+            self._fall_back(forward_batch, outcomes, Verdict("sparse_forward_error"), repr(exc))
             return self.original(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors)
         finally:
             compat.set_sparse_step(forward_batch, None)
+        if out is None:
+            return self.original(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors)
         self.runtime.counters.sparse_batches += 1
         return out
+
+    def _fall_back(self, fb: ForwardBatch, outcomes: list[tuple[int, RequestOutcome]], verdict: Verdict,
+                   detail: str) -> None:
+        """The batch re-runs SGLang's own forward, which rewrites every extend row's K/V (exact)."""
+        compat.set_sparse_step(fb, None)  # the re-run's layers are all SGLang's own
+        compat.residual_stream().clear(fb)
+        for _, outcome in outcomes:
+            self.runtime.fallback(verdict.reason, detail)
+            outcome.mark_exact(verdict.reason)
+
+    def _agree(self, fb: ForwardBatch, outcomes: list[tuple[int, RequestOutcome]], guard: RankGuard, kind: str,
+               value: object = None) -> bool:
+        """One vote of the batch's ranks (always agreed with one rank: a failure there has raised); on a
+        failure or a disagreement every rank falls back, counting the same reason."""
+        verdict = guard.vote(kind, value)
+        if verdict.agreed:
+            return True
+        detail = repr(guard.error) if guard.error is not None else (
+            f"reported by tensor-parallel rank {verdict.rank}" if verdict.rank >= 0 else f"the ranks' {kind} differ")
+        self._fall_back(fb, outcomes, verdict, detail)
+        return False
 
     def _plan(self, fb: ForwardBatch, layout: tuple[list[int], list[int], list[int]],
               outcomes: list[tuple[int, RequestOutcome]]) -> SparseExtendPlan | None:
@@ -108,10 +129,22 @@ class SparseXForward:
         rope = self.runtime.rope
         assert rope is not None, "the hook is installed only for a model with a supported rope"
         return SparseExtendPlan.build(requests, self.runtime.config.selection, rope, self.req_to_token, *self.heads,
-                                      self.runtime.ops)
+                                      self.runtime.ops, self.shards)
 
     def _sparse_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
-                        plan: SparseExtendPlan, outcomes: list[tuple[int, RequestOutcome]]) -> torch.Tensor:
+                        outcomes: list[tuple[int, RequestOutcome]]) -> torch.Tensor | None:
+        """The batch's sparse forward, or None for SGLang's own (no request reuses a segment, or the ranks
+        agreed to fall back: counted). With tensor parallelism the ranks vote three times, at the same points
+        on every rank: on the plan, before the first layer; on the rows, before the sparse layers; on the
+        whole, before the result is used. Between votes a rank whose SparseX code failed keeps joining the
+        collectives with placeholders (``RankGuard``), so no rank waits for another."""
+        layout = compat.extend_layout(fb)
+        if layout is None or not any(state is not None and state.reuses for state in compat.batch_states(fb)):
+            return None
+        guard = RankGuard(self.runtime.gather)
+        plan = guard.attempt(lambda: self._plan(fb, layout, outcomes), None)
+        if not self._agree(fb, outcomes, guard, "plan", plan is not None) or plan is None:
+            return None
         embed, layers, start, end, norm = compat.decoder_parts(self.decoder)
         residual = compat.residual_stream()
         threshold = max(self.runtime.threshold, start)
@@ -126,48 +159,73 @@ class SparseXForward:
         finally:
             for tap in taps:
                 tap.remove()
-        rows = select(plan, *self._signals(plan, queries, threshold))
+        signals = self._signals(plan, queries, threshold, guard)
+        chosen = guard.attempt(lambda: self._choose_rows(plan, signals, threshold, end, outcomes), None)
+        if not self._agree(fb, outcomes, guard, "rows", None if chosen is None else int(chosen.index.shape[0])):
+            return None
+        assert chosen is not None
+        hidden = self._cut_to_rows(chosen, fb, hidden, threshold > start)
+        compat.set_sparse_step(fb, SparseLayers(plan, chosen, guard))
+        row_positions = chosen.layout.positions.to(positions.dtype)
+        for i in range(threshold, end):
+            hidden = layers[i](row_positions, hidden, fb, capture_output=None)
+        hidden = residual.final_norm(hidden, fb, norm)
+        full = hidden.new_zeros(input_ids.shape[0], hidden.shape[-1])
+        full[chosen.index] = hidden
+        return full if self._agree(fb, outcomes, guard, "layers") else None
+
+    def _choose_rows(self, plan: SparseExtendPlan, signals: tuple[torch.Tensor | None, torch.Tensor | None],
+                     threshold: int, end: int, outcomes: list[tuple[int, RequestOutcome]]) -> SparseRows:
+        """Select the rows, record them, and write the reused KV of the sparse layers (this rank's alone)."""
+        rows = select(plan, *signals)
         _record(plan, rows, outcomes)
         plan.fill_reused((*compat.layer_buffers(self.pool, j), *compat.layer_buffers(self.pool, j))
                          for j in range(threshold, end))
-        if threshold > start:
+        return rows
+
+    @staticmethod
+    def _cut_to_rows(rows: SparseRows, fb: ForwardBatch, hidden: torch.Tensor, after_full_layers: bool) -> torch.Tensor:
+        """The residual stream cut down to the selected rows. SGLang's layer boundary may still owe the last
+        full layer's reduction (its collectives run here), so every rank comes here after the rows vote."""
+        residual = compat.residual_stream()
+        if after_full_layers:
             hidden = residual.complete_output(hidden, fb)
             handoff = residual.export_replay_handoff(hidden, fb)
             handoff = handoff._replace(
                 value=handoff.value.index_select(0, rows.index),
                 residual=None if handoff.residual is None else handoff.residual.index_select(0, rows.index),
             )
-            hidden = residual.import_replay_handoff(handoff, fb)
-        else:
-            hidden = hidden.index_select(0, rows.index)
-            residual.start(fb)
-        compat.set_sparse_step(fb, SparseLayers(plan, rows))
-        row_positions = rows.layout.positions.to(positions.dtype)
-        for i in range(threshold, end):
-            hidden = layers[i](row_positions, hidden, fb, capture_output=None)
-        hidden = residual.final_norm(hidden, fb, norm)
-        full = hidden.new_zeros(input_ids.shape[0], hidden.shape[-1])
-        full[rows.index] = hidden
-        return full
+            return residual.import_replay_handoff(handoff, fb)
+        residual.start(fb)
+        return hidden.index_select(0, rows.index)
 
-    def _signals(self, plan: SparseExtendPlan, queries: dict[int, torch.Tensor],
-                 threshold: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _signals(self, plan: SparseExtendPlan, queries: dict[int, torch.Tensor], threshold: int,
+                 guard: RankGuard) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """What the policy reads, from the full layers just run: the last one's value deviation (fresh V of
         every extend row in the requests' slots against the reused tokens' cached V, one buffer) and the
-        new rows' attention mass summed over the layers the config names, in layer order."""
+        new rows' attention mass summed over the layers the config names, in layer order. A sharded plan
+        reduces each across the ranks; a rank that cannot compute its part reduces an absent one."""
         deviation = mass = None
         if plan.policy.reads_deviation and threshold > 0:
             _, values = compat.layer_buffers(self.pool, threshold - 1)
-            deviation = plan.deviation(values, values)
+            deviation = guard.attempt(lambda: plan.deviation(values, values), None)
+            if deviation is None:
+                deviation = plan.absent("deviation")
         new_index = plan.new_index.long()
         for j in plan.config.mass_layers_of(threshold):
-            layer = compat.radix_attention(self.decoder, j)
-            _, q_heads, _, head_dim, _, scale = compat.attention_shape(layer)
-            keys, values = compat.layer_buffers(self.pool, j)
-            q_new = queries[j].view(-1, q_heads, head_dim)[new_index]
-            layer_mass = plan.mass(q_new, keys, values, scale)
+            layer_mass = guard.attempt(lambda j=j: self._layer_mass(plan, queries, new_index, j), None)  # type: ignore[misc]
+            if layer_mass is None:
+                layer_mass = plan.absent("mass")
             mass = layer_mass if mass is None else mass + layer_mass
         return deviation, mass
+
+    def _layer_mass(self, plan: SparseExtendPlan, queries: dict[int, torch.Tensor], new_index: torch.Tensor,
+                    j: int) -> torch.Tensor:
+        layer = compat.radix_attention(self.decoder, j)
+        _, q_heads, _, head_dim, _, scale = compat.attention_shape(layer)
+        keys, values = compat.layer_buffers(self.pool, j)
+        q_new = queries[j].view(-1, q_heads, head_dim)[new_index]
+        return plan.mass(q_new, keys, values, scale)
 
 
 def _record(plan: SparseExtendPlan, rows: SparseRows, outcomes: list[tuple[int, RequestOutcome]]) -> None:
@@ -182,7 +240,8 @@ def _record(plan: SparseExtendPlan, rows: SparseRows, outcomes: list[tuple[int, 
         outcome.pending_exact_len = rows.exact_len[i]
 
 
-def install(model: torch.nn.Module, model_runner: ModelRunner, runtime: SchedulerRuntime) -> str:
+def install(model: torch.nn.Module, model_runner: ModelRunner, runtime: SchedulerRuntime,
+            shards: ShardReduce | None = None) -> str:
     """Hook the decoder stack of ``model`` (a ``*ForCausalLM``); returns why not, or "" on success."""
     decoder = compat.decoder_of(model)
     name = type(decoder).__name__
@@ -193,5 +252,5 @@ def install(model: torch.nn.Module, model_runner: ModelRunner, runtime: Schedule
         return limits
     _, _, start, _, _ = compat.decoder_parts(decoder)
     _, q_heads, kv_heads, _, _, _ = compat.attention_shape(compat.radix_attention(decoder, start))
-    compat.replace_forward(decoder, SparseXForward(decoder, model_runner, runtime, (q_heads, kv_heads)))
+    compat.replace_forward(decoder, SparseXForward(decoder, model_runner, runtime, (q_heads, kv_heads), shards))
     return ""

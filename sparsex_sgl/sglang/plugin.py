@@ -300,11 +300,18 @@ def _add_details(result: Any, streamer: Any, req: Req) -> Any:
 
 
 def _add_internal_state(result: Any, controller: Any, *args: Any, **kwargs: Any) -> Any:
+    """``/sparsex/stats``: this scheduler's statistics; with tensor parallelism, rank 0's, and every rank's
+    under ``ranks`` (each rank answers the same request, which SGLang broadcasts to all; rank 0's reply is
+    the one served)."""
     from sparsex_sgl.sglang.cache import SegmentGraphCache
 
     tree_cache = compat.internal_state_tree_cache(controller)
     if isinstance(tree_cache, SegmentGraphCache):
-        compat.set_internal_state(result, STATE_SECTION, tree_cache.stats())
+        stats = tree_cache.stats()
+        gather = tree_cache.runtime.gather
+        if gather is not None:
+            stats["ranks"] = gather(tree_cache.stats())
+        compat.set_internal_state(result, STATE_SECTION, stats)
     return result
 
 

@@ -12,6 +12,7 @@ import logging
 import threading
 from dataclasses import asdict
 
+from sparsex_sgl.core.agreement import Gather
 from sparsex_sgl.core.config import ServerConfig
 from sparsex_sgl.core.ops import OpSet
 from sparsex_sgl.core.request import Counters, RequestOutcome, RequestState, should_defer
@@ -24,8 +25,11 @@ class SchedulerRuntime:
     """The shared SparseX state of one scheduler."""
 
     def __init__(self, config: ServerConfig, rope: RopeConfig | None, num_layers: int, ops: OpSet,
-                 max_extend_tokens: int | None = None) -> None:
+                 max_extend_tokens: int | None = None, gather: Gather | None = None, tp_rank: int = 0) -> None:
         self.config = config
+        self.gather = gather
+        """The tensor-parallel group's vote (``core.agreement``); None with one rank."""
+        self.tp_rank = tp_rank
         self.rope = rope
         self.num_layers = num_layers
         self.ops = ops
@@ -131,4 +135,5 @@ class SchedulerRuntime:
         out["config"] = self.config.flat()
         out["tracked_requests"] = self.tracked_requests()
         out["disabled_reason"] = self.disabled_reason
+        out["tp_rank"] = self.tp_rank
         return out

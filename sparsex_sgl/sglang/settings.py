@@ -108,6 +108,15 @@ def _resolve_config(options: dict[str, Any]) -> ServerConfig:
     return ServerConfig.from_mapping(values)
 
 
+REFUSED_PARALLELISM = {
+    "pp_size": "pipeline parallelism (the sparse layers run the whole layer stack)",
+    "enable_dp_attention": "DP attention (a request's attention is not on every rank)",
+    "attn_cp_size": "context parallelism", "dcp_size": "context parallelism",
+    "ep_size": "expert parallelism (no MoE model is supported)",
+}
+"""Launch settings other than tensor parallelism that split a model across ranks: refused in one line."""
+
+
 def implied_server_args(values: dict[str, Any], config: ServerConfig) -> tuple[dict[str, Any], ServerConfig]:
     """Server-arg settings implied by --enable-sparsex, and the config with the prefill backend it wraps (an
     explicit ``--prefill-attention-backend``); a conflicting explicit choice is an error."""
@@ -119,6 +128,10 @@ def implied_server_args(values: dict[str, Any], config: ServerConfig) -> tuple[d
         raise ValueError("--enable-sparsex keeps segments in its own tiers, whose keys find a segment at any "
                          "position (HiCache's prefix-chained keys cannot): drop --enable-hierarchical-cache and use "
                          "--sparsex-host-tier-gb and --sparsex-storage-backend")
+    for key, what in REFUSED_PARALLELISM.items():
+        value = values.get(key)
+        if value is True or (type(value) is int and value > 1):
+            raise ValueError(f"--enable-sparsex does not support {what}; got --{key.replace('_', '-')} {values[key]}")
     if values.get("attention_backend") == NAME:
         raise ValueError(f"--attention-backend {NAME} is set by --enable-sparsex for prefill only; drop it")
     chosen = values.get("prefill_attention_backend")

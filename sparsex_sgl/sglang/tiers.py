@@ -17,14 +17,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from sparsex_sgl.core.graph import EvictedSegment, InsertResult, NodeId, SegmentGraph
-from sparsex_sgl.core.segments import Piece
+from sparsex_sgl.core.segments import Piece, SegmentHash
 from sparsex_sgl.core.tiers import HostTier, KVLayout, SegmentKV, SegmentStore, TierCounters
 from sparsex_sgl.sglang import compat
 
@@ -88,18 +88,33 @@ class PoolTiers:
             if adopted and node_id is not None and piece.reusable and graph.is_exact(node_id):
                 self.store.save(self._snapshot(piece.key, piece.token_ids, piece.start, graph.node_slots(node_id)))
 
-    def load(self, graph: SegmentGraph, pieces: Sequence[Piece]) -> int:
+    def load(self, graph: SegmentGraph, pieces: Sequence[Piece],
+             agree: Callable[[Sequence[tuple[SegmentHash, bool]]], set[Any]]) -> int:
         """Bring the request's marked segments that the pool lacks back from the host tier or the store, as
         detached nodes, and return their tokens; a segment the pool has no room for stays where it was.
-        Loaded nodes are locked until every load is done (a later one must not evict an earlier one); the
-        caller's lookup follows at once."""
+
+        Each is read first; ``agree`` then says which every tensor-parallel rank found (with one rank: those
+        it found), and only those enter the pool, so every rank's graph adopts the same nodes (a read that
+        failed on another rank is counted here as ``other_rank``). Loaded nodes are locked until every load
+        is done (a later one must not evict an earlier one); the caller's lookup follows at once."""
+        fetched: dict[SegmentHash, tuple[Piece, SegmentKV | None, bool, float]] = {}
+        for piece in pieces:
+            if piece.reusable and piece.key not in fetched and not graph.has_source(piece.key):
+                started = time.perf_counter()
+                segment, from_host = self._fetch(piece)
+                fetched[piece.key] = (piece, segment, from_host, time.perf_counter() - started)
+        agreed = agree([(key, segment is not None) for key, (_, segment, _, _) in fetched.items()])
         loaded: list[NodeId] = []
         tokens = 0
         try:
-            for piece in pieces:
-                if not piece.reusable or graph.has_source(piece.key):
+            for key, (piece, segment, from_host, seconds) in fetched.items():
+                if segment is None:
                     continue
-                node_id = self._load_one(graph, piece)
+                if key not in agreed:
+                    self._put_back(segment, from_host)
+                    self.counters.store_faults["other_rank"] += 1
+                    continue
+                node_id = self._adopt(graph, piece, segment, from_host, seconds)
                 if node_id is None:
                     continue
                 graph.lock([node_id])
@@ -109,16 +124,24 @@ class PoolTiers:
             graph.unlock(loaded)
         return tokens
 
-    def _load_one(self, graph: SegmentGraph, piece: Piece) -> NodeId | None:
-        started = time.perf_counter()
-        segment, from_host = None, False
+    def _fetch(self, piece: Piece) -> tuple[SegmentKV | None, bool]:
+        """The segment from the host tier (taken out of it), else from the store; and whether from the host."""
         if self.host is not None:
             segment = self.host.take(piece.key, piece.token_ids)
-            from_host = segment is not None
-        if segment is None and self.store is not None:
-            segment = self.store.load(piece.key, piece.token_ids)
-        if segment is None:
-            return None
+            if segment is not None:
+                return segment, True
+        if self.store is not None:
+            return self.store.load(piece.key, piece.token_ids), False
+        return None, False
+
+    def _put_back(self, segment: SegmentKV, from_host: bool) -> None:
+        """A segment read but not adopted: one from the host tier goes back there (the store keeps its own)."""
+        if from_host and self.host is not None:
+            self.host.put(segment)
+
+    def _adopt(self, graph: SegmentGraph, piece: Piece, segment: SegmentKV, from_host: bool,
+               seconds: float) -> NodeId | None:
+        started = time.perf_counter()
         slots = graph.alloc(piece.length)
         node_id = None
         if slots is not None:
@@ -126,9 +149,8 @@ class PoolTiers:
             node_id = graph.insert_detached(piece, slots, segment.source_start)
             if node_id is None:
                 graph.free_slots(slots)
-        if node_id is None:
-            if from_host and self.host is not None:  # no room in the pool: it stays in the host tier
-                self.host.put(segment)
+        if node_id is None:  # no room in the pool
+            self._put_back(segment, from_host)
             return None
         c = self.counters
         if from_host:
@@ -138,7 +160,7 @@ class PoolTiers:
             c.store_hits += 1
             c.store_hit_tokens += piece.length
         c.loaded_bytes += segment.nbytes
-        c.load_seconds += time.perf_counter() - started
+        c.load_seconds += seconds + time.perf_counter() - started
         return node_id
 
     def clear(self) -> None:
