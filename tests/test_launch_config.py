@@ -48,3 +48,15 @@ def test_engine_keywords_are_validated_the_same_way() -> None:
     with pytest.raises(ValueError, match="full_layers: Input should be a valid integer"):
         resolve_config({"sparsex_full_layers": "two"})
     assert resolve_config({"sparsex_full_layers": 4, "sparsex_selection": "query_mass"}).selection.full_layers == 4
+
+
+def test_parallelism_other_than_tensor_parallelism_is_named_for_refusal() -> None:
+    """The one check both the launch (``--enable-sparsex``) and the cache factory (``--radix-cache-backend sparsex``
+    alone) apply: TP and the defaults pass; each other way of splitting a model is named with its flag."""
+    from sparsex_sgl.sglang.settings import refused_parallelism
+
+    assert refused_parallelism({"tp_size": 4, "pp_size": 1, "enable_dp_attention": False, "ep_size": 1}) == ""
+    assert refused_parallelism({"pp_size": 2}).endswith("got --pp-size 2")
+    assert refused_parallelism({"enable_dp_attention": True}).startswith("DP attention")
+    assert refused_parallelism({"attn_cp_size": 2}).startswith("context parallelism")
+    assert refused_parallelism({"ep_size": 8}).startswith("expert parallelism")

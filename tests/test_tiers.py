@@ -86,6 +86,41 @@ def test_host_tier_keeps_the_most_recent_segments_within_its_size_and_gives_each
     assert len(tier) == 1 and counters.host_evictions == 1
 
 
+def test_segments_read_from_the_host_tier_go_back_to_it_unless_every_rank_read_them() -> None:
+    """``PoolTiers.load`` over SGLang's real pool and allocator: a segment another rank did not read stays in the
+    host tier (counted ``other_rank``), one every rank read enters the pool, and when the vote itself fails
+    (it raises) every segment read goes back: nothing is lost from the host tier."""
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from sparsex_sgl.core.graph import SegmentGraph
+    from sparsex_sgl.sglang.cache import _PoolAllocator
+    from sparsex_sgl.sglang.tiers import PoolTiers
+
+    pool = MHATokenToKVPool(64, 1, torch.float32, 2, 4, 3, "cpu", False)
+    graph = SegmentGraph(_PoolAllocator(TokenToKVPoolAllocator(64, torch.float32, "cpu", pool, False),
+                                        torch.device("cpu")), max_tokens=64)
+    counters = TierCounters()
+    host = HostTier(1 << 20, counters)
+    tiers = PoolTiers(pool, LAYOUT, torch.device("cpu"), host, None, counters)
+    a, b = segment((1, 2, 3, 4), seed=1), segment((5, 6, 7, 8), seed=2)
+    pieces = [make_piece(s.token_ids, 0, 4, namespace_key(""), reusable=True) for s in (a, b)]
+    host.put(a)
+    host.put(b)
+
+    def refuse(found: Any) -> set[Any]:
+        raise RuntimeError("the vote failed")
+
+    with pytest.raises(RuntimeError):
+        tiers.load(graph, pieces, refuse)
+    assert a.key in host and b.key in host and len(graph) == 0
+    assert tiers.load(graph, pieces, lambda found: {a.key}) == 4  # the other rank did not read b
+    assert a.key not in host and b.key in host and counters.store_faults["other_rank"] == 1
+    assert graph.has_source(a.key) and not graph.has_source(b.key)
+    k, _ = compat.layer_buffers(pool, 1)
+    assert all(any(torch.equal(k[slot], a.k[1][j]) for slot in range(64)) for j in range(4))  # copied in
+
+
 def file_store(path: Path, counters: TierCounters, **kwargs: Any) -> SegmentStore:
     backend = compat.storage_backend("file", {"file_storage_path": str(path)}, "tiny", 0, 1)
     return SegmentStore(backend, LAYOUT, counters, **kwargs)

@@ -97,6 +97,8 @@ class _MatchVotes:
         return available_everywhere(self.gather, found)
 
     def close(self, match: Match | None, failure: str) -> Verdict:
+        if self.gather is None:
+            return Verdict(failure)
         if self.with_loads and not self.loads_cast:
             self.available([])
         lookup = None if match is None else match.lookup

@@ -750,8 +750,8 @@ def residual_stream() -> Any:
 # ---------------------------------------------------------------------- building the cache
 @_pin("sglang.srt.mem_cache.registry.TreeCacheBuildContext", "sglang.srt.mem_cache.cache_init_params.CacheInitParams")
 def refused_features(ctx: TreeCacheBuildContext) -> list[str]:
-    """The features of this server the ``sparsex`` cache does not support (parallelism other than TP is refused
-    before the launch, ``settings.implied_server_args``)."""
+    """The features of this server the ``sparsex`` cache does not support (parallelism other than TP:
+    ``settings.refused_parallelism``)."""
     refused = [
         (ctx.enable_hierarchical_cache,
          ("hierarchical cache (--enable-hierarchical-cache: SparseX keeps segments in its own tiers, "

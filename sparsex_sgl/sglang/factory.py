@@ -25,7 +25,7 @@ from sparsex_sgl.sglang import compat, model_hook
 from sparsex_sgl.sglang.cache import SegmentGraphCache
 from sparsex_sgl.sglang.metrics import PrometheusExport
 from sparsex_sgl.sglang.runtime import SchedulerRuntime
-from sparsex_sgl.sglang.settings import config_of
+from sparsex_sgl.sglang.settings import REFUSED_PARALLELISM, config_of, refused_parallelism
 from sparsex_sgl.sglang.tiers import PoolTiers
 
 if TYPE_CHECKING:
@@ -40,10 +40,11 @@ CHUNKS_PER_REUSE_STEP = 4
 
 def build(ctx: TreeCacheBuildContext) -> SegmentGraphCache:
     """The radix-cache factory registered as ``sparsex``."""
-    refused = compat.refused_features(ctx)
-    if refused:
-        raise ValueError(f"--radix-cache-backend sparsex does not support {refused[0]}")
     server_args, model_runner, hf_config, num_layers, params = compat.build_parts(ctx)
+    refused = compat.refused_features(ctx)
+    parallel = refused_parallelism({key: getattr(server_args, key, None) for key in REFUSED_PARALLELISM})
+    if refused or parallel:  # --radix-cache-backend sparsex without --enable-sparsex reaches here unchecked
+        raise ValueError(f"--radix-cache-backend sparsex does not support {refused[0] if refused else parallel}")
     config = config_of(server_args)
     model, pool, _, device = compat.runner_parts(model_runner)
     chunk, metrics_on, model_name = compat.server_facts(server_args)

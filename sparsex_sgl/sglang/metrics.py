@@ -9,8 +9,8 @@ have finished ``/metrics`` and ``/sparsex/stats`` agree.
 
 With tensor parallelism every rank counts every request (they take the same decisions), so request, token
 and graph figures come from rank 0 alone, while what each rank does on its own share of the heads (bytes
-and seconds moved between the tiers, store reads and writes and their faults) is exported by every rank and
-summed by the multiprocess merge. ``/sparsex/stats`` lists each rank's own counters.
+and seconds moved between the tiers, store misses, writes and faults) is exported by every rank and summed by
+the multiprocess merge; tier hits, equal on every rank, come from rank 0. ``/sparsex/stats`` lists each rank's own counters.
 """
 
 from __future__ import annotations

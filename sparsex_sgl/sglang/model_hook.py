@@ -20,7 +20,8 @@ A failure anywhere falls back to the original forward for the whole batch, which
 row's K/V and is therefore exact. With tensor parallelism every rank falls back together: the ranks reduce
 their signals before ``select`` and vote on the plan, the rows and the result (``core.agreement``), and a rank
 whose SparseX code failed keeps joining the collectives until the next vote. SGLang's own layer code is not
-guarded: a failure there on one rank alone stops the ranks as it would stop stock SGLang.
+guarded: with tensor parallelism a failure there is raised, as on stock SGLang (falling back alone would hang
+the other ranks).
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class SparseXForward:
         try:
             out = self._sparse_forward(input_ids, positions, forward_batch, outcomes)
         except Exception as exc:
+            if self.runtime.gather is not None:
+                # Outside the guarded steps (SGLang's own layer code): falling back alone would run other
+                # collectives than the other ranks and hang them; stop as stock SGLang would.
+                raise
             logger.exception("SparseX sparse forward failed; recomputing the batch with full prefill")
             self._fall_back(forward_batch, outcomes, Verdict("sparse_forward_error"), repr(exc))
             return self.original(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors)
@@ -95,6 +100,8 @@ class SparseXForward:
         verdict = guard.vote(kind, value)
         if verdict.agreed:
             return True
+        if guard.error is not None:
+            self.runtime.log_once("sparse forward", guard.error)
         detail = repr(guard.error) if guard.error is not None else (
             f"reported by tensor-parallel rank {verdict.rank}" if verdict.rank >= 0 else f"the ranks' {kind} differ")
         self._fall_back(fb, outcomes, verdict, detail)
@@ -143,6 +150,9 @@ class SparseXForward:
             return None
         guard = RankGuard(self.runtime.gather)
         plan = guard.attempt(lambda: self._plan(fb, layout, outcomes), None)
+        if guard.failure:  # the plan failed midway: every request that would reuse falls back, counted once
+            outcomes[:] = [(i, s.outcome) for i, s in enumerate(compat.batch_states(fb))
+                           if s is not None and s.reuses and s.outcome is not None]
         if not self._agree(fb, outcomes, guard, "plan", plan is not None) or plan is None:
             return None
         embed, layers, start, end, norm = compat.decoder_parts(self.decoder)
@@ -170,8 +180,7 @@ class SparseXForward:
         for i in range(threshold, end):
             hidden = layers[i](row_positions, hidden, fb, capture_output=None)
         hidden = residual.final_norm(hidden, fb, norm)
-        full = hidden.new_zeros(input_ids.shape[0], hidden.shape[-1])
-        full[chosen.index] = hidden
+        full = guard.attempt(lambda: _scatter(hidden, chosen, input_ids.shape[0]), None)
         return full if self._agree(fb, outcomes, guard, "layers") else None
 
     def _choose_rows(self, plan: SparseExtendPlan, signals: tuple[torch.Tensor | None, torch.Tensor | None],
@@ -226,6 +235,14 @@ class SparseXForward:
         keys, values = compat.layer_buffers(self.pool, j)
         q_new = queries[j].view(-1, q_heads, head_dim)[new_index]
         return plan.mass(q_new, keys, values, scale)
+
+
+def _scatter(hidden: torch.Tensor, rows: SparseRows, n_rows: int) -> torch.Tensor:
+    """The selected rows' final hidden states in SGLang's full row layout (the others stay zero: the logits
+    processor reads each request's last row, always selected)."""
+    full = hidden.new_zeros(n_rows, hidden.shape[-1])
+    full[rows.index] = hidden
+    return full
 
 
 def _record(plan: SparseExtendPlan, rows: SparseRows, outcomes: list[tuple[int, RequestOutcome]]) -> None:

@@ -253,7 +253,9 @@ def _admit(original: Callable[..., Any], adder: PrefillAdder, req: Req, *args: A
         reuses = request.reuses
         lookup = request.matched.lookup if request.matched is not None else None
         whole = reuses and budget is not None and lookup is not None and lookup.n_tokens - lookup.prefix_len > budget
-    except Exception as exc:  # noqa: BLE001 - a SparseX bug: admit it as stock SGLang would, without reuse
+    except Exception as exc:  # a SparseX bug: admit it as stock SGLang would, without reuse (one rank)
+        if runtime.gather is not None:
+            raise  # a drop on one rank alone would make the ranks' batches differ: stop as stock SGLang would
         runtime.internal_error("admission", exc)
         tree_cache.drop(req)
         return original(adder, req, *args, **kwargs)

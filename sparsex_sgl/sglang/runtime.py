@@ -90,6 +90,15 @@ class SchedulerRuntime:
             logger.error("SparseX internal error in %s; the request falls back to stock prefill and the server "
                          "keeps serving (further cases are only counted)", where, exc_info=exc)
 
+    def log_once(self, where: str, exc: BaseException) -> None:
+        """The traceback of the first failure met at ``where`` (a tensor-parallel rank's failure is kept
+        until its batch's next vote, then counted as that vote's fallback)."""
+        with self._lock:
+            first = where not in self._logged
+            self._logged.add(where)
+        if first:
+            logger.error("SparseX failure in the %s (further cases are only counted)", where, exc_info=exc)
+
     def uncached_collision(self) -> None:
         """A checkpoint stopped at a piece whose hash names other cached tokens (counted; logged once)."""
         with self._lock:

@@ -117,6 +117,15 @@ REFUSED_PARALLELISM = {
 """Launch settings other than tensor parallelism that split a model across ranks: refused in one line."""
 
 
+def refused_parallelism(values: dict[str, Any]) -> str:
+    """What of ``REFUSED_PARALLELISM`` the launch settings ask for, with the flag given ("" if none)."""
+    for key, what in REFUSED_PARALLELISM.items():
+        value = values.get(key)
+        if value is True or (type(value) is int and value > 1):
+            return f"{what}; got --{key.replace('_', '-')} {value}"
+    return ""
+
+
 def implied_server_args(values: dict[str, Any], config: ServerConfig) -> tuple[dict[str, Any], ServerConfig]:
     """Server-arg settings implied by --enable-sparsex, and the config with the prefill backend it wraps (an
     explicit ``--prefill-attention-backend``); a conflicting explicit choice is an error."""
@@ -128,10 +137,9 @@ def implied_server_args(values: dict[str, Any], config: ServerConfig) -> tuple[d
         raise ValueError("--enable-sparsex keeps segments in its own tiers, whose keys find a segment at any "
                          "position (HiCache's prefix-chained keys cannot): drop --enable-hierarchical-cache and use "
                          "--sparsex-host-tier-gb and --sparsex-storage-backend")
-    for key, what in REFUSED_PARALLELISM.items():
-        value = values.get(key)
-        if value is True or (type(value) is int and value > 1):
-            raise ValueError(f"--enable-sparsex does not support {what}; got --{key.replace('_', '-')} {values[key]}")
+    refused = refused_parallelism(values)
+    if refused:
+        raise ValueError(f"--enable-sparsex does not support {refused}")
     if values.get("attention_backend") == NAME:
         raise ValueError(f"--attention-backend {NAME} is set by --enable-sparsex for prefill only; drop it")
     chosen = values.get("prefill_attention_backend")

@@ -103,11 +103,12 @@ class PoolTiers:
                 started = time.perf_counter()
                 segment, from_host = self._fetch(piece)
                 fetched[piece.key] = (piece, segment, from_host, time.perf_counter() - started)
-        agreed = agree([(key, segment is not None) for key, (_, segment, _, _) in fetched.items()])
         loaded: list[NodeId] = []
         tokens = 0
         try:
-            for key, (piece, segment, from_host, seconds) in fetched.items():
+            agreed = agree([(key, segment is not None) for key, (_, segment, _, _) in fetched.items()])
+            for key in list(fetched):
+                piece, segment, from_host, seconds = fetched.pop(key)
                 if segment is None:
                     continue
                 if key not in agreed:
@@ -122,6 +123,9 @@ class PoolTiers:
                 tokens += piece.length
         finally:
             graph.unlock(loaded)
+            for _, segment, from_host, _ in fetched.values():  # an error stopped the loop: none is lost
+                if segment is not None:
+                    self._put_back(segment, from_host)
         return tokens
 
     def _fetch(self, piece: Piece) -> tuple[SegmentKV | None, bool]:
