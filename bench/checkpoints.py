@@ -35,6 +35,7 @@ from typing import Any
 from sparsex_sgl.assets import hotpotqa_path, resolve_model, sharegpt_path
 from sparsex_sgl.core.checkpoints import BIN, DepthHistogram, place
 from sparsex_sgl.eval.hotpotqa import load_examples
+from sparsex_sgl.harness.report import save_bench
 from sparsex_sgl.harness.workloads import sharegpt_conversations
 
 MOD = (1 << 61) - 1
@@ -286,11 +287,8 @@ def main() -> None:
     args = ap.parse_args()
     report = run(args)
     report["meta"] = {"args": vars(args) | {"out": str(args.out)}, "bin": BIN, "chunk": CHUNK}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=1))
-    (args.out / "table.md").write_text(table(report) + "\n")
+    save_bench(args.out, report, table(report))
     plot(report, args.out / "pareto.png")
-    print(table(report))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from sparsex_sgl.assets import hotpotqa_path, resolve_model
 from sparsex_sgl.eval.hotpotqa import load_examples
 from sparsex_sgl.harness.driver import PreparedRequest, RequestResult, run_load
 from sparsex_sgl.harness.render import render
+from sparsex_sgl.harness.report import save_bench
 from sparsex_sgl.harness.workloads import corpus_rag
 from sparsex_sgl.testing import Server, idle_stats, launch, wait_ready
 
@@ -215,11 +216,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=1))
-    (args.out / "table.md").write_text(table(report) + "\n")
+    save_bench(args.out, report, table(report))
     plot(report, args.out / "tiers.png")
-    print(table(report))
 
 
 if __name__ == "__main__":

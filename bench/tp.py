@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ from sparsex_sgl.assets import hotpotqa_path, resolve_model
 from sparsex_sgl.eval.hotpotqa import load_examples
 from sparsex_sgl.harness.driver import PreparedRequest, RequestResult, run_load
 from sparsex_sgl.harness.render import render
+from sparsex_sgl.harness.report import save_bench
 from sparsex_sgl.harness.workloads import rag
 from sparsex_sgl.testing import Server, idle_stats, launch, wait_ready
 
@@ -134,10 +134,7 @@ def main() -> None:
             work.mkdir()
             phases[phase] = run_phase(args, requests, work, tp)
     report = summarize(args, requests, phases)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=1))
-    (args.out / "table.md").write_text(table(report) + "\n")
-    print(table(report))
+    save_bench(args.out, report, table(report))
 
 
 if __name__ == "__main__":

@@ -262,7 +262,12 @@ class SparseExtendPlan:
                                  self.config.mass_heads)
         if self.shards is None:
             return mass
-        return self.shards(mass, "max" if self.config.mass_heads == "max" else "sum")
+        return self.shards(mass, self._mass_reduce)
+
+    @property
+    def _mass_reduce(self) -> Literal["sum", "max"]:
+        """How the ranks combine their heads' mass: as the config combines heads within one rank."""
+        return "max" if self.config.mass_heads == "max" else "sum"
 
     def absent(self, signal: Literal["deviation", "mass"]) -> torch.Tensor:
         """A sharded plan's signal with nothing from this rank (its own part could not be computed): the
@@ -272,7 +277,7 @@ class SparseExtendPlan:
         zeros = torch.zeros(self.reused.src_slots.numel(), dtype=torch.float32, device=self.req_to_token.device)
         if signal == "deviation":
             return self.shards(zeros, "sum").sqrt()
-        return self.shards(zeros, "max" if self.config.mass_heads == "max" else "sum")
+        return self.shards(zeros, self._mass_reduce)
 
     # ------------------------------------------------------------------ sparse layers
     def fill_reused(self, layers: Iterable[LayerBuffers]) -> None:

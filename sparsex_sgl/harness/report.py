@@ -204,6 +204,15 @@ def run_summary(results: dict[str, Any], folder: Path) -> str:
     return "\n".join(lines)
 
 
+def save_bench(out: Path, report: dict[str, Any], table: str) -> None:
+    """A bench script's results in ``out`` (created): ``report.json`` (every figure) and ``table.md``, which
+    is also printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", type=Path, nargs="*", help="folders holding results.json")
     parser.add_argument("--sweep", type=Path, default=None, help="JSON of `sparsex-sgl bench sweep`")

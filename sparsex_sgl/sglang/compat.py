@@ -17,7 +17,7 @@ import hashlib
 import importlib
 import inspect
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -909,6 +909,12 @@ class _RegisteredObjects:
 def on_cpu(server_args: Any) -> bool:
     """Whether the server runs on the CPU (``--device cpu``)."""
     return getattr(server_args, "device", None) == "cpu"
+
+
+@_pin("sglang.srt.server_args.ServerArgs")
+def server_values(server_args: Any, keys: Iterable[str]) -> dict[str, Any]:
+    """The launch settings ``keys`` (``ServerArgs`` field names; None where this SGLang has no such field)."""
+    return {key: getattr(server_args, key, None) for key in keys}
 
 
 @_pin("sglang.srt.server_args.ServerArgs")

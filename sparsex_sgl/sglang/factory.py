@@ -42,7 +42,7 @@ def build(ctx: TreeCacheBuildContext) -> SegmentGraphCache:
     """The radix-cache factory registered as ``sparsex``."""
     server_args, model_runner, hf_config, num_layers, params = compat.build_parts(ctx)
     refused = compat.refused_features(ctx)
-    parallel = refused_parallelism({key: getattr(server_args, key, None) for key in REFUSED_PARALLELISM})
+    parallel = refused_parallelism(compat.server_values(server_args, REFUSED_PARALLELISM))
     if refused or parallel:  # --radix-cache-backend sparsex without --enable-sparsex reaches here unchecked
         raise ValueError(f"--radix-cache-backend sparsex does not support {refused[0] if refused else parallel}")
     config = config_of(server_args)

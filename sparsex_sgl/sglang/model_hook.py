@@ -26,6 +26,7 @@ the other ranks).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -222,7 +223,7 @@ class SparseXForward:
                 deviation = plan.absent("deviation")
         new_index = plan.new_index.long()
         for j in plan.config.mass_layers_of(threshold):
-            layer_mass = guard.attempt(lambda j=j: self._layer_mass(plan, queries, new_index, j), None)  # type: ignore[misc]
+            layer_mass = guard.attempt(functools.partial(self._layer_mass, plan, queries, new_index, j), None)
             if layer_mass is None:
                 layer_mass = plan.absent("mass")
             mass = layer_mass if mass is None else mass + layer_mass
