@@ -4,7 +4,8 @@ Resuming from any stored checkpoint gives the logits of a full prefill of the sa
 recurrent kernels sum a chunked prefill in another order than a one-shot one; 3e-7 was measured on these
 configs), and a request that shares only part of a cached prefix resumes from the deepest checkpoint inside it.
 A restore that leaves the recurrent layers' "previous state" flag unset gives wrong logits, so the test could
-not pass by resuming from zero state; an offset without a stored state is refused."""
+not pass by resuming from zero state. With the placement learned from the traffic and a pool smaller than the
+states it asks for, every prefill stays exact."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from transformers import NemotronHConfig, NemotronHForCausalLM, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
+from sparsex_sgl.core.segments import SHARED
 from sparsex_sgl.reference.hybrid import HybridPrefixCache
 
 TOLERANCE = 1e-5
@@ -48,24 +50,19 @@ def test_resuming_from_any_checkpoint_gives_the_full_prefill(kind: str) -> None:
     gen = torch.Generator().manual_seed(1)
     first = torch.randint(0, 256, (200,), generator=gen).tolist()
     cache = HybridPrefixCache(model)
-    done = cache.prefill(first, checkpoints=(64, 128, 192))
-    assert done.resumed_from == 0
+    done = cache.prefill(first, capture=(64, 128, 192))
+    assert done.resumed_from == 0 and done.captured == (64, 128, 192)
     assert torch.allclose(done.logits, full_logits(model, first), atol=TOLERANCE, rtol=0)
-    (sequence,) = cache.sequences
-    assert sorted(sequence.checkpoints) == [64, 128, 192]
+    # A request sharing the first c + 10 tokens resumes from c and computes the rest exactly.
     for offset in (64, 128, 192):
-        resumed = cache.resume(first, sequence, offset)
-        assert resumed.logits.shape[0] == 200 - offset
-        assert torch.allclose(resumed.logits, full_logits(model, first)[offset:], atol=TOLERANCE, rtol=0), offset
-    # A request sharing the first 150 tokens resumes from 128 and computes the rest exactly.
-    second = first[:150] + torch.randint(0, 256, (40,), generator=gen).tolist()
-    assert cache.lookup(second) == (sequence, 128)
-    resumed = cache.prefill(second)
-    assert resumed.resumed_from == 128
-    assert torch.allclose(resumed.logits, full_logits(model, second)[128:], atol=TOLERANCE, rtol=0)
+        second = first[: offset + 10] + torch.randint(0, 256, (40,), generator=gen).tolist()
+        resumed = cache.prefill(second, capture=())
+        assert resumed.resumed_from == offset
+        assert resumed.logits.shape[0] == len(second) - offset
+        assert torch.allclose(resumed.logits, full_logits(model, second)[offset:], atol=TOLERANCE, rtol=0), offset
     # A request sharing less than the first checkpoint computes everything.
     third = first[:50] + torch.randint(0, 256, (30,), generator=gen).tolist()
-    assert cache.lookup(third)[1] == 0 and cache.prefill(third).resumed_from == 0
+    assert cache.prefill(third).resumed_from == 0
 
 
 @pytest.mark.parametrize("kind", ["qwen3_5", "nemotron_h"])
@@ -74,20 +71,38 @@ def test_a_restore_missing_either_half_is_wrong(kind: str, monkeypatch: pytest.M
     model = tiny(kind)
     ids = torch.randint(0, 256, (160,), generator=torch.Generator().manual_seed(2)).tolist()
     cache = HybridPrefixCache(model)
-    cache.prefill(ids, checkpoints=(64,))
-    (sequence,) = cache.sequences
+    cache.prefill(ids, capture=(64,))
     expected = full_logits(model, ids)[64:]
     real_restore = HybridPrefixCache._restore
 
-    def without_previous_state(target: Any, source: Any, offset: int) -> None:
-        real_restore(target, source, offset)
+    def without_previous_state(self: HybridPrefixCache, target: Any, slots: Any, state: Any) -> None:
+        real_restore(self, target, slots, state)
         for layer in target.layers:
             if isinstance(layer, LinearAttentionCacheLayerMixin):
                 layer.has_previous_state[0] = False
 
-    monkeypatch.setattr(HybridPrefixCache, "_restore", staticmethod(without_previous_state))
-    assert (cache.resume(ids, sequence, 64).logits - expected).abs().max() > 100 * TOLERANCE
-    monkeypatch.setattr(HybridPrefixCache, "_restore", staticmethod(real_restore))
-    assert torch.allclose(cache.resume(ids, sequence, 64).logits, expected, atol=TOLERANCE, rtol=0)
-    with pytest.raises(ValueError, match="no stored state"):
-        cache.resume(ids, sequence, 100)
+    monkeypatch.setattr(HybridPrefixCache, "_restore", without_previous_state)
+    wrong = cache.prefill(ids, capture=())
+    assert wrong.resumed_from == 64 and (wrong.logits - expected).abs().max() > 100 * TOLERANCE
+    monkeypatch.setattr(HybridPrefixCache, "_restore", real_restore)
+    right = cache.prefill(ids, capture=())
+    assert right.resumed_from == 64 and torch.allclose(right.logits, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_learned_placement_and_a_small_state_pool_stay_exact() -> None:
+    """Traffic of questions over two documents, the states placed by the learned placement in a pool of 4: every
+    prefill, resumed or not, gives the full prefill's logits, and the pool keeps resuming the hits."""
+    torch.set_num_threads(1)
+    model = tiny("qwen3_5")
+    gen = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (150, 230)]
+    cache = HybridPrefixCache(model, max_states=4, per_sequence=2, resolve_every=3)
+    resumed = []
+    for i in range(12):
+        ids = docs[i % 2] + torch.randint(0, 256, (12,), generator=gen).tolist()
+        done = cache.prefill(ids)
+        resumed.append(done.resumed_from)
+        assert torch.allclose(done.logits, full_logits(model, ids)[done.resumed_from:], atol=TOLERANCE, rtol=0), i
+        assert len(cache.states) <= 4 and len(cache.stored) == len(cache.states)
+    assert cache.states.solved(SHARED) == (128, 192)  # the documents' deepest chunk boundaries
+    assert resumed[-4:] == [128, 192, 128, 192]

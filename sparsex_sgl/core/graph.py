@@ -179,6 +179,7 @@ class SegmentGraph:
         self._ids = itertools.count(1)
         self._clock = itertools.count(1)
         self._on_evict = on_evict
+        self._removal_listeners: list[Callable[[NodeId], None]] = []
         self._root = _Node(NodeId(0), None, SegmentHash(b""), (), (), 0)
         self._detached = _Node(NodeId(-1), None, SegmentHash(b""), (), (), 0)
         """Parent of the detached nodes: never walked by a prefix lookup, so they are never a prefix hit."""
@@ -190,6 +191,11 @@ class SegmentGraph:
         self._lru: list[tuple[int, NodeId]] = []
         """Heap of ``(last_access, id)`` pushed whenever a node may have become an evictable leaf; entries
         that no longer describe one (locked, parent again, touched since, removed) are skipped at pop."""
+
+    def add_removal_listener(self, listener: Callable[[NodeId], None]) -> None:
+        """Call ``listener`` with the id of every node that leaves the graph (eviction or ``reset``), after it
+        left: what hangs on a node (a recurrent state, ``core.states``) goes with it."""
+        self._removal_listeners.append(listener)
 
     # ------------------------------------------------------------------ lookup
     def align(self, pieces: Sequence[Piece], make_gap: Callable[[int, int], Piece]) -> list[Piece]:
@@ -522,6 +528,8 @@ class SegmentGraph:
             self._allocator.free(node.slots)
             if node.parent.parent is not None:  # not a root: the parent may have become a leaf
                 self._push_if_evictable(node.parent)
+            for listener in self._removal_listeners:
+                listener(node.id)
 
     def reset(self) -> int:
         """Drop every node and free its slots; returns how many were still locked.
@@ -529,6 +537,7 @@ class SegmentGraph:
         Engines reset only when idle (SGLang's ``/flush_cache``, which then clears its allocator), so a
         lock left at that point is a leak, and keeping its node would hand out its slots twice."""
         leaked = sum(1 for nd in self._nodes.values() if nd.lock_ref > 0)
+        removed = list(self._nodes)
         for nd in self._nodes.values():
             self._allocator.free(nd.slots)
         for root in (self._root, self._detached):
@@ -538,6 +547,9 @@ class SegmentGraph:
         self._by_key.clear()
         self._lru.clear()
         self.total_tokens = self.protected_tokens = 0
+        for node_id in removed:
+            for listener in self._removal_listeners:
+                listener(node_id)
         return leaked
 
     # ------------------------------------------------------------------ inspection
@@ -550,6 +562,14 @@ class SegmentGraph:
 
     def node_slots(self, node_id: NodeId) -> tuple[int, ...]:
         return self._nodes[node_id].slots
+
+    def node_span(self, node_id: NodeId) -> tuple[int, int]:
+        """The positions ``[start, end)`` of the node's tokens in its context."""
+        node = self._nodes[node_id]
+        return node.start_pos, node.start_pos + node.length
+
+    def last_access(self, node_id: NodeId) -> int:
+        return self._nodes[node_id].last_access
 
     def is_exact(self, node_id: NodeId) -> bool:
         return self._nodes[node_id].exact
