@@ -8,13 +8,15 @@ a state's bytes depend on the model (Qwen3.5-0.8B: one state weighs about 768 to
 
 Workloads (Qwen2.5 tokenizer, the data packages offline):
 - ``document QA``: many questions over a few long documents (SQuAD articles, all their paragraphs), QuALITY-like;
+- ``pool QA``: the same over HotpotQA pools as long shared prefixes (a pool's paragraphs whole, in one order);
 - ``RAG pools``: retrieval over HotpotQA pools, a request taking the top 2-10 paragraphs of a pool in one
   relevance order (prefixes shared to varied depths);
 - ``system prompts``: four long system prompts (SQuAD articles) in front of multi-turn ShareGPT conversations;
   each turn resends the conversation so far.
 
-Policies: the dynamic program with M checkpoints per sequence over the online depth histogram
-(``core.checkpoints``; one of the M at the sequence's end); a state every B
+Policies: the dynamic program with M checkpoints per sequence over the online hit depths, one of them at the
+sequence's end when hits continue sequences there (``core.checkpoints.HitDepths``, the placement the server's
+``core.states`` keeps); a state every B
 tokens (block); k states evenly spaced (balanced) or log-spaced towards the end; and SGLang 0.5.23's placement,
 one state per radix node at request ends and chunked-prefill chunk ends (8,192 tokens).
 
@@ -24,16 +26,16 @@ one state per radix node at request ends and chunked-prefill chunk ends (8,192 t
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model, sharegpt_path
-from sparsex_sgl.core.checkpoints import BIN, DepthHistogram, place
+from sparsex_sgl.core.checkpoints import BIN, HitDepths
 from sparsex_sgl.eval.hotpotqa import load_examples
 from sparsex_sgl.harness.report import save_bench
 from sparsex_sgl.harness.workloads import sharegpt_conversations
@@ -69,6 +71,7 @@ class Replay:
         self.bins: dict[tuple[int, int], tuple[int, ...]] = {}  # (k, hash of k bins) -> a sequence holding them
         self.states: set[tuple[int, int]] = set()  # (offset, prefix hash)
         self.offsets: set[int] = set()
+        self.ends: dict[int, set[int]] = {}  # length -> prefix hashes of the cached sequences not continued since
 
     def depth(self, tokens: Sequence[int], h: list[int]) -> int:
         k = 0
@@ -83,6 +86,10 @@ class Replay:
                 extra += 1
         return min(k * BIN + extra, len(tokens) - 1)  # the last token always runs (its logits start decoding)
 
+    def at_end(self, depth: int, h: list[int]) -> bool:
+        """Whether a hit of ``depth`` continues a cached sequence at its end."""
+        return h[depth] in self.ends.get(depth, ())
+
     def resume(self, depth: int, h: list[int]) -> int:
         return max((o for o in self.offsets if o <= depth and (o, h[o]) in self.states), default=0)
 
@@ -92,13 +99,17 @@ class Replay:
         for k in range(1, len(tokens) // BIN + 1):
             self.bins.setdefault((k, h[k * BIN]), seq)
         self.bins.setdefault((0, 0), seq)
+        for length, ends in self.ends.items():
+            if length < len(tokens):
+                ends.discard(h[length])
+        self.ends.setdefault(len(tokens), set()).add(h[len(tokens)])
         for o in offsets:
             if 0 < o <= len(tokens):
                 self.states.add((o, h[o]))
                 self.offsets.add(o)
 
 
-def replay(requests: Sequence[Request], policy: Policy, histogram: DepthHistogram | None = None) -> dict[str, float]:
+def replay(requests: Sequence[Request], policy: Policy, learned: HitDepths | None = None) -> dict[str, float]:
     cache = Replay()
     recomputed, hits = [], 0
     for index, request in enumerate(requests):
@@ -106,8 +117,8 @@ def replay(requests: Sequence[Request], policy: Policy, histogram: DepthHistogra
         depth = cache.depth(request.prompt, h)
         recomputed.append(depth - cache.resume(depth, h))
         hits += depth
-        if histogram is not None:
-            histogram.observe(depth)
+        if learned is not None:
+            learned.observe(depth, cache.at_end(depth, h))
         cache.add(request.cached, policy(index, request))
     n, half = len(requests), len(requests) // 2
     return {"recomputed_per_request": sum(recomputed) / n, "hit_per_request": hits / n, "states": len(cache.states),
@@ -131,24 +142,11 @@ def sglang(_: int, r: Request) -> list[int]:
     return [len(r.prompt), len(r.cached), *range(CHUNK, len(r.prompt), CHUNK)]
 
 
-def dynamic(m: int, histogram: DepthHistogram, at_end: bool = False, every: int = 10) -> Policy:
-    """M states per sequence placed by ``core.checkpoints.place`` over the depth histogram cut at the
-    sequence's length (no hit on it goes deeper), re-read after each of the first ``every`` requests, then
-    every ``every``; ``at_end``: one of the M at the sequence's end instead, where a conversation's next
-    turn resumes."""
-    weights: list[float] = []
-    solved: dict[int, tuple[int, ...]] = {}  # sequence length in bins -> its placement, this epoch
-
-    def policy(index: int, r: Request) -> list[int]:
-        if index < every or index % every == 0:
-            weights[:] = histogram.weights()
-            solved.clear()
-        bins = len(r.cached) // BIN
-        if bins not in solved:
-            solved[bins] = place(weights[: bins + 1], m - int(at_end)).checkpoints
-        return [c * BIN for c in solved[bins]] + ([len(r.cached)] if at_end else [])
-
-    return policy
+def dynamic(learned: HitDepths) -> Policy:
+    """The shipped placement (``core.checkpoints.HitDepths``, what ``core.states`` keeps): M states per sequence
+    by the dynamic program over the learned hit depths, one of them at the sequence's end when hits continue
+    sequences there."""
+    return lambda _, r: list(learned.plan(len(r.cached)))
 
 
 # ---------------------------------------------------------------------- workloads
@@ -176,6 +174,16 @@ def document_qa(tok: Any, n: int, seed: int) -> list[Request]:
         prompt = tuple(doc + encode(tok, f"\n\nQuestion: {rng.choice(questions)}\nAnswer:"))
         out.append(Request(prompt, prompt))
     return out
+
+
+def pool_qa(tok: Any, n: int, seed: int) -> list[Request]:
+    """Questions over HotpotQA pools as long shared prefixes: each of 20 pools' paragraphs whole, in one order."""
+    rng = random.Random(seed)
+    examples = load_examples(hotpotqa_path(), 20, offset=1000)
+    pools = [encode(tok, "Answer from the documents.\n\n" + "\n".join(e.paragraphs)) for e in examples]
+    return [Request(prompt, prompt) for prompt in
+            (tuple(rng.choice(pools) + encode(tok, f"\nQuestion: {rng.choice(examples).question}\nAnswer:"))
+             for _ in range(n))]
 
 
 def rag_pools(tok: Any, n: int, seed: int) -> list[Request]:
@@ -210,18 +218,54 @@ def system_prompts(tok: Any, n: int, seed: int) -> list[Request]:
     return out
 
 
-def fixed(policy: Policy) -> Callable[[DepthHistogram], Policy]:
+def fixed(policy: Policy) -> Callable[[HitDepths], Policy]:
     return lambda _: policy
 
 
-POLICIES: dict[str, Callable[[DepthHistogram], Policy]] = {
-    **{f"DP M={m}": functools.partial(dynamic, m) for m in (1, 4, 16, 64)},
-    **{f"DP+end M={m}": functools.partial(dynamic, m, at_end=True) for m in (2, 4, 16)},
-    **{f"block {b}": fixed(block(b)) for b in (64, 256, 512)},
-    **{f"balanced {k}": fixed(balanced(k)) for k in (1, 4)},
-    **{f"log-spaced {k}": fixed(log_spaced(k)) for k in (4, 8)},
-    "SGLang 0.5.23": fixed(sglang),
+POLICIES: dict[str, tuple[int, Callable[[HitDepths], Policy]]] = {
+    **{f"DP M={m}": (m, dynamic) for m in (1, 2, 4, 16, 64)},
+    **{f"block {b}": (1, fixed(block(b))) for b in (64, 256, 512)},
+    **{f"balanced {k}": (1, fixed(balanced(k))) for k in (1, 4)},
+    **{f"log-spaced {k}": (1, fixed(log_spaced(k))) for k in (4, 8)},
+    "SGLang 0.5.23": (1, fixed(sglang)),
 }
+"""Name -> (states per sequence the learned placement keeps, the policy)."""
+
+
+REFERENCE: dict[str, Callable[[Request], Sequence[int]] | None] = {
+    "no state": lambda r: (),
+    "block 64": lambda r: range(BIN, len(r.prompt) + 1, BIN),
+    "SGLang 0.5.23": lambda r: sglang(0, r),
+    "DP M=4": None,  # core.states' own learned placement
+}
+"""The policies timed on the reference executor (None: ``HybridPrefixCache``'s learned placement)."""
+
+
+def reference_prefills(requests: Sequence[Request], kind: str) -> dict[str, dict[str, float]]:
+    """Prefill ``requests`` (token ids folded into the tiny vocabulary, so shared prefixes stay shared) through
+    ``reference.hybrid.HybridPrefixCache`` on a tiny random hybrid, one thread, under each policy: the measured
+    prefill time, the tokens computed, and the states kept."""
+    import torch
+
+    from sparsex_sgl.reference.hybrid import HybridPrefixCache, tiny_model
+
+    torch.set_num_threads(1)
+    model = tiny_model(kind)
+    rows = {}
+    for name, capture in REFERENCE.items():
+        cache = HybridPrefixCache(model, num_slots=1 << 17, max_states=1 << 16, per_sequence=4)
+        seconds, computed = 0.0, 0
+        for r in requests:
+            ids = [t % 256 for t in r.prompt]
+            start = time.perf_counter()
+            done = cache.prefill(ids, capture=None if capture is None else capture(r))
+            seconds += time.perf_counter() - start
+            computed += len(ids) - done.resumed_from
+        n = len(requests)
+        rows[name] = {"prefill_ms_per_request": 1000 * seconds / n, "computed_per_request": computed / n,
+                      "states": len(cache.states),
+                      "state_kib": sum(state.nbytes for state in cache.stored.values()) / 1024}
+    return rows
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -229,18 +273,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     tok = AutoTokenizer.from_pretrained(resolve_model("qwen2.5-0.5b"))
     workloads = {"document QA": document_qa(tok, args.requests, args.seed),
+                 "pool QA": pool_qa(tok, args.requests, args.seed),
                  "RAG pools": rag_pools(tok, args.requests, args.seed),
                  "system prompts": system_prompts(tok, max(args.requests // 4, 2), args.seed)}
     report: dict[str, Any] = {"workloads": {}}
     for name, requests in workloads.items():
         bins = max(len(r.cached) for r in requests) // BIN + 1
         rows = {}
-        for policy, make in POLICIES.items():
-            histogram = DepthHistogram(bins)
-            rows[policy] = replay(requests, make(histogram), histogram)
+        for policy, (m, make) in POLICIES.items():
+            learned = HitDepths(bins, m)
+            rows[policy] = replay(requests, make(learned), learned)
         report["workloads"][name] = {"requests": len(requests),
                                      "prompt_tokens": sum(len(r.prompt) for r in requests) / len(requests),
                                      "policies": rows}
+    timed = workloads["pool QA"][: args.reference_requests]
+    report["reference"] = {"workload": "pool QA", "requests": len(timed),
+                           "models": {kind: reference_prefills(timed, kind) for kind in ("qwen3_5", "nemotron_h")}}
     return report
 
 
@@ -256,6 +304,15 @@ def table(report: dict[str, Any]) -> str:
                          f"{row['hit_per_request']:.0f} | {row['recomputed_per_request']:.1f} | "
                          f"{row['recomputed_second_half']:.1f} |")
         lines.append("")
+    ref = report["reference"]
+    lines += [(f"**Prefill on the reference executor** (`reference.hybrid`, tiny random hybrids, one thread): "
+               f"the first {ref['requests']} pool QA requests."), "",
+              "| model | policy | prefill ms / request | tokens computed / request | states kept | state KiB |",
+              "|---|---|---|---|---|---|"]
+    for kind, rows in ref["models"].items():
+        for policy, row in rows.items():
+            lines.append(f"| {kind} | {policy} | {row['prefill_ms_per_request']:.1f} | "
+                         f"{row['computed_per_request']:.0f} | {row['states']} | {row['state_kib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -283,6 +340,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference-requests", type=int, default=200,
+                    help="pool QA requests prefilled on the reference executor per model and policy")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     report = run(args)

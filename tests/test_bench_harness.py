@@ -210,13 +210,17 @@ def test_checkpoint_replay_runs_every_policy_on_every_workload(tmp_path: Path) -
     """``bench/checkpoints.py`` on a few requests: every policy replays every workload; block 64 keeps the most
     states of the fixed policies and recomputes the least; the table and the plot are written."""
     done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "checkpoints.py"), "--requests",
-                           "24", "--out", str(tmp_path)], capture_output=True, text=True, check=False, timeout=900)
+                           "24", "--reference-requests", "12", "--out", str(tmp_path)],
+                          capture_output=True, text=True, check=False, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["workloads"]) == {"document QA", "RAG pools", "system prompts"}
+    assert set(report["workloads"]) == {"document QA", "pool QA", "RAG pools", "system prompts"}
     for workload in report["workloads"].values():
         rows = workload["policies"]
         assert rows["block 64"]["states"] >= rows["block 512"]["states"]
         assert rows["block 64"]["recomputed_per_request"] <= rows["block 512"]["recomputed_per_request"]
         assert all(0 <= row["recomputed_per_request"] <= row["hit_per_request"] for row in rows.values())
     assert (tmp_path / "pareto.png").stat().st_size > 0 and "| DP M=4 |" in (tmp_path / "table.md").read_text()
+    for rows in report["reference"]["models"].values():  # a state lets a prefill skip what it resumes from
+        assert rows["no state"]["states"] == 0 and rows["block 64"]["states"] > rows["SGLang 0.5.23"]["states"]
+        assert rows["block 64"]["computed_per_request"] < rows["no state"]["computed_per_request"]

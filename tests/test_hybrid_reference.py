@@ -13,29 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import NemotronHConfig, NemotronHForCausalLM, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from sparsex_sgl.core.segments import SHARED
-from sparsex_sgl.reference.hybrid import HybridPrefixCache
+from sparsex_sgl.reference.hybrid import HybridPrefixCache, tiny_model
 
 TOLERANCE = 1e-5
-
-
-def tiny(kind: str) -> Any:
-    torch.manual_seed(0)
-    if kind == "qwen3_5":
-        config: Any = Qwen3_5TextConfig(
-            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
-            linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=512)
-        return Qwen3_5ForCausalLM(config).float().eval()
-    config = NemotronHConfig(
-        vocab_size=256, hidden_size=64, hybrid_override_pattern="M-M*", num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, intermediate_size=128, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2,
-        conv_kernel=4, expand=2, chunk_size=64, max_position_embeddings=512)
-    return NemotronHForCausalLM(config).float().eval()
 
 
 @torch.no_grad()
@@ -46,7 +29,7 @@ def full_logits(model: Any, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["qwen3_5", "nemotron_h"])
 def test_resuming_from_any_checkpoint_gives_the_full_prefill(kind: str) -> None:
     torch.set_num_threads(1)
-    model = tiny(kind)
+    model = tiny_model(kind)
     gen = torch.Generator().manual_seed(1)
     first = torch.randint(0, 256, (200,), generator=gen).tolist()
     cache = HybridPrefixCache(model)
@@ -68,7 +51,7 @@ def test_resuming_from_any_checkpoint_gives_the_full_prefill(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["qwen3_5", "nemotron_h"])
 def test_a_restore_missing_either_half_is_wrong(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(1)
-    model = tiny(kind)
+    model = tiny_model(kind)
     ids = torch.randint(0, 256, (160,), generator=torch.Generator().manual_seed(2)).tolist()
     cache = HybridPrefixCache(model)
     cache.prefill(ids, capture=(64,))
@@ -93,7 +76,7 @@ def test_learned_placement_and_a_small_state_pool_stay_exact() -> None:
     """Traffic of questions over two documents, the states placed by the learned placement in a pool of 4: every
     prefill, resumed or not, gives the full prefill's logits, and the pool keeps resuming the hits."""
     torch.set_num_threads(1)
-    model = tiny("qwen3_5")
+    model = tiny_model("qwen3_5")
     gen = torch.Generator().manual_seed(3)
     docs = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (150, 230)]
     cache = HybridPrefixCache(model, max_states=4, per_sequence=2, resolve_every=3)
@@ -104,5 +87,6 @@ def test_learned_placement_and_a_small_state_pool_stay_exact() -> None:
         resumed.append(done.resumed_from)
         assert torch.allclose(done.logits, full_logits(model, ids)[done.resumed_from:], atol=TOLERANCE, rtol=0), i
         assert len(cache.states) <= 4 and len(cache.stored) == len(cache.states)
-    assert cache.states.solved(SHARED) == (128, 192)  # the documents' deepest chunk boundaries
+    learned = cache.states.learned(SHARED)  # the documents' deepest chunk boundaries, nothing at the ends
+    assert learned.plan(162) == (128,) and learned.plan(242) == (128, 192)
     assert resumed[-4:] == [128, 192, 128, 192]

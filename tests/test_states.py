@@ -133,19 +133,35 @@ def test_each_namespace_learns_its_own_placement() -> None:
     cache = Cache(per_sequence=1, resolve_every=10)
     a, b = namespace_key("a"), namespace_key("b")
     doc_a, doc_b = tokens(1, 200), tokens(2, 400)
-    assert cache.states.solved(a) is None
-    assert cache.states.plan(a, 0, 200) == (192,)  # before the first solve: the last chunk boundary
+    assert not cache.states.learned(a).solved
+    assert cache.states.plan(a, 0, 200) == (200,)  # before the first solve: the sequence's end, as SGLang keeps
     cache.prefill(doc_a, a)
     cache.prefill(doc_b, b)
     for i in range(10):
         cache.resume(doc_a[:140] + tokens(100 + i, 30), a)
         cache.resume(doc_b[:330] + tokens(200 + i, 30), b)
-    assert cache.states.solved(a) == (128,) and cache.states.solved(b) == (320,)
-    assert cache.states.plan(a, 0, 500) == (128,) and cache.states.plan(a, 128, 500) == ()
+    assert cache.states.plan(a, 0, 500) == (128,) and cache.states.plan(b, 0, 500) == (320,)
+    assert cache.states.plan(a, 128, 500) == ()
     # The tenants' identical tokens are different paths: b never resumes from a's state.
     cache.prefill(doc_a[:140] + tokens(300, 30), a)
     assert cache.resume(doc_a[:140] + [0], a).offset == 128
     assert cache.resume(doc_a[:140] + [0], b).offset == 0
+
+
+def test_conversations_that_continue_at_the_end_keep_a_state_there() -> None:
+    """Turns that resend the conversation so far hit each cached sequence at its end: a state there serves them,
+    where one placed inside the shared prefix would not."""
+    cache = Cache(per_sequence=1, resolve_every=4)
+    system = tokens(1, 100)
+    chats = [system + tokens(10 + i, 50) for i in range(4)]
+    for turn in range(4):
+        for i, chat in enumerate(chats):
+            resume = cache.prefill(chat)
+            if turn == 3:  # learned: each turn resumes from the end of the previous one
+                assert resume.offset == len(chat) - 37, (turn, i)
+            chats[i] = chat + tokens(100 * turn + i, 37)
+    assert cache.states.learned(SHARED).end_weight > 0
+    assert cache.states.plan(SHARED, 0, 500) == (500,)
 
 
 @settings(max_examples=60, deadline=None)

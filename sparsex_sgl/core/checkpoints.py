@@ -9,6 +9,12 @@ expected recomputed tokens under the distribution of hit depths, which ``DepthHi
 Depths are counted in bins of ``BIN`` tokens, the recurrent kernels' chunk: the prefill computes the state at
 every chunk boundary anyway, so a checkpoint there costs a copy. A hit of depth ``t`` (bins) resumes from the
 deepest checkpoint ``c <= t`` (bin 0, the empty prefix, always qualifies) and recomputes ``t - c`` bins.
+
+Two kinds of hit are learned apart (``HitDepths``): a hit that ends inside or at a shared prefix (a document, a
+system prompt) lands at the same absolute depth for many sequences, which the dynamic program serves; a hit that
+continues a cached sequence at its very end (a conversation's next turn) lands at a different depth for each,
+which only a state at each sequence's end serves. Each sequence keeps ``m`` states, one of them at its end when
+the end hits save more than the ``m``-th placed checkpoint would.
 """
 
 from __future__ import annotations
@@ -119,12 +125,88 @@ class DepthHistogram:
 
     def observe(self, depth_tokens: int) -> None:
         """One lookup's hit depth in tokens (deeper than the last bin counts in the last bin)."""
+        self.decay()
+        self._weights[min(max(depth_tokens, 0) // BIN, len(self._weights) - 1)] += self._scale
+
+    def decay(self) -> None:
+        """One lookup that adds no depth: every earlier one weighs ``gamma`` times less."""
         self._scale /= self.gamma
         if self._scale > 1e100:
             self._weights = [w / self._scale for w in self._weights]
             self._scale = 1.0
-        self._weights[min(max(depth_tokens, 0) // BIN, len(self._weights) - 1)] += self._scale
 
     def weights(self) -> list[float]:
         """The decayed weight of each bin (the latest observation weighs 1)."""
         return [w / self._scale for w in self._weights]
+
+
+def plan_sequence(p: Sequence[float], end_weight: float, m: int, length: int) -> tuple[int, ...]:
+    """The offsets (tokens) at which a cached sequence of ``length`` tokens keeps its ``m`` states: the dynamic
+    program over the depths it can serve (``p`` cut at its length), with one of them moved to its end when the
+    hits that continue sequences at their end (``end_weight``, on ``p``'s scale) save more there."""
+    if m < 1:
+        return ()
+    bins = length // BIN + 1
+    cut = [*p[:bins], *[0.0] * (bins - len(p))]  # no hit on this sequence goes deeper than its length
+    served = list(cut)  # without a state at the end, an end hit recomputes from the last checkpoint like a hit
+    served[-1] += end_weight  # at the last bin, plus the same (length % BIN) tokens wherever that checkpoint is
+    placed = place(served, m)
+    if length % BIN == 0:  # the end is a chunk boundary: a state there is one of the placed checkpoints
+        return tuple(c * BIN for c in placed.checkpoints)
+    fewer = place(cut, m - 1)
+    if fewer.cost < placed.cost + end_weight * (length % BIN) / BIN:
+        return (*(c * BIN for c in fewer.checkpoints), length)
+    return tuple(c * BIN for c in placed.checkpoints)
+
+
+class HitDepths:
+    """One namespace's learned hits: a decayed histogram of the depths of hits inside shared prefixes, the decayed
+    weight of hits at a cached sequence's end, and the placements they give, re-solved every ``resolve_every``
+    lookups (a sequence's plan depends on its length: solved once per length between re-solves). Every lookup by
+    default: a new document's first hits then place its states at once (the document QA replay recomputes 93
+    prefix tokens a request re-solving every lookup, 312 every 10), for 2 to 26 ms of Python per lookup
+    (146 to 512 bins, 16 states; docs/results.md). Before the first solve a sequence keeps one state, at its end,
+    as SGLang does."""
+
+    def __init__(self, bins: int, m: int, resolve_every: int = 1, gamma: float = 0.99) -> None:
+        if m < 1 or resolve_every < 1:
+            raise ValueError("a placement needs at least one state per sequence and a re-solve period >= 1")
+        self.m = m
+        self.resolve_every = resolve_every
+        self.histogram = DepthHistogram(bins, gamma)
+        self._end_weight = 0.0
+        self._since_solve = 0
+        self._weights: list[float] | None = None
+        self._end_snapshot = 0.0
+        self._plans: dict[int, tuple[int, ...]] = {}
+
+    def observe(self, depth_tokens: int, at_end: bool) -> None:
+        """One lookup's hit depth, and whether it continues a cached sequence at that sequence's end."""
+        gamma = self.histogram.gamma
+        self._end_weight = self._end_weight * gamma + (1.0 if at_end else 0.0)
+        if at_end:
+            self.histogram.decay()
+        else:
+            self.histogram.observe(depth_tokens)
+        self._since_solve += 1
+        if self._since_solve >= self.resolve_every:
+            self._weights, self._end_snapshot = self.histogram.weights(), self._end_weight
+            self._plans.clear()
+            self._since_solve = 0
+
+    @property
+    def end_weight(self) -> float:
+        """The decayed weight of the hits at a cached sequence's end (on the histogram's scale)."""
+        return self._end_weight
+
+    @property
+    def solved(self) -> bool:
+        return self._weights is not None
+
+    def plan(self, length: int) -> tuple[int, ...]:
+        """The offsets at which a cached sequence of ``length`` tokens keeps a state."""
+        if self._weights is None:
+            return (length,)
+        if length not in self._plans:
+            self._plans[length] = plan_sequence(self._weights, self._end_snapshot, self.m, length)
+        return self._plans[length]

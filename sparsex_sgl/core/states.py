@@ -5,11 +5,12 @@ the attention KV of every cached path whole, and this keeps each recurrent layer
 delta-rule state, one *state slot* of an engine pool) at a few offsets along those paths. A request resumes from
 the deepest state at or below its exact prefix hit; every token after it is computed through all layers.
 
-Where the states go is learned per namespace (tenants' traffic differs): every lookup's hit depth enters a
-decayed histogram, and every ``resolve_every`` lookups ``core.checkpoints.place`` re-solves the ``per_sequence``
-offsets that minimise the expected recomputed tokens. A prefill captures a state at each chosen offset it
-passes (they fall on the recurrent kernels' 64-token chunk boundaries, where the state exists anyway). Until a
-namespace has been solved once, a prefill keeps one state at its last chunk boundary, as SGLang does.
+Where the states go is learned per namespace (tenants' traffic differs, ``core.checkpoints.HitDepths``): every
+lookup's hit depth enters a decayed histogram, a hit that continues a cached sequence at its end is counted
+apart, and every ``resolve_every`` lookups the ``per_sequence`` offsets that minimise the expected recomputed
+tokens are re-solved. A prefill captures a state at each chosen offset it passes: the recurrent kernels' 64-token
+chunk boundaries and the prefill's end, where the state exists anyway. Until a namespace has been solved once, a
+sequence keeps one state, at its end, as SGLang does.
 
 A state lives in the node whose tokens it ends in (``start < offset <= end``), so it goes with that node: the
 KV it continues from goes too. Its own pool is bounded apart from the KV (one Gated DeltaNet state weighs as
@@ -23,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sparsex_sgl.core.checkpoints import BIN, DepthHistogram, place
+from sparsex_sgl.core.checkpoints import BIN, HitDepths
 from sparsex_sgl.core.graph import Lookup, NodeId, SegmentGraph, SlotAllocator
 from sparsex_sgl.core.segments import NamespaceKey
 
@@ -51,14 +52,6 @@ class _State:
 
 
 @dataclass
-class _Traffic:
-    histogram: DepthHistogram
-    offsets: tuple[int, ...] | None = None
-    """The solved offsets (None until the first solve)."""
-    since_solve: int = 0
-
-
-@dataclass
 class StateCheckpoints:
     """The recurrent states of ``graph``'s paths, in ``allocator``'s slots (at most ``max_states``)."""
 
@@ -66,11 +59,14 @@ class StateCheckpoints:
     allocator: SlotAllocator
     max_states: int
     per_sequence: int = 16
-    resolve_every: int = 10
+    resolve_every: int = 1
     bins: int = 512
     """Histogram bins (64 tokens each): hits deeper than ``bins * 64`` tokens count in the last one."""
     _at: dict[NodeId, dict[int, _State]] = field(default_factory=dict)
-    _traffic: dict[NamespaceKey, _Traffic] = field(default_factory=dict)
+    _ends: set[NodeId] = field(default_factory=set)
+    """The last node of every cached sequence not continued since: a hit there continues it (a conversation's
+    next turn)."""
+    _traffic: dict[NamespaceKey, HitDepths] = field(default_factory=dict)
     _count: int = 0
 
     def __post_init__(self) -> None:
@@ -83,7 +79,9 @@ class StateCheckpoints:
         """The deepest state within ``lookup``'s exact prefix hit (the request's last token is never inside
         it), and the lookup cut there; the hit depth is learned for the namespace's placement."""
         hit = lookup.exact_prefix_len
-        self._observe(namespace, hit)
+        last = lookup.prefix_node_ids[-1] if lookup.prefix_node_ids else None
+        at_end = last in self._ends and self.graph.node_span(last)[1] == hit
+        self._learned(namespace).observe(hit, at_end)
         best: _State | None = None
         for node_id in lookup.prefix_node_ids:
             for state in self._at.get(node_id, {}).values():
@@ -93,22 +91,15 @@ class StateCheckpoints:
             return Resume(self.graph.prefix_only(lookup, 0), None)
         return Resume(self.graph.prefix_only(lookup, best.offset), best.slot)
 
-    def _observe(self, namespace: NamespaceKey, hit: int) -> None:
-        traffic = self._traffic.setdefault(namespace, _Traffic(DepthHistogram(self.bins)))
-        traffic.histogram.observe(hit)
-        traffic.since_solve += 1
-        if traffic.since_solve >= self.resolve_every:
-            bins = place(traffic.histogram.weights(), self.per_sequence).checkpoints
-            traffic.offsets, traffic.since_solve = tuple(b * BIN for b in bins), 0
+    def _learned(self, namespace: NamespaceKey) -> HitDepths:
+        if namespace not in self._traffic:
+            self._traffic[namespace] = HitDepths(self.bins, self.per_sequence, self.resolve_every)
+        return self._traffic[namespace]
 
     # ------------------------------------------------------------------ capture
     def plan(self, namespace: NamespaceKey, resumed_from: int, n_tokens: int) -> tuple[int, ...]:
         """The offsets in ``(resumed_from, n_tokens]`` where a prefill of ``n_tokens`` should capture a state."""
-        traffic = self._traffic.get(namespace)
-        if traffic is None or traffic.offsets is None:
-            last = n_tokens // BIN * BIN
-            return (last,) if last > resumed_from else ()
-        return tuple(c for c in traffic.offsets if resumed_from < c <= n_tokens)
+        return tuple(c for c in self._learned(namespace).plan(n_tokens) if resumed_from < c <= n_tokens)
 
     def alloc(self, n: int) -> list[int] | None:
         """``n`` state slots, dropping the least useful states when the pool is full (None: too many are in use
@@ -129,8 +120,10 @@ class StateCheckpoints:
         """Keep the states a prefill captured (``captured``: offset -> slot from ``alloc``) in the nodes of the
         request's graph ``path`` (``InsertResult.node_ids``) that end at or after them; a state whose node was
         not cached, is not exact, or already has a state there is freed. Returns how many were kept."""
-        self._traffic.setdefault(namespace, _Traffic(DepthHistogram(self.bins)))
         nodes = [nid for nid in path if nid is not None]
+        self._ends.difference_update(nodes[:-1])  # continued: its next turn is this sequence's
+        if nodes and len(nodes) == len(path):
+            self._ends.add(nodes[-1])
         spans = [(nid, *self.graph.node_span(nid)) for nid in nodes]
         kept, freed = 0, []
         for offset, slot in sorted(captured.items()):
@@ -163,14 +156,17 @@ class StateCheckpoints:
         return len(victims)
 
     def _gains(self) -> dict[_State, float]:
-        """Each unlocked state's expected gain: the hits that resume from it (depths from its offset up to the
-        next state below it on any path) times the tokens they would recompute without it (down to the state
-        before it), under its namespace's histogram."""
+        """Each unlocked state's expected gain: the hits that resume from it times the tokens they would recompute
+        without it (down to the state before it), under its namespace's learned hits. A state inside shared
+        prefixes serves the hit depths from its offset up to the next state above it on any path; a state at a
+        sequence's end serves that sequence's continuations, a share of the namespace's end hits."""
         deeper: dict[NodeId, list[int]] = {}
+        ends: dict[NamespaceKey, int] = {}
         for states in self._at.values():
             for state in states.values():
                 for node_id in state.path:
                     deeper.setdefault(node_id, []).append(state.offset)
+                ends[state.namespace] = ends.get(state.namespace, 0) + self._at_end(state)
         gains: dict[_State, float] = {}
         for node_id, states in self._at.items():
             if self.graph.lock_ref(node_id) > 0:
@@ -178,14 +174,21 @@ class StateCheckpoints:
             for state in states.values():
                 below = [s.offset for nid in state.path for s in self._at.get(nid, {}).values()
                          if s.offset < state.offset]
-                above = [o for o in deeper[node_id] if o > state.offset]
-                weights = self._traffic[state.namespace].histogram.weights()
-                stop = min(above) // BIN if above else len(weights)
-                hits = sum(weights[state.offset // BIN : stop])
+                learned = self._learned(state.namespace)
+                if self._at_end(state):
+                    hits = learned.end_weight / ends[state.namespace]
+                else:
+                    weights = learned.histogram.weights()
+                    above = [o for o in deeper[node_id] if o > state.offset]
+                    hits = sum(weights[state.offset // BIN : min(above) // BIN if above else len(weights)])
                 gains[state] = hits * (state.offset - max(below, default=0))
         return gains
 
+    def _at_end(self, state: _State) -> bool:
+        return state.path[-1] in self._ends and self.graph.node_span(state.path[-1])[1] == state.offset
+
     def _node_removed(self, node_id: NodeId) -> None:
+        self._ends.discard(node_id)
         self._release(list(self._at.pop(node_id, {}).values()))
 
     def _release(self, states: Sequence[_State]) -> None:
@@ -201,7 +204,6 @@ class StateCheckpoints:
         """The offsets holding a state in ``node_id``, ascending."""
         return tuple(sorted(self._at.get(node_id, {})))
 
-    def solved(self, namespace: NamespaceKey) -> tuple[int, ...] | None:
-        """The namespace's current placement (offsets), None before its first solve."""
-        traffic = self._traffic.get(namespace)
-        return None if traffic is None else traffic.offsets
+    def learned(self, namespace: NamespaceKey) -> HitDepths:
+        """What the namespace's lookups taught (its placement per sequence length)."""
+        return self._learned(namespace)

@@ -52,6 +52,28 @@ class HybridPrefill:
     """The offsets whose state the prefill kept."""
 
 
+def tiny_model(kind: str, seed: int = 0) -> Any:
+    """A tiny randomly initialised hybrid, float32: ``qwen3_5`` (three Gated DeltaNet layers and one attention
+    layer) or ``nemotron_h`` (``M-M*``: Mamba2, MLP, Mamba2, attention); vocabulary 256, hidden size 64."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM, Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    torch.manual_seed(seed)
+    if kind == "qwen3_5":
+        config: Any = Qwen3_5TextConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+            linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=32768)
+        return Qwen3_5ForCausalLM(config).float().eval()
+    if kind != "nemotron_h":
+        raise ValueError(f"unknown tiny hybrid {kind!r} (qwen3_5, nemotron_h)")
+    config = NemotronHConfig(
+        vocab_size=256, hidden_size=64, hybrid_override_pattern="M-M*", num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2,
+        conv_kernel=4, expand=2, chunk_size=64, max_position_embeddings=32768)
+    return NemotronHForCausalLM(config).float().eval()
+
+
 def _layers(cache: DynamicCache) -> list[Any]:
     """The cache's layers, attention or recurrent (their attributes differ by kind: HF types them as a union)."""
     return list(cache.layers)
@@ -61,7 +83,7 @@ class HybridPrefixCache:
     """Exact prefix reuse for one HF hybrid model: the segment graph's KV and recurrent-state checkpoints."""
 
     def __init__(self, model: Any, num_slots: int = 4096, max_states: int = 64, per_sequence: int = 16,
-                 resolve_every: int = 10) -> None:
+                 resolve_every: int = 1) -> None:
         config = model.config
         self.model = model
         self.attention_layers = [i for i, kind in enumerate(config.layer_types) if kind == "full_attention"]
