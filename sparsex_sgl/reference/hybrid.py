@@ -55,23 +55,24 @@ class HybridPrefill:
 def tiny_model(kind: str, seed: int = 0) -> Any:
     """A tiny randomly initialised hybrid, float32: ``qwen3_5`` (three Gated DeltaNet layers and one attention
     layer) or ``nemotron_h`` (``M-M*``: Mamba2, MLP, Mamba2, attention); vocabulary 256, hidden size 64."""
-    from transformers import NemotronHConfig, NemotronHForCausalLM, Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    import transformers
 
+    hf: Any = transformers  # the configs take their model-specific fields as keyword arguments HF does not type
     torch.manual_seed(seed)
     if kind == "qwen3_5":
-        config: Any = Qwen3_5TextConfig(
+        config = hf.Qwen3_5TextConfig(
             vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
             layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
             linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=32768)
-        return Qwen3_5ForCausalLM(config).float().eval()
+        return hf.Qwen3_5ForCausalLM(config).float().eval()
     if kind != "nemotron_h":
         raise ValueError(f"unknown tiny hybrid {kind!r} (qwen3_5, nemotron_h)")
-    config = NemotronHConfig(
+    config = hf.NemotronHConfig(
         vocab_size=256, hidden_size=64, hybrid_override_pattern="M-M*", num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, intermediate_size=128, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2,
         conv_kernel=4, expand=2, chunk_size=64, max_position_embeddings=32768)
-    return NemotronHForCausalLM(config).float().eval()
+    return hf.NemotronHForCausalLM(config).float().eval()
 
 
 def _layers(cache: DynamicCache) -> list[Any]:
