@@ -11,9 +11,13 @@
 # kept 4).
 # qwen15-hotpotqa-served: the served case on the 1.5B model (issue 35): full, naive, CacheBlend-, EPIC-style and
 # shipped SparseX at ratios 0.15 / 0.3 / 0.5, L_full 2, paragraphs cached in another order.
+# qwen15-hotpotqa-sink, qwen05-hotpotqa-sink, qwen05-squad-sink: pre-warmed corpora (issue 35), every paragraph
+# prefilled alone behind the sink prefix; full, naive, CacheBlend-style and SparseX at 0.15 with the chunk-start
+# knob at k = 0 and 4.
 # Usage: bench/quality_heldout.sh [RUN ...]    RUN: qwen05-hotpotqa qwen05-squad qwen15-hotpotqa
 #                                              qwen15-hotpotqa-ratios qwen05-hotpotqa-served
-#                                              qwen15-hotpotqa-served (default: all)
+#                                              qwen15-hotpotqa-served qwen15-hotpotqa-sink
+#                                              qwen05-hotpotqa-sink qwen05-squad-sink (default: all)
 # SPARSEX_THREADS=N runs torch on N threads (a run beside other work); the reports do not depend on it.
 #        bench/quality_heldout.sh --smoke DIR  the same grid on SmolLM2, one HotpotQA question, into DIR (CI)
 set -euo pipefail
@@ -35,6 +39,10 @@ served=(--methods full,naive,cacheblend,epic,sparsex --ratio 0.15 --full-layers 
 served15=(--methods full,naive,cacheblend,epic,sparsex --ratio 0.15,0.3,0.5 --full-layers 2 --mass-prior 4
           --cached other-order)
 
+# Pre-warmed corpora: paragraphs cached alone behind the sink prefix, chunk starts forced or not.
+sink=(--methods full,naive,cacheblend,sparsex --ratio 0.15 --full-layers 2 --mass-prior 4 --cached sink
+      --chunk-start 0,4)
+
 sweep() {  # MODEL TASK N OUT [GRID...]
   local model=$1 task=$2 n=$3 out=$4
   shift 4
@@ -50,7 +58,7 @@ if [ "${1:-}" = "--smoke" ]; then
 fi
 runs=("$@")
 [ ${#runs[@]} -gt 0 ] || runs=(qwen05-hotpotqa qwen05-squad qwen15-hotpotqa qwen15-hotpotqa-ratios qwen05-hotpotqa-served
-                               qwen15-hotpotqa-served)
+                               qwen15-hotpotqa-served qwen15-hotpotqa-sink qwen05-hotpotqa-sink qwen05-squad-sink)
 for name in "${runs[@]}"; do
   case "$name" in
     qwen05-hotpotqa) sweep qwen2.5-0.5b hotpotqa 200 bench/results/quality-heldout-qwen05-hotpotqa.json ;;
@@ -62,8 +70,14 @@ for name in "${runs[@]}"; do
       sweep qwen2.5-0.5b hotpotqa 200 bench/results/quality-heldout-qwen05-hotpotqa-served.json "${served[@]}" ;;
     qwen15-hotpotqa-served)
       sweep qwen2.5-1.5b hotpotqa 100 bench/results/quality-heldout-qwen15-hotpotqa-served.json "${served15[@]}" ;;
+    qwen15-hotpotqa-sink)
+      sweep qwen2.5-1.5b hotpotqa 100 bench/results/quality-heldout-qwen15-hotpotqa-sink.json "${sink[@]}" ;;
+    qwen05-hotpotqa-sink)
+      sweep qwen2.5-0.5b hotpotqa 200 bench/results/quality-heldout-qwen05-hotpotqa-sink.json "${sink[@]}" ;;
+    qwen05-squad-sink) sweep qwen2.5-0.5b squad 200 bench/results/quality-heldout-qwen05-squad-sink.json "${sink[@]}" ;;
     *) echo "unknown run $name (qwen05-hotpotqa, qwen05-squad, qwen15-hotpotqa, qwen15-hotpotqa-ratios," \
-            "qwen05-hotpotqa-served, qwen15-hotpotqa-served)" >&2
+            "qwen05-hotpotqa-served, qwen15-hotpotqa-served, qwen15-hotpotqa-sink, qwen05-hotpotqa-sink," \
+            "qwen05-squad-sink)" >&2
        exit 2 ;;
   esac
 done
