@@ -13,7 +13,7 @@
 # shipped SparseX at ratios 0.15 / 0.3 / 0.5, L_full 2, paragraphs cached in another order.
 # qwen15-hotpotqa-sink, qwen05-hotpotqa-sink, qwen05-squad-sink: pre-warmed corpora (issue 35), every paragraph
 # prefilled alone behind the sink prefix; full, naive, CacheBlend-style and SparseX at 0.15 with the chunk-start
-# knob at k = 0 and 4.
+# knob at k = 0, 1 (SparseX's default) and 4.
 # Usage: bench/quality_heldout.sh [RUN ...]    RUN: qwen05-hotpotqa qwen05-squad qwen15-hotpotqa
 #                                              qwen15-hotpotqa-ratios qwen05-hotpotqa-served
 #                                              qwen15-hotpotqa-served qwen15-hotpotqa-sink
@@ -41,7 +41,7 @@ served15=(--methods full,naive,cacheblend,epic,sparsex --ratio 0.15,0.3,0.5 --fu
 
 # Pre-warmed corpora: paragraphs cached alone behind the sink prefix, chunk starts forced or not.
 sink=(--methods full,naive,cacheblend,sparsex --ratio 0.15 --full-layers 2 --mass-prior 4 --cached sink
-      --chunk-start 0,4)
+      --chunk-start 0,1,4)
 
 sweep() {  # MODEL TASK N OUT [GRID...]
   local model=$1 task=$2 n=$3 out=$4
