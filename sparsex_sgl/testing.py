@@ -159,3 +159,33 @@ def wait_ready(server: Server, timeout: float = 600) -> None:
 def tail(log: Path, n: int = 40) -> str:
     lines = log.read_bytes().decode("utf-8", "replace").splitlines()
     return "\n".join(line for line in lines[-n:] if "server_args=" not in line)
+
+
+def save_hybrid(kind: str, folder: Path) -> Path:
+    """``reference.hybrid.tiny_model(kind)`` as an HF folder SGLang serves, its weights drawn with std 0.1 (the
+    default 0.02 gives near-uniform logits, whose greedy ties no comparison could trust). SGLang 0.5.23 reads a
+    few fields transformers 5 does not write: Qwen3.5's ``full_attention_interval`` (it ignores ``layer_types``),
+    NemotronH's block names of transformers 4, ``mamba_n_groups`` and ``mamba_expand``; and it fixes the Mamba2
+    step-size floor at 0 where HF clamps at ``time_step_min`` (0.001), so the folder says 0 for both."""
+    import torch
+
+    from sparsex_sgl.reference.hybrid import tiny_model
+
+    model = tiny_model(kind)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, 0.1)
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if kind == "qwen3_5":
+        config["full_attention_interval"] = config["layer_types"].index("full_attention") + 1
+    else:
+        names = {"linear_attention": "mamba", "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
+        config["layers_block_type"] = [names[t] for t in config["layers_block_type"]]
+        config["mtp_layers_block_type"] = [names[t] for t in config.get("mtp_layers_block_type", [])]
+        config.update(mamba_n_groups=config["n_groups"], mamba_expand=config["expand"], time_step_min=0.0)
+    path.write_text(json.dumps(config, indent=2))
+    return folder

@@ -33,14 +33,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sparsex_sgl"
 
 
 def test_every_pinned_sglang_source_is_the_installed_one() -> None:
-    changed = compat.changed_pins()
+    changed = compat.changed_pins() + compat.changed_pins(compat.TORCH_OPS_PINS)
     assert not changed, (f"SGLang changed {changed}: re-read the functions of sparsex_sgl/sglang/compat.py that "
                          "rely on them against the new source, then update compat.PINS (python -m "
                          "sparsex_sgl.sglang.compat)")
 
 
 def test_the_pins_are_exactly_what_the_seam_relies_on() -> None:
-    assert set(compat.PINS) == set(compat.relied_on())
+    assert set(compat.PINS) | set(compat.TORCH_OPS_PINS) == set(compat.relied_on())
+    assert not set(compat.PINS) & set(compat.TORCH_OPS_PINS)
     families = {name.split(".")[3] for name in compat.PINS if name.startswith("sglang.srt.models.")}
     assert families == {"llama", "qwen2", "qwen3"}
 

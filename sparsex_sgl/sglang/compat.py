@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 PINS: dict[str, str] = {
+    "sglang.srt.model_executor.model_runner.ModelRunner.load_model":
+        "bf6781e45efd63b5441b7850012e6ff35f61fe62c9c6458fcb27f276ca334a54",
     "sglang.srt.entrypoints.engine.Engine.__init__": "54412adbf86ad86b9d29ac676a3ef237ddc1c0b8d1d844ffae3c110dac656913",
     "sglang.srt.distributed.parallel_state.GroupCoordinator.__init__":
         "dfcd45b955026c6bc01e20d93b3a15a2ae52178e6a5a9d882cd28fe36c947b16",
@@ -193,6 +195,54 @@ PINS: dict[str, str] = {
 sglang 0.5.23; filled in by ``python -m sparsex_sgl.sglang.compat --print-pins`` after re-reading."""
 
 
+TORCH_OPS_PINS: dict[str, str] = {
+    "sglang.kernels.ops.attention.triton_gdn_fused_proj.fused_qkvzba_split_reshape_cat_contiguous":
+        "ffb71f6b2f5ff855c9048ab5a5b24b11d3201016696709269079071e7d8b5392",
+    "sglang.kernels.ops.elementwise.elementwise.fused_sigmoid_mul":
+        "35737a93045d38c7be42cc5c59a06b1db355b08994026c903716253475248ebe",
+    "sglang.kernels.ops.attention.fla.layernorm_gated.layernorm_fn":
+        "02513fa19e43eda2580ea36d2cb2d32c17c56e2fca4cea323cfb7689fae3167e",
+    "sglang.kernels.ops.attention.linear.fused_gdn_gating.fused_gdn_gating":
+        "f789a9c0d1253846d3239dec22b260fa6d5868c92b1f100a331e3a8e93cd6ad2",
+    "sglang.kernels.ops.mamba.causal_conv1d_triton.causal_conv1d_fn":
+        "f6fdaaa1136a5be43439c78258385ecdea23fd06697dae476c55b6b91ef33dc4",
+    "sglang.kernels.ops.mamba.causal_conv1d_triton.causal_conv1d_update":
+        "9deee5a1f64dea91cfb7c90eea14ea8460013b26d314416f8094652619b34c88",
+    "sglang.kernels.ops.attention.fla.chunk.chunk_gated_delta_rule":
+        "2352618b281432035fa851896b9459e907a6a6b626641b71dde2caa56eb6479a",
+    "sglang.kernels.ops.attention.linear.fused_sigmoid_gating_recurrent.fused_sigmoid_gating_delta_rule_update":
+        "f66af14f8c40efaaddc969b20b7dae9444b8f1696bf55c8e417cf8096a2bbf59",
+    "sglang.kernels.ops.mamba.triton_ops.ssd_combined.mamba_chunk_scan_combined":
+        "46705f606c8c69db13eca4c4192935cb94794dc72995c3d41077ca376eabe752",
+    "sglang.kernels.ops.mamba.triton_ops.ssu_dispatch.selective_state_update":
+        "e07d5c16aa89284e77c04dedcec251d37d245a89ff7056b9ee82fd38789f00a2",
+    "sglang.srt.models.qwen3_5.Qwen3_5GatedDeltaNet.forward":
+        "c261d84a3d8b40ca93dff8079093f15b674ac95b192574fa2ab6351b794d2a8b",
+    "sglang.srt.models.qwen3_5.Qwen3_5AttentionDecoderLayer.self_attention":
+        "c30c9577e036dc1c57bd567fd8c750b6a23979b0ac47a35b4f760d060e1df662",
+    "sglang.kernels.ops.attention.fla.layernorm_gated.RMSNorm.forward":
+        "1edbcfc2c1d05b915dbf1e76566461505c4eb04192fc71def185b1d89a609e77",
+    "sglang.srt.layers.attention.linear.gdn_backend.GDNAttnBackend.forward_decode":
+        "bd4945e7e726901fe84bf0acb5106c3bca6fa56b8eea9b1826b2453352a98721",
+    "sglang.srt.layers.attention.linear.gdn_backend.GDNAttnBackend.forward_extend":
+        "157c717197b16be15298906f144e17b29bd9d5d465753f1ddf07174fb9cff9cd",
+    "sglang.srt.layers.attention.linear.gdn_backend.GDNAttnBackend._convolve_prefill":
+        "289549785832cf952f5dd8ed009d659132544cb78d2cb019fda6f2297a31cb21",
+    "sglang.srt.layers.attention.linear.gdn_backend.GDNAttnBackend._prefill_gates":
+        "bd75e722f6781fb328acc5d376bb101a8dfc132754275736e45eeced89b6b46f",
+    "sglang.srt.layers.attention.linear.kernels.gdn_triton.TritonGDNKernel":
+        "d68ba1fc688e7547aea5d584daa72b100dc2ccbf85e1cfe28b6f797223bda341",
+    "sglang.srt.layers.attention.hybrid_linear_attn_backend.Mamba2AttnBackend.forward":
+        "e483ee84e0b081c2e0e7dd9db3f955cc6d305fae0b356dcaf13ac97b3b96a4bd",
+    "sglang.srt.layers.attention.mamba.mamba.MambaMixer2.forward":
+        "5a9071150a454e0d6b05f1c8e57f02ac96566ba0fe84a804dd5a53bc6b3e4675",
+    "sglang.srt.configs.hybrid_arch.mambaish_config":
+        "ab0787bde144a2d2c5a4ab2d33f9e30970ef513ea8b0e3477c62af5de7bf2c31",
+}
+"""The SGLang sources ``torch_hybrid_ops`` replaces or whose calls the stand-ins mirror (``sglang.torch_ops``): read
+only where a hybrid model is served on the CPU, because reading them imports SGLang's hybrid layers (seconds in
+every process); every other pin is in ``PINS``."""
+
 _STATE = "sparsex"
 """The attribute of SGLang's ``Req`` that carries its ``RequestState``."""
 _BATCH_STATES = "sparsex_requests"
@@ -270,6 +320,7 @@ HOOK_TARGETS = {
     "prefill_graph": "sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph",
     "forward_batch": "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
     "static_batch": "sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch",
+    "model_loaded": "sglang.srt.model_executor.model_runner.ModelRunner.load_model",
 }
 """The SGLang methods the plugin hooks (``HookRegistry``), by the role the hook plays; each is pinned."""
 
@@ -322,6 +373,46 @@ def use_torch_rotary() -> None:
     import sglang.srt.layers.rotary_embedding.base as rotary_base
 
     rotary_base._is_cpu = True
+
+
+_TORCH_OPS = {
+    "sglang.srt.models.qwen3_5": ("fused_qkvzba_split_reshape_cat_contiguous", "fused_sigmoid_mul"),
+    "sglang.kernels.ops.attention.fla.layernorm_gated": ("layernorm_fn",),
+    "sglang.srt.layers.attention.linear.gdn_backend": ("fused_gdn_gating", "causal_conv1d_fn", "causal_conv1d_update"),
+    "sglang.srt.layers.attention.linear.kernels.gdn_triton": ("chunk_gated_delta_rule",
+                                                              "fused_sigmoid_gating_delta_rule_update"),
+    "sglang.srt.layers.attention.mamba.mamba": ("causal_conv1d_fn", "causal_conv1d_update", "mamba_chunk_scan_combined",
+                                                "selective_state_update"),
+}
+"""Module -> the kernel names its code looks up at call time, which ``torch_hybrid_ops`` rebinds."""
+
+
+@_pin(*TORCH_OPS_PINS)
+def torch_hybrid_ops(model_runner: ModelRunner) -> bool:
+    """Serve a hybrid model (Gated DeltaNet or Mamba2 layers) on the CPU: rebind the kernel names its layers call
+    to the pure-torch ops of ``sglang.torch_ops``, and keep decode off the packed GDN kernel (no torch version).
+    False (nothing done) for a model without recurrent layers; raises where SGLang's hybrid layers are not the
+    source the stand-ins mirror, since the server could not run them anyway."""
+    from sglang.srt.configs.hybrid_arch import mambaish_config
+
+    if mambaish_config(model_runner.model_config) is None:
+        return False
+    changed = changed_pins(TORCH_OPS_PINS)
+    if changed:
+        raise RuntimeError(f"sparsex_sgl: the CPU ops for hybrid models were written against other SGLang sources "
+                           f"({', '.join(changed)})")
+    from sparsex_sgl.sglang import torch_ops
+
+    for module_name, names in _TORCH_OPS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            setattr(module, name, getattr(torch_ops, name))
+    mamba = importlib.import_module("sglang.srt.layers.attention.mamba.mamba")
+    setattr(mamba, "causal_conv1d_fn_triton", torch_ops.causal_conv1d_fn)  # noqa: B010 - bound on GPU hosts only
+    setattr(mamba, "causal_conv1d_update_triton", torch_ops.causal_conv1d_update)  # noqa: B010
+    importlib.import_module("sglang.srt.layers.attention.linear.kernels.gdn_triton").TritonGDNKernel \
+        .supports_packed_decode = False
+    return True
 
 
 @_pin("sglang.srt.distributed.parallel_state.init_model_parallel_group")
@@ -934,12 +1025,14 @@ def relied_on() -> list[str]:
 
 
 def main() -> None:
-    """``python -m sparsex_sgl.sglang.compat``: print ``PINS`` for the installed SGLang, to paste here once
+    """``python -m sparsex_sgl.sglang.compat``: print ``PINS`` and ``TORCH_OPS_PINS`` for the installed SGLang, to paste here once
     every function above has been re-read against its source."""
-    print("PINS: dict[str, str] = {")
-    for name in relied_on():
-        print(f'    "{name}": "{source_digest(name) or "MISSING"}",')
-    print("}")
+    for title, names in (("PINS", [n for n in relied_on() if n not in TORCH_OPS_PINS]),
+                         ("TORCH_OPS_PINS", list(TORCH_OPS_PINS))):
+        print(f"{title}: dict[str, str] = {{")
+        for name in names:
+            print(f'    "{name}": "{source_digest(name) or "MISSING"}",')
+        print("}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ SGLang calls ``register()`` once in every process it starts (launcher, scheduler
 and attention backends, adds the launch flags (``settings``), and hooks a few SGLang methods through the
 official ``HookRegistry`` (``compat.HOOK_TARGETS``). Every hook is a no-op unless ``--enable-sparsex`` (or
 ``enable_sparsex=True``) was given, or where this SGLang is not the source ``compat`` was written against;
-the CPU shim (pure-torch rotary, gloo groups without PyNccl for ``--tp`` > 1) is switched on by ``--device cpu``
-for stock SGLang too.
+the CPU shim (pure-torch rotary, gloo groups without PyNccl for ``--tp`` > 1, pure-torch ops for the recurrent
+layers of hybrid models) is switched on by ``--device cpu`` for stock SGLang too.
 
 Chunked prefill and the overlap scheduler stay on: a request that reuses segments runs in one extend step
 (``_admit``), every other request is chunked as on stock SGLang, and prefill CUDA graphs are refused for
@@ -57,10 +57,20 @@ def register() -> None:
         ("prefill_graph", _refuse_prefill_graph, "around"),
         ("forward_batch", _carry_requests, "after"),
         ("static_batch", _carry_to_static_batch, "after"),
+        ("model_loaded", _hybrid_ops_on_cpu, "after"),
     ])
     compat.wrap_engine_server_args(_engine_server_args)
     if os.environ.get(CPU_SHIM_ENV) == "1":
         _cpu_shim()
+
+
+def _hybrid_ops_on_cpu(result: Any, runner: ModelRunner, *args: Any, **kwargs: Any) -> Any:
+    """``ModelRunner.load_model``: a hybrid model served on the CPU runs its recurrent layers on pure-torch ops
+    (``compat.torch_hybrid_ops``); done here, once the model is known, because importing SGLang's hybrid layers
+    costs every other server seconds a process."""
+    if os.environ.get(CPU_SHIM_ENV) == "1" and compat.torch_hybrid_ops(runner):
+        logger.info("sparsex_sgl: recurrent layers run on pure-torch ops on the CPU (slow; for tests)")
+    return result
 
 
 def _cpu_shim() -> None:

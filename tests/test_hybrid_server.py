@@ -1,0 +1,99 @@
+"""Hybrid models served by SGLang on the CPU (issue 36, item 4, first part): the plugin's CPU shim runs the
+recurrent layers of Qwen3.5 (Gated DeltaNet) and NemotronH (Mamba2) on pure-torch ops (``sglang.torch_ops``),
+and the server's outputs equal HF transformers' own forward of the same weights.
+
+The tiny random models of the reference executor (``reference.hybrid.tiny_model``) are saved as HF folders in
+the shape SGLang reads (``save_hybrid``) and served float32 with ``--skip-tokenizer-init``, with SGLang's own
+mamba prefix cache (``no_buffer``: a state at each prefill's and request's end). Greedy tokens must equal HF's
+and the first output's top-5 logprobs agree within 1e-4 (2.3e-5 measured; HF's own float32 and float64 runs of
+the Qwen model differ by 2.7e-5); a conversation's next turn must hit SGLang's cache and still equal HF. Without
+the CPU ops the server dies at its first prefill (no Triton driver), so these tests cannot pass by accident.
+``--enable-sparsex`` still refuses a hybrid at start-up, in one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sparsex_sgl.testing import Server, launch, save_hybrid, tail, wait_ready
+
+pytestmark = pytest.mark.slow
+KINDS = ("qwen3_5", "nemotron_h")
+FLAGS = ["--skip-tokenizer-init", "--mamba-radix-cache-strategy", "no_buffer", "--disable-overlap-schedule",
+         "--max-mamba-cache-size", "32"]
+ENV = {"SGLANG_MAMBA_CONV_DTYPE": "float32", "SGLANG_MAMBA_SSM_DTYPE": "float32"}
+"""SGLang keeps the conv window in bfloat16 whatever ``--dtype`` says (greedy drifts from float32 HF)."""
+NEW, TOP, TOLERANCE = 8, 5, 1e-4
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, Server]]]:
+    root = tmp_path_factory.mktemp("hybrid")
+    servers = {}
+    for kind in KINDS:
+        folder = save_hybrid(kind, root / kind)
+        servers[kind] = (folder, launch(folder, FLAGS, root / f"{kind}.log", 4096, env=ENV))
+    try:
+        for _, server in servers.values():
+            wait_ready(server)
+        yield servers
+    finally:
+        for _, server in servers.values():
+            server.stop()
+
+
+@torch.no_grad()
+def hf_greedy(model: torch.nn.Module, ids: list[int]) -> tuple[list[int], torch.Tensor]:
+    """HF's greedy ``NEW`` tokens (a full forward per step, no cache) and the first step's log-probabilities."""
+    sequence, first = list(ids), None
+    for _ in range(NEW):
+        logprobs = torch.log_softmax(model(torch.tensor([sequence])).logits[0, -1].float(), -1)
+        first = logprobs if first is None else first
+        sequence.append(int(logprobs.argmax()))
+    assert first is not None
+    return sequence[len(ids):], first
+
+
+def generate(server: Server, ids: list[int]) -> dict:
+    status, reply = server.post("/generate", {
+        "input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": NEW, "ignore_eos": True},
+        "return_logprob": True, "top_logprobs_num": TOP})
+    assert status == 200, (reply, tail(server.log))
+    return dict(reply)
+
+
+def assert_equals_hf(model: torch.nn.Module, server: Server, ids: list[int]) -> dict:
+    reply = generate(server, ids)
+    tokens, first = hf_greedy(model, ids)
+    assert reply["output_ids"] == tokens
+    top = reply["meta_info"]["output_top_logprobs"][0]
+    assert [token for _, token, _ in top] == torch.topk(first, TOP).indices.tolist()
+    assert max(abs(logprob - float(first[token])) for logprob, token, _ in top) < TOLERANCE
+    return reply
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_hybrid_served_on_the_cpu_equals_hf(served: dict[str, tuple[Path, Server]], kind: str) -> None:
+    folder, server = served[kind]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    for length in (40, 97, 200):  # shorter than, across and past the 64-token chunk of the recurrent kernels
+        assert_equals_hf(model, server, torch.randint(0, 256, (length,), generator=gen).tolist())
+    # A conversation's next turn resends the last prompt and its reply: SGLang resumes it from its stored state.
+    first = torch.randint(0, 256, (150,), generator=gen).tolist()
+    reply = assert_equals_hf(model, server, first)
+    turn = first + reply["output_ids"] + torch.randint(0, 256, (30,), generator=gen).tolist()
+    assert assert_equals_hf(model, server, turn)["meta_info"]["cached_tokens"] >= len(first)
+
+
+def test_enable_sparsex_refuses_a_hybrid_in_one_line(tmp_path: Path) -> None:
+    folder = save_hybrid("qwen3_5", tmp_path / "model")
+    server = launch(folder, [*FLAGS, "--enable-sparsex"], tmp_path / "refused.log", 4096, env=ENV)
+    with pytest.raises(RuntimeError, match="server exited"):
+        wait_ready(server, timeout=300)
+    assert "does not support mamba/SSM hybrid models" in server.log.read_text()
