@@ -8,7 +8,8 @@ mamba prefix cache (``no_buffer``: a state at each prefill's and request's end).
 and the first output's top-5 logprobs agree within 1e-4 (2.3e-5 measured; HF's own float32 and float64 runs of
 the Qwen model differ by 2.7e-5); a conversation's next turn must hit SGLang's cache and still equal HF. Without
 the CPU ops the server dies at its first prefill (no Triton driver), so these tests cannot pass by accident.
-``--enable-sparsex`` still refuses a hybrid at start-up, in one line.
+With ``--enable-sparsex`` the ``sparsex`` cache (``HybridStateCache``) serves the same models, resuming exact
+prefixes from the segment graph's recurrent states, under SGLang's strict idle check of the state pool.
 """
 
 from __future__ import annotations
@@ -91,9 +92,45 @@ def test_a_hybrid_served_on_the_cpu_equals_hf(served: dict[str, tuple[Path, Serv
     assert assert_equals_hf(model, server, turn)["meta_info"]["cached_tokens"] >= len(first)
 
 
-def test_enable_sparsex_refuses_a_hybrid_in_one_line(tmp_path: Path) -> None:
-    folder = save_hybrid("qwen3_5", tmp_path / "model")
-    server = launch(folder, [*FLAGS, "--enable-sparsex"], tmp_path / "refused.log", 4096, env=ENV)
-    with pytest.raises(RuntimeError, match="server exited"):
-        wait_ready(server, timeout=300)
-    assert "does not support mamba/SSM hybrid models" in server.log.read_text()
+@pytest.fixture(scope="module")
+def sparsex(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, Server]]]:
+    root = tmp_path_factory.mktemp("hybrid-sparsex")
+    servers = {}
+    for kind in KINDS:
+        folder = save_hybrid(kind, root / kind)
+        servers[kind] = (folder, launch(folder, [*FLAGS, "--enable-sparsex"], root / f"{kind}.log", 4096,
+                                        env={**ENV, "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}))
+    try:
+        for _, server in servers.values():
+            wait_ready(server)
+        yield servers
+    finally:
+        for _, server in servers.values():
+            server.stop()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sparsex_resumes_hybrids_from_its_state_checkpoints(sparsex: dict[str, tuple[Path, Server]],
+                                                           kind: str) -> None:
+    """``--enable-sparsex`` serves a hybrid with exact prefixes resumed from the graph's recurrent states. A
+    conversation's second turn hits the first at its end, where no state was kept yet (the first lookup taught
+    the placement only misses); that hit teaches it, so the second turn keeps its end state and the third resumes
+    there. A prompt sharing less than any state is computed whole. Every reply equals HF's."""
+    folder, server = sparsex[kind]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(1)
+    first = torch.randint(0, 256, (150,), generator=gen).tolist()
+    turns, cached = [first], []
+    for _ in range(3):
+        reply = assert_equals_hf(model, server, turns[-1])
+        cached.append(reply["meta_info"]["cached_tokens"])
+        turns.append(turns[-1] + reply["output_ids"] + torch.randint(0, 256, (20,), generator=gen).tolist())
+    assert cached == [0, 0, len(turns[1]) + NEW - 1]  # the second turn's KV: all but its last reply token
+    apart = first[:100] + torch.randint(0, 256, (40,), generator=gen).tolist()
+    assert assert_equals_hf(model, server, apart)["meta_info"]["cached_tokens"] == 0  # no state within 96 tokens
+    # Segments are not reused on a hybrid: the request is served exact, and counted.
+    status, marked = server.post("/generate", {"input_ids": apart, "sampling_params": {
+        "temperature": 0, "max_new_tokens": NEW, "ignore_eos": True, "custom_params": {"sparsex_spans": [0, 100]}}})
+    assert status == 200 and marked["output_ids"] == hf_greedy(model, apart)[0]
+    stats = server.get("/sparsex/stats")["schedulers"][0]
+    assert stats["fallbacks"].get("recurrent_layers", 0) >= 1 and stats["recurrent_states"] >= 1, stats

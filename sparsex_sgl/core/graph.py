@@ -242,6 +242,10 @@ class SegmentGraph:
         """How many leading tokens of ``pieces`` lie on a cached root path (their prefix hit, uncapped)."""
         return sum(nd.length for nd in self._cached_path(pieces))
 
+    def root_path(self, pieces: Sequence[Piece]) -> tuple[NodeId, ...]:
+        """The ids of the cached root path's nodes that the leading pieces follow."""
+        return tuple(nd.id for nd in self._cached_path(pieces))
+
     def _cached_path(self, pieces: Sequence[Piece]) -> list[_Node]:
         """The nodes of the root path that the leading pieces follow, each confirmed on its token ids."""
         path: list[_Node] = []

@@ -75,13 +75,15 @@ class StateCheckpoints:
         self.graph.add_removal_listener(self._node_removed)
 
     # ------------------------------------------------------------------ lookup
-    def resume(self, lookup: Lookup, namespace: NamespaceKey) -> Resume:
+    def resume(self, lookup: Lookup, namespace: NamespaceKey, learn: bool = True) -> Resume:
         """The deepest state within ``lookup``'s exact prefix hit (the request's last token is never inside
-        it), and the lookup cut there; the hit depth is learned for the namespace's placement."""
+        it), and the lookup cut there; the hit depth is learned for the namespace's placement (``learn``: once
+        per request, where an engine matches a request more than once)."""
         hit = lookup.exact_prefix_len
-        last = lookup.prefix_node_ids[-1] if lookup.prefix_node_ids else None
-        at_end = last in self._ends and self.graph.node_span(last)[1] == hit
-        self._learned(namespace).observe(hit, at_end)
+        if learn:
+            last = lookup.prefix_node_ids[-1] if lookup.prefix_node_ids else None
+            at_end = last in self._ends and self.graph.node_span(last)[1] == hit
+            self._learned(namespace).observe(hit, at_end)
         best: _State | None = None
         for node_id in lookup.prefix_node_ids:
             for state in self._at.get(node_id, {}).values():
@@ -144,6 +146,10 @@ class StateCheckpoints:
         return kept
 
     # ------------------------------------------------------------------ memory
+    def evict(self, n: int) -> int:
+        """Free up to ``n`` unlocked states, least expected gain first (an engine short of state slots)."""
+        return self._drop(n) if n > 0 else 0
+
     def _drop(self, n: int) -> int:
         """Free ``n`` unlocked states, least expected gain first (then least recently used)."""
         gains = self._gains()
@@ -199,6 +205,13 @@ class StateCheckpoints:
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
         return self._count
+
+    def locked(self) -> int:
+        """How many states a running request may resume from (their nodes are locked)."""
+        return sum(len(states) for node_id, states in self._at.items() if self.graph.lock_ref(node_id) > 0)
+
+    def slots(self) -> list[int]:
+        return [state.slot for states in self._at.values() for state in states.values()]
 
     def offsets(self, node_id: NodeId) -> tuple[int, ...]:
         """The offsets holding a state in ``node_id``, ascending."""

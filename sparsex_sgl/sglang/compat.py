@@ -57,6 +57,28 @@ __all__ = [
 ]
 
 PINS: dict[str, str] = {
+    "sglang.srt.mem_cache.memory_pool.HybridReqToTokenPool.__init__":
+        "8e8e01e4c397c2a72d6037023f1fc2ac88c447624e68702303a63c329085ded1",
+    "sglang.srt.mem_cache.allocator.mamba.MambaSlotAllocator.alloc":
+        "7297996a0d78e2b4fd567dfd4cb46f194de640a98626b44f269a4d7bbb787958",
+    "sglang.srt.mem_cache.allocator.mamba.MambaSlotAllocator.free":
+        "c847d0245493326ef7b4aff6dc7a4123d9a8488f2fb078d7931eb77c804b612f",
+    "sglang.srt.mem_cache.memory_pool.HybridReqToTokenPool.translate_mamba_indices":
+        "24905251ba7dc956485a94da89670c8b8116b336e362542a34e19c8af5816de5",
+    "sglang.srt.mem_cache.memory_pool.MambaPool.copy_from":
+        "edf49d42d268f7926efd650edac3a09a109ec196055f64fce1105d467b6fd724",
+    "sglang.srt.mem_cache.unified_cache.components.mamba.MambaComponent.finalize_match_result_in_cache":
+        "cf8b61d4a6d7c8be5ad750526766f99e5a1809b0d1de237fe5ae057dcec5cad3",
+    "sglang.srt.mem_cache.unified_cache.components.mamba.MambaComponent.prepare_for_caching_req":
+        "3c3d5ac8e7e46b8f2105eab327ec29b7816c35a6971267c4466e3ad7c41695bb",
+    "sglang.srt.mem_cache.unified_cache.components.mamba.MambaComponent.cleanup_after_caching_req":
+        "f37c742b8956608403de69e63e250887197af07fb4fd7b6d956442a89858b031",
+    "sglang.srt.managers.schedule_batch.Req.finished":
+        "e9520ce0af62f8c7ecd751d9f603a65cff9cfc3752c13e4f7a656d74021384fc",
+    "sglang.srt.mem_cache.memory_pool.HybridReqToTokenPool.free_mamba_cache":
+        "3dab5fea7f1f231c06d997d62254fc544d785c3445d93445b5ed6e051e0bdb56",
+    "sglang.srt.mem_cache.registry.create_tree_cache":
+        "e797893ad42c211330b6d7df6af6ae8ef46126402f77a7a5d06c1ce50e9526b1",
     "sglang.srt.model_executor.model_runner.ModelRunner.load_model":
         "bf6781e45efd63b5441b7850012e6ff35f61fe62c9c6458fcb27f276ca334a54",
     "sglang.srt.entrypoints.engine.Engine.__init__": "54412adbf86ad86b9d29ac676a3ef237ddc1c0b8d1d844ffae3c110dac656913",
@@ -530,6 +552,11 @@ def check_custom_param_types(custom: object) -> None:
                          "or object of those)") from None
 
 
+@_pin("sglang.srt.managers.schedule_batch.Req.finished")
+def request_finished(req: Req) -> bool:
+    return bool(req.finished())
+
+
 @_pin("sglang.srt.managers.schedule_batch.Req.__init__")
 def cached_tokens(req: Req) -> int:
     """SGLang's own prefix-hit count of a request (``meta_info.cached_tokens``)."""
@@ -712,6 +739,73 @@ def extend_layout(forward_batch: ForwardBatch) -> tuple[list[int], list[int], li
     return [int(p) for p in prefix], [int(e) for e in extend], [int(r) for r in rows.tolist()]
 
 
+# ---------------------------------------------------------------------- recurrent states (hybrid models)
+@_pin("sglang.srt.mem_cache.memory_pool.HybridReqToTokenPool.__init__",
+      "sglang.srt.mem_cache.allocator.mamba.MambaSlotAllocator.alloc",
+      "sglang.srt.mem_cache.allocator.mamba.MambaSlotAllocator.free",
+      "sglang.srt.mem_cache.memory_pool.HybridReqToTokenPool.translate_mamba_indices",
+      "sglang.srt.mem_cache.memory_pool.MambaPool.copy_from",
+      "sglang.srt.mem_cache.memory_pool.HybridReqToTokenPool.free_mamba_cache",
+      "sglang.srt.mem_cache.registry.create_tree_cache")
+class StatePool:
+    """SGLang's pool of recurrent-state slots (``HybridReqToTokenPool``), as ``core.states`` uses it: a slot
+    allocator over ints, the pool's size, and a copy of one slot's states (every recurrent layer's) into
+    another, as SGLang's own mamba cache copies a running request's state at a chunk's end."""
+
+    def __init__(self, params: Any) -> None:
+        self._pool = params.req_to_token_pool
+        self._allocator = self._pool.mamba_allocator
+        self.size = int(self._allocator.size)
+        self.device = self._allocator.device
+
+    def alloc(self, n: int) -> list[int] | None:
+        slots = self._allocator.alloc(n)
+        return None if slots is None else [int(s) for s in slots.view(-1).tolist()]
+
+    def free(self, slots: Sequence[int]) -> None:
+        if slots:
+            self._allocator.free(torch.tensor(list(slots), dtype=torch.int64, device=self.device))
+
+    def copy(self, source: int, target: int) -> None:
+        index = functools.partial(torch.tensor, dtype=torch.int64, device=self.device)
+        self._pool.mamba_pool.copy_from(self._pool.translate_mamba_indices(index([source])),
+                                        self._pool.translate_mamba_indices(index([target])))
+
+    def release_request(self, req: Req) -> None:
+        """Free a request's own state slot (SGLang's release frees only its KV row)."""
+        if req.kv.mamba_pool_idx is not None:
+            self._pool.free_mamba_cache(req)
+
+
+@_pin("sglang.srt.managers.schedule_batch.ReqKvInfo",
+      "sglang.srt.mem_cache.unified_cache.components.mamba.MambaComponent.finalize_match_result_in_cache")
+def stage_state_copy(req: Req, source: int, pool: StatePool, own: int | None) -> bool:
+    """Have SGLang copy the stored state ``source`` into the request's own state slot on the forward stream, before
+    any recurrent layer runs, as SGLang's mamba cache does at a hit; ``own`` is the slot to give a request that
+    holds none (True: staged)."""
+    if req.kv.mamba_pool_idx is None:
+        if own is None:
+            return False
+        req.kv.mamba_pool_idx = torch.tensor(own, dtype=torch.int64, device=pool.device)
+    req.kv.mamba_cow_src_index = torch.tensor([source], dtype=torch.int64, device=pool.device)
+    req.kv.mamba_needs_clear = False
+    return True
+
+
+@_pin("sglang.srt.managers.schedule_batch.ReqKvInfo",
+      "sglang.srt.mem_cache.unified_cache.components.mamba.MambaComponent.prepare_for_caching_req",
+      "sglang.srt.mem_cache.unified_cache.components.mamba.MambaComponent.cleanup_after_caching_req")
+def request_state_slot(req: Req, take: bool = False) -> int | None:
+    """The request's own state slot (its live recurrent state; None if it holds none). ``take``: the cache takes
+    the slot over at the request's end, as SGLang's mamba cache does (the request then holds none)."""
+    slot = req.kv.mamba_pool_idx
+    if slot is None:
+        return None
+    if take:
+        req.kv.mamba_pool_idx = None
+    return int(slot)
+
+
 # ---------------------------------------------------------------------- model, pool, attention
 @_pin("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.__init__")
 def plain_kv_pool(pool: Any) -> bool:
@@ -848,7 +942,9 @@ def refused_features(ctx: TreeCacheBuildContext) -> list[str]:
          ("hierarchical cache (--enable-hierarchical-cache: SparseX keeps segments in its own tiers, "
           "--sparsex-host-tier-gb and --sparsex-storage-backend)")),
         (ctx.is_hybrid_swa, "sliding-window hybrid models"),
-        (ctx.is_hybrid_ssm, "mamba/SSM hybrid models"),
+        (ctx.is_hybrid_ssm and ctx.params.enable_mamba_extra_buffer,
+         "--mamba-radix-cache-strategy extra_buffer (hybrid models: no_buffer)"),
+        (ctx.is_hybrid_ssm and ctx.tp_size > 1, "tensor parallelism for hybrid models"),
         (ctx.params.page_size != 1, "--page-size other than 1"),
         (ctx.disable_radix_cache, "--disable-radix-cache"),
     ]
@@ -876,6 +972,12 @@ def cache_pools(params: Any) -> tuple[Any, torch.Tensor, Any, int, int]:
     allocator = params.token_to_kv_pool_allocator
     return (params.req_to_token_pool, params.req_to_token_pool.req_to_token, allocator, int(allocator.size),
             int(params.page_size))
+
+
+@_pin("sglang.srt.mem_cache.registry.TreeCacheBuildContext")
+def hybrid_ssm(ctx: TreeCacheBuildContext) -> bool:
+    """Whether the model has recurrent (Mamba2, Gated DeltaNet, ...) layers besides attention."""
+    return bool(ctx.is_hybrid_ssm)
 
 
 @_pin("sglang.srt.mem_cache.registry.TreeCacheBuildContext")

@@ -23,6 +23,7 @@ from sparsex_sgl.core.rope import RopeConfig
 from sparsex_sgl.core.tiers import HostTier, KVLayout, SegmentStore, TierCounters
 from sparsex_sgl.sglang import compat, model_hook
 from sparsex_sgl.sglang.cache import SegmentGraphCache
+from sparsex_sgl.sglang.hybrid_cache import RECURRENT, HybridStateCache
 from sparsex_sgl.sglang.metrics import PrometheusExport
 from sparsex_sgl.sglang.runtime import SchedulerRuntime
 from sparsex_sgl.sglang.settings import REFUSED_PARALLELISM, config_of, refused_parallelism
@@ -48,6 +49,8 @@ def build(ctx: TreeCacheBuildContext) -> SegmentGraphCache:
     config = config_of(server_args)
     model, pool, _, device = compat.runner_parts(model_runner)
     chunk, metrics_on, model_name = compat.server_facts(server_args)
+    if compat.hybrid_ssm(ctx):
+        return _hybrid(params, config, num_layers, device, metrics_on, model_name)
     rope: RopeConfig | None = None
     kind, reason = "", ""
     changed = compat.changed_pins()
@@ -81,6 +84,17 @@ def build(ctx: TreeCacheBuildContext) -> SegmentGraphCache:
     metrics = PrometheusExport({"model_name": model_name}, rank=shard[0]) if metrics_on else None
     tiers = _tiers(config, pool, num_layers, device, model_name, shard) if not reason else None
     return SegmentGraphCache(params, runtime, device, metrics, tiers)
+
+
+def _hybrid(params: Any, config: ServerConfig, num_layers: int, device: torch.device, metrics_on: bool,
+            model_name: str) -> HybridStateCache:
+    """A hybrid model (recurrent layers): exact prefixes resumed from recurrent-state checkpoints, no segment
+    reuse (docs/how-it-works.md, "Hybrid models"); the model is not hooked."""
+    runtime = SchedulerRuntime(config, None, num_layers, op_set(config.kernels, device))
+    runtime.disable(RECURRENT, "a recurrent layer's state depends on its whole left context: exact prefixes only, "
+                               "resumed from stored recurrent states")
+    metrics = PrometheusExport({"model_name": model_name}, rank=0) if metrics_on else None
+    return HybridStateCache(params, runtime, device, metrics)
 
 
 def _tiers(config: ServerConfig, pool: Any, num_layers: int, device: torch.device, model_name: str,
