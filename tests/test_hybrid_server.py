@@ -60,16 +60,18 @@ def hf_greedy(model: torch.nn.Module, ids: list[int]) -> tuple[list[int], torch.
     return sequence[len(ids):], first
 
 
-def generate(server: Server, ids: list[int]) -> dict:
-    status, reply = server.post("/generate", {
-        "input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": NEW, "ignore_eos": True},
-        "return_logprob": True, "top_logprobs_num": TOP})
+def generate(server: Server, ids: list[int], namespace: str | None = None) -> dict:
+    params: dict = {"temperature": 0, "max_new_tokens": NEW, "ignore_eos": True}
+    if namespace is not None:
+        params["custom_params"] = {"sparsex_namespace": namespace}
+    status, reply = server.post("/generate", {"input_ids": ids, "sampling_params": params, "return_logprob": True,
+                                              "top_logprobs_num": TOP})
     assert status == 200, (reply, tail(server.log))
     return dict(reply)
 
 
-def assert_equals_hf(model: torch.nn.Module, server: Server, ids: list[int]) -> dict:
-    reply = generate(server, ids)
+def assert_equals_hf(model: torch.nn.Module, server: Server, ids: list[int], namespace: str | None = None) -> dict:
+    reply = generate(server, ids, namespace)
     tokens, first = hf_greedy(model, ids)
     assert reply["output_ids"] == tokens
     top = reply["meta_info"]["output_top_logprobs"][0]
@@ -134,3 +136,17 @@ def test_sparsex_resumes_hybrids_from_its_state_checkpoints(sparsex: dict[str, t
     assert status == 200 and marked["output_ids"] == hf_greedy(model, apart)[0]
     stats = server.get("/sparsex/stats")["schedulers"][0]
     assert stats["fallbacks"].get("recurrent_layers", 0) >= 1 and stats["recurrent_states"] >= 1, stats
+
+
+def test_sparsex_cuts_a_prefill_where_its_placement_keeps_a_state(sparsex: dict[str, tuple[Path, Server]]) -> None:
+    """Questions over one 200-token document, in a namespace of their own (whose placement has learned nothing):
+    the second one's hit (at 192, the document's last 16-token block) teaches the placement a state at 192; its
+    own prefill is cut there (a chunk ends at 192, where the state is copied), so the third question resumes
+    from it. Every reply equals HF's."""
+    folder, server = sparsex["qwen3_5"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(2)
+    document = torch.randint(0, 256, (200,), generator=gen).tolist()
+    cached = [assert_equals_hf(model, server, document + torch.randint(0, 256, (12,), generator=gen).tolist(),
+                               "questions")["meta_info"]["cached_tokens"] for _ in range(3)]
+    assert cached == [0, 0, 192]

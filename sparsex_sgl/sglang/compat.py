@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 PINS: dict[str, str] = {
+    "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req":
+        "af3ae7db76b5e8d2adab38add0312ebbaae1932f2095c39fe670be6db67e53cc",
     "sglang.srt.mem_cache.memory_pool.HybridReqToTokenPool.__init__":
         "8e8e01e4c397c2a72d6037023f1fc2ac88c447624e68702303a63c329085ded1",
     "sglang.srt.mem_cache.allocator.mamba.MambaSlotAllocator.alloc":
@@ -339,6 +341,7 @@ HOOK_TARGETS = {
     "internal_state":
         "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
     "admit": "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req",
+    "admit_chunk": "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req",
     "prefill_graph": "sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph",
     "forward_batch": "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
     "static_batch": "sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch",
@@ -624,6 +627,12 @@ def fill_ids(req: Req, up_to: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------- KV ownership of a request
+@_pin("sglang.srt.managers.schedule_batch.Req.init_next_round_input")
+def prefix_len(req: Req) -> int:
+    """Where the request's next extend starts: its match, or the end of its last chunk."""
+    return int(req.prefix_len)
+
+
 @_pin("sglang.srt.managers.schedule_batch.ReqKvInfo", "sglang.srt.mem_cache.common.release_kv_cache")
 def protected_len(req: Req) -> int:
     """How many leading positions of the request's row the tree cache owns (SGLang frees the rest)."""
@@ -674,6 +683,19 @@ def chunk_budget(adder: PrefillAdder) -> int | None:
       "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req")
 def set_chunk_budget(adder: PrefillAdder, tokens: int | None) -> None:
     adder.rem_chunk_tokens = tokens
+
+
+@_pin("sglang.srt.managers.schedule_policy.PrefillAdder.__init__",
+      "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req")
+def chunked_limit(adder: PrefillAdder) -> int | None:
+    """The cap on the next chunk of the request being prefilled in chunks (None: none)."""
+    return adder.chunked_req_limit
+
+
+@_pin("sglang.srt.managers.schedule_policy.PrefillAdder.__init__",
+      "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req")
+def set_chunked_limit(adder: PrefillAdder, tokens: int | None) -> None:
+    adder.chunked_req_limit = tokens
 
 
 @_pin("sglang.srt.managers.schedule_policy.AddReqResult")

@@ -9,10 +9,10 @@ hit, and stages a copy of it into the request's own state slot, which SGLang mak
 any recurrent layer runs; everything after that offset is computed through all layers.
 
 States are taken where SGLang has them (``--mamba-radix-cache-strategy no_buffer``, overlap scheduling off): in the
-request's slot at a checkpoint, i.e. at a chunk's end (copied) and at the request's end (taken over). Of those,
-the ones the placement asks for are kept. Placed offsets inside one extend are not captured (SGLang's forward keeps
-one state per request and extend; docs/sglang-hybrid-cache.md), so until chunked prefill is cut at them the
-learned placement acts through the states at sequence ends, where conversations continue.
+request's slot at a checkpoint, i.e. at a chunk's end (copied) and at the request's end (taken over). SGLang's
+forward keeps one state per request and extend (docs/sglang-hybrid-cache.md), so a prefill is cut into chunks that
+end at the offsets the placement chooses (``next_cut``, applied by the plugin's admission hooks): each costs a
+scheduler step, and a chunk's end is where the state is copied.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class HybridStateCache(SegmentGraphCache):
         path = self.graph.root_path(self._cut_to_cache(req, compat.fill_ids(req, up_to), match))
         captured: dict[int, int] = {}
         own = compat.request_state_slot(req)
-        if own is not None and up_to in self.states.plan(key_ns, resumed, n):
+        if own is not None and up_to in self.states.plan(key_ns, resumed, n) and (finished or up_to < n):
             if finished:
                 captured[up_to] = own
                 compat.request_state_slot(req, take=True)
@@ -128,6 +128,13 @@ class HybridStateCache(SegmentGraphCache):
                     self.state_pool.copy(own, fresh[0])
                     captured[up_to] = fresh[0]
         self.states.adopt(path, captured, key_ns)
+
+    def next_cut(self, req: Req, prefix_len: int) -> int | None:
+        """How many tokens the request's next extend should take to end at the next offset its placement keeps
+        a state at (None: no such offset before the prompt's end, which the prefill reaches anyway)."""
+        token_ids, n_prompt = compat.request_tokens(req)
+        ahead = [c for c in self.states.plan(self._namespace(req), prefix_len, n_prompt) if c < n_prompt]
+        return ahead[0] - prefix_len if ahead and len(token_ids) == n_prompt else None
 
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)

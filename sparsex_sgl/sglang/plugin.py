@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.model_runner import ModelRunner
 
     from sparsex_sgl.sglang.cache import SegmentGraphCache
+    from sparsex_sgl.sglang.hybrid_cache import HybridStateCache
 
 logger = logging.getLogger("sparsex_sgl")
 
@@ -54,6 +55,7 @@ def register() -> None:
         ("cached_tokens_details", _add_details, "after"),
         ("internal_state", _add_internal_state, "after"),
         ("admit", _admit, "around"),
+        ("admit_chunk", _admit_chunk, "around"),
         ("prefill_graph", _refuse_prefill_graph, "around"),
         ("forward_batch", _carry_requests, "after"),
         ("static_batch", _carry_to_static_batch, "after"),
@@ -227,6 +229,49 @@ def _segment_text(manager: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
     obj.input_ids = ids
 
 
+def _cut_at_state(original: Callable[..., Any], adder: PrefillAdder, req: Req, tree_cache: HybridStateCache,
+                  args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A hybrid's prefill admitted with its chunk budget cut so that the extend ends where its placement keeps a
+    recurrent state (SGLang copies the state there at the chunk's end); the rest of the batch's budget stays
+    what it was, less what the request took."""
+    budget = compat.chunk_budget(adder)
+    try:
+        cut = tree_cache.next_cut(req, compat.prefix_len(req))
+    except Exception as exc:  # noqa: BLE001 - a SparseX bug: admit it uncut
+        tree_cache.runtime.internal_error("admission", exc)
+        cut = None
+    if cut is None or budget is None or cut >= budget:
+        return original(adder, req, *args, **kwargs)
+    compat.set_chunk_budget(adder, cut)
+    try:
+        return original(adder, req, *args, **kwargs)
+    finally:
+        left = compat.chunk_budget(adder)
+        compat.set_chunk_budget(adder, budget - cut + (left or 0))
+
+
+def _admit_chunk(original: Callable[..., Any], adder: PrefillAdder, req: Req, *args: Any, **kwargs: Any) -> Any:
+    """``PrefillAdder.add_chunked_req``: a hybrid's next chunk ends where its placement keeps the next state."""
+    from sparsex_sgl.sglang.hybrid_cache import HybridStateCache
+
+    tree_cache = compat.adder_view(adder)[0]
+    if not isinstance(tree_cache, HybridStateCache) or not compat.unchanged():
+        return original(adder, req, *args, **kwargs)
+    try:
+        cut = tree_cache.next_cut(req, compat.prefix_len(req))
+    except Exception as exc:  # noqa: BLE001 - a SparseX bug: the chunk is cut as SGLang cuts it
+        tree_cache.runtime.internal_error("admission", exc)
+        cut = None
+    limit = compat.chunked_limit(adder)
+    if cut is None or (limit is not None and limit <= cut):
+        return original(adder, req, *args, **kwargs)
+    compat.set_chunked_limit(adder, cut)
+    try:
+        return original(adder, req, *args, **kwargs)
+    finally:
+        compat.set_chunked_limit(adder, limit)
+
+
 def _admit(original: Callable[..., Any], adder: PrefillAdder, req: Req, *args: Any, **kwargs: Any) -> Any:
     """Admission of one waiting request to the prefill batch being built (``PrefillAdder``).
 
@@ -246,11 +291,14 @@ def _admit(original: Callable[..., Any], adder: PrefillAdder, req: Req, *args: A
       (counted as ``no_room_for_reuse``).
     """
     from sparsex_sgl.sglang.cache import SegmentGraphCache
+    from sparsex_sgl.sglang.hybrid_cache import HybridStateCache
 
     request = compat.request_state(req)
     if request is None or not compat.unchanged():
         return original(adder, req, *args, **kwargs)
     tree_cache, batch, running_reqs = compat.adder_view(adder)
+    if isinstance(tree_cache, HybridStateCache):
+        return _cut_at_state(original, adder, req, tree_cache, args, kwargs)
     if not isinstance(tree_cache, SegmentGraphCache) or tree_cache.runtime.disabled_kind:
         return original(adder, req, *args, **kwargs)
     runtime = tree_cache.runtime
