@@ -32,13 +32,12 @@ ENV = {"SGLANG_MAMBA_CONV_DTYPE": "float32", "SGLANG_MAMBA_SSM_DTYPE": "float32"
 NEW, TOP, TOLERANCE = 8, 5, 1e-4
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, Server]]]:
-    root = tmp_path_factory.mktemp("hybrid")
+def serve(root: Path, flags: list[str], env: dict[str, str]) -> Iterator[dict[str, tuple[Path, Server]]]:
+    """Both tiny hybrids saved under ``root`` and served side by side with ``flags``, stopped at the end."""
     servers = {}
     for kind in KINDS:
         folder = save_hybrid(kind, root / kind)
-        servers[kind] = (folder, launch(folder, FLAGS, root / f"{kind}.log", 4096, env=ENV))
+        servers[kind] = (folder, launch(folder, flags, root / f"{kind}.log", 4096, env=env))
     try:
         for _, server in servers.values():
             wait_ready(server)
@@ -46,6 +45,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple
     finally:
         for _, server in servers.values():
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, Server]]]:
+    yield from serve(tmp_path_factory.mktemp("hybrid"), FLAGS, ENV)
 
 
 @torch.no_grad()
@@ -96,19 +100,8 @@ def test_a_hybrid_served_on_the_cpu_equals_hf(served: dict[str, tuple[Path, Serv
 
 @pytest.fixture(scope="module")
 def sparsex(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, Server]]]:
-    root = tmp_path_factory.mktemp("hybrid-sparsex")
-    servers = {}
-    for kind in KINDS:
-        folder = save_hybrid(kind, root / kind)
-        servers[kind] = (folder, launch(folder, [*FLAGS, "--enable-sparsex"], root / f"{kind}.log", 4096,
-                                        env={**ENV, "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}))
-    try:
-        for _, server in servers.values():
-            wait_ready(server)
-        yield servers
-    finally:
-        for _, server in servers.values():
-            server.stop()
+    yield from serve(tmp_path_factory.mktemp("hybrid-sparsex"), [*FLAGS, "--enable-sparsex"],
+                     {**ENV, "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"})
 
 
 @pytest.mark.parametrize("kind", KINDS)

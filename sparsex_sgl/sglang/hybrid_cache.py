@@ -92,14 +92,19 @@ class HybridStateCache(SegmentGraphCache):
         if compat.request_state_slot(req) is None:
             self.graph.lock(path)
             try:
-                own = self.state_pool.alloc(1)
-                if own is None and self.states.evict(1):
-                    own = self.state_pool.alloc(1)
+                own = self._free_slot()
             finally:
                 self.graph.unlock(path)
             if own is None:
                 return False
-        return compat.stage_state_copy(req, source, self.state_pool, None if own is None else own[0])
+        return compat.stage_state_copy(req, source, self.state_pool, own)
+
+    def _free_slot(self) -> int | None:
+        """One state slot of SGLang's pool, dropping the least useful unlocked state if none is free."""
+        slots = self.state_pool.alloc(1)
+        if slots is None and self.states.evict(1):
+            slots = self.state_pool.alloc(1)
+        return None if slots is None else slots[0]
 
     # ------------------------------------------------------------------ caching a request
     def _checkpoint(self, req: Req, up_to: int) -> None:
@@ -121,12 +126,10 @@ class HybridStateCache(SegmentGraphCache):
                 captured[up_to] = own
                 compat.request_state_slot(req, take=True)
             else:
-                fresh = self.state_pool.alloc(1)
-                if fresh is None and self.states.evict(1):
-                    fresh = self.state_pool.alloc(1)
+                fresh = self._free_slot()
                 if fresh is not None:
-                    self.state_pool.copy(own, fresh[0])
-                    captured[up_to] = fresh[0]
+                    self.state_pool.copy(own, fresh)
+                    captured[up_to] = fresh
         self.states.adopt(path, captured, key_ns)
 
     def next_cut(self, req: Req, prefix_len: int) -> int | None:

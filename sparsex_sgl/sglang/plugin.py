@@ -229,17 +229,23 @@ def _segment_text(manager: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
     obj.input_ids = ids
 
 
+def _next_cut(tree_cache: HybridStateCache, req: Req) -> int | None:
+    """``HybridStateCache.next_cut`` from where the request's next extend starts; a SparseX bug is counted and the
+    extend is cut as SGLang cuts it."""
+    try:
+        return tree_cache.next_cut(req, compat.prefix_len(req))
+    except Exception as exc:  # noqa: BLE001 - logged and counted by internal_error
+        tree_cache.runtime.internal_error("admission", exc)
+        return None
+
+
 def _cut_at_state(original: Callable[..., Any], adder: PrefillAdder, req: Req, tree_cache: HybridStateCache,
                   args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """A hybrid's prefill admitted with its chunk budget cut so that the extend ends where its placement keeps a
     recurrent state (SGLang copies the state there at the chunk's end); the rest of the batch's budget stays
     what it was, less what the request took."""
     budget = compat.chunk_budget(adder)
-    try:
-        cut = tree_cache.next_cut(req, compat.prefix_len(req))
-    except Exception as exc:  # noqa: BLE001 - a SparseX bug: admit it uncut
-        tree_cache.runtime.internal_error("admission", exc)
-        cut = None
+    cut = _next_cut(tree_cache, req)
     if cut is None or budget is None or cut >= budget:
         return original(adder, req, *args, **kwargs)
     compat.set_chunk_budget(adder, cut)
@@ -257,11 +263,7 @@ def _admit_chunk(original: Callable[..., Any], adder: PrefillAdder, req: Req, *a
     tree_cache = compat.adder_view(adder)[0]
     if not isinstance(tree_cache, HybridStateCache) or not compat.unchanged():
         return original(adder, req, *args, **kwargs)
-    try:
-        cut = tree_cache.next_cut(req, compat.prefix_len(req))
-    except Exception as exc:  # noqa: BLE001 - a SparseX bug: the chunk is cut as SGLang cuts it
-        tree_cache.runtime.internal_error("admission", exc)
-        cut = None
+    cut = _next_cut(tree_cache, req)
     limit = compat.chunked_limit(adder)
     if cut is None or (limit is not None and limit <= cut):
         return original(adder, req, *args, **kwargs)
