@@ -38,7 +38,7 @@ from sparsex_sgl.assets import hotpotqa_path, resolve_model
 from sparsex_sgl.eval.hotpotqa import load_examples
 from sparsex_sgl.harness.driver import PreparedRequest, RequestResult, run_load
 from sparsex_sgl.harness.render import render
-from sparsex_sgl.harness.report import save_bench
+from sparsex_sgl.harness.report import pyplot, save_bench
 from sparsex_sgl.harness.workloads import corpus_rag
 from sparsex_sgl.testing import Server, idle_stats, launch, wait_ready
 
@@ -185,11 +185,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(report["systems"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     axes[0].bar(names, [report["systems"][n]["reused_per_request"] for n in names])

@@ -89,7 +89,7 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
     return f"{numerator / denominator:.2f}x"
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """matplotlib's pyplot on the file-only backend (no display on servers)."""
     import matplotlib
 
@@ -103,14 +103,14 @@ def _finish(fig: Any, ax: Any, path: Path, legend_size: float | None = None) -> 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_ttft_cdf(report: dict[str, Any], out: Path, source: str) -> list[Path]:
     """One CDF per workload and load of one results folder; ``source`` (the folder's name) keeps the files
     of several folders with the same workload and load apart."""
-    plt = _pyplot()
+    plt = pyplot()
 
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in report["runs"]:
@@ -128,7 +128,7 @@ def plot_ttft_cdf(report: dict[str, Any], out: Path, source: str) -> list[Path]:
 
 
 def plot_throughput(report: dict[str, Any], out: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
 
     curves: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for run in report["runs"]:
@@ -148,7 +148,7 @@ def plot_throughput(report: dict[str, Any], out: Path) -> list[Path]:
 def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:
     """F1 against recompute fraction, one line per method and L_full (colour: method; line style: L_full);
     full prefill and naive as references."""
-    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     lines: dict[tuple[str, int | None], list[tuple[float, float]]] = defaultdict(list)
     for m in sweep["methods"].values():
         if m["method"] == "full":
