@@ -1,6 +1,7 @@
 """The quality-against-FLOPs front: the sweep equals the definition (no point costs at most as much and is at
 least as good, better in one), checked by brute force over random points; and on the committed held-out
-reports each method's shipped form is one point per ratio, so the figure draws what the defaults are."""
+reports each method's shipped form is one point per ratio, so the figure draws what the defaults are; and
+``quality_table --against`` pairs the same setting across reports that named it differently."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsex_sgl.eval import quality_flops
+from sparsex_sgl.eval import quality_flops, quality_table
 from sparsex_sgl.eval.quality_flops import Point
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,3 +49,17 @@ def test_command_prints_each_case_and_draws_it(tmp_path: Path, capsys: pytest.Ca
     out = capsys.readouterr().out
     assert out.startswith("**served**") and "| full | 1.000 |" in out
     assert "sparsex (served)" in figure.read_text()
+
+
+def test_against_pairs_the_same_setting_whatever_each_report_named_it() -> None:
+    """A chunk-start sweep names SparseX ``sparsex[k=1]``; a run without the knob ran the same setting as
+    ``sparsex[r=0.15,L=2]``: the two pair (here a report against a renamed copy of itself: zero difference),
+    and a chunk start the other run never had pairs with nothing."""
+    base = json.loads((ROOT / "bench" / "results" / "quality-heldout-qwen15-hotpotqa.json").read_text())
+    swept = {"meta": base["meta"], "methods": {}, "per_question": {}}
+    for name, k in (("full", None), ("sparsex[r=0.15,L=2]", 1), ("sparsex[r=0.15,L=2]", 4)):
+        new = name if k is None else f"sparsex[k={k}]"
+        swept["methods"][new] = {**base["methods"][name], "chunk_start": k}
+        swept["per_question"][new] = base["per_question"][name]
+    rows = quality_table.against_table(swept, base).splitlines()[2:]
+    assert rows == ["| sparsex[k=1] vs sparsex[r=0.15,L=2] | +0.00 [+0.00, +0.00] | +0.00 [+0.00, +0.00] |"]

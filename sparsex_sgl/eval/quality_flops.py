@@ -22,11 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparsex_sgl.core.config import SelectionConfig
+from sparsex_sgl.eval.quality_table import chunk_start_of
 from sparsex_sgl.harness.report import pyplot
-
-SHIPPED_CHUNK_START = {"sparsex": SelectionConfig().min_tokens_per_segment}
-"""The chunk-start knob each method ships with; a method not named here ships without it (k = 0)."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +41,8 @@ class Point:
 
 def shipped(m: dict[str, Any]) -> bool:
     """Whether a report's method entry is that method's shipped form (see the module's docstring)."""
-    k = m.get("chunk_start")
     return (m["full_layers"] in (None, 2) and m.get("signal") in (None, "sparse_q") and not m.get("coverage")
-            and (k is None or k == SHIPPED_CHUNK_START.get(m["method"], 0)))
+            and (m.get("chunk_start") is None or m["chunk_start"] == chunk_start_of({"method": m["method"]})))
 
 
 def case_points(case: str, reports: Sequence[dict[str, Any]]) -> list[Point]:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from sparsex_sgl.core.config import SelectionConfig
+
 Interval = tuple[float, float, float]
 """A paired difference: mean, and the low and high ends of its 95% interval."""
 
@@ -151,21 +153,38 @@ def _direction(figures: Interval) -> str:
     return "significantly higher" if figures[1] > 0 else "significantly lower" if figures[2] < 0 else "n.s."
 
 
+def chunk_start_of(m: dict[str, Any]) -> int:
+    """A report entry's chunk-start knob: as swept (``--chunk-start``), else the one its method runs with
+    (SparseX the shipped ``min_tokens_per_segment``, the baselines none: ``methods.method_config``)."""
+    k = m.get("chunk_start")
+    return k if k is not None else SelectionConfig().min_tokens_per_segment if m["method"] == "sparsex" else 0
+
+
+def setting_key(m: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two report entries the same setting, whatever each report named it (a name carries only
+    the settings its own sweep varied)."""
+    return (m["method"], m["ratio"], m["full_layers"], m.get("signal"), m.get("mass_prior"), m.get("coverage") or 0.0,
+            chunk_start_of(m))
+
+
 def against_table(report: dict[str, Any], base: dict[str, Any]) -> str:
-    """Each method of ``report`` minus the same method of ``base``, question by question: two runs of the same
-    questions that differ in one setting (e.g. where the paragraphs were cached). Refuses reports of other
-    questions (their full prefill must agree question by question)."""
+    """Each method of ``report`` minus the same setting in ``base`` (``setting_key``), question by question:
+    two runs of the same questions that differ in one setting (e.g. where the paragraphs were cached).
+    Refuses reports of other questions (their full prefill must agree question by question)."""
     same = ("task", "offset", "n", "seed")
     if any(report["meta"].get(k) != base["meta"].get(k) for k in same) or (
             report["per_question"]["full"]["f1"] != base["per_question"]["full"]["f1"]):
         raise SystemExit("--against needs two reports of the same questions (task, offset, n, seed, full prefill)")
     label = CACHED_TEXT.get(base["meta"].get("cached", "alone"), "").removeprefix(", ") or "paragraphs cached alone"
+    counterparts = {setting_key(m): name for name, m in base["methods"].items()}
     rows = [f"| method | ΔF1 vs {label} (points) | ΔKL vs {label} |", "|---|---|---|"]
-    for name in report["per_question"]:
-        if name == "full" or name not in base["per_question"]:
+    for name, m in report["methods"].items():
+        other = counterparts.get(setting_key(m))
+        if m["method"] == "full" or other is None:
             continue
-        mine, theirs = report["per_question"][name], base["per_question"][name]
-        rows.append(f"| {name} | {interval_text(paired_difference(mine['f1'], theirs['f1']), 100)} | "
+        mine, theirs = report["per_question"][name], base["per_question"][other]
+        shown = name if other == name else f"{name} vs {other}"
+        rows.append(f"| {shown} | {interval_text(paired_difference(mine['f1'], theirs['f1']), 100)} | "
                     f"{interval_text(paired_difference(mine['kl'], theirs['kl']), 1)} |")
     return "\n".join(rows)
 
