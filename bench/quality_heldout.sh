@@ -14,10 +14,13 @@
 # qwen15-hotpotqa-sink, qwen05-hotpotqa-sink, qwen05-squad-sink: pre-warmed corpora (issue 35), every paragraph
 # prefilled alone behind the sink prefix; full, naive, CacheBlend-style and SparseX at 0.15 with the chunk-start
 # knob at k = 0, 1 (SparseX's default) and 4.
+# qwen15-hotpotqa-served-ends: the served case's front at its two ends, SparseX and CacheBlend-style at ratios
+# 0.05 and 0.75 on the same 100 questions (issue 35's quality against FLOPs).
 # Usage: bench/quality_heldout.sh [RUN ...]    RUN: qwen05-hotpotqa qwen05-squad qwen15-hotpotqa
 #                                              qwen15-hotpotqa-ratios qwen05-hotpotqa-served
 #                                              qwen15-hotpotqa-served qwen15-hotpotqa-sink
-#                                              qwen05-hotpotqa-sink qwen05-squad-sink (default: all)
+#                                              qwen05-hotpotqa-sink qwen05-squad-sink
+#                                              qwen15-hotpotqa-served-ends (default: all)
 # SPARSEX_THREADS=N runs torch on N threads (a run beside other work); the reports do not depend on it.
 #        bench/quality_heldout.sh --smoke DIR  the same grid on SmolLM2, one HotpotQA question, into DIR (CI)
 set -euo pipefail
@@ -39,6 +42,9 @@ served=(--methods full,naive,cacheblend,epic,sparsex --ratio 0.15 --full-layers 
 served15=(--methods full,naive,cacheblend,epic,sparsex --ratio 0.15,0.3,0.5 --full-layers 2 --mass-prior 4
           --cached other-order)
 
+# The served case's front at its ends (0.05: below every ratio run so far; 0.75: full F1 when cached alone).
+ends15=(--methods full,cacheblend,sparsex --ratio 0.05,0.75 --full-layers 2 --mass-prior 4 --cached other-order)
+
 # Pre-warmed corpora: paragraphs cached alone behind the sink prefix, chunk starts forced or not.
 sink=(--methods full,naive,cacheblend,sparsex --ratio 0.15 --full-layers 2 --mass-prior 4 --cached sink
       --chunk-start 0,1,4)
@@ -58,7 +64,8 @@ if [ "${1:-}" = "--smoke" ]; then
 fi
 runs=("$@")
 [ ${#runs[@]} -gt 0 ] || runs=(qwen05-hotpotqa qwen05-squad qwen15-hotpotqa qwen15-hotpotqa-ratios qwen05-hotpotqa-served
-                               qwen15-hotpotqa-served qwen15-hotpotqa-sink qwen05-hotpotqa-sink qwen05-squad-sink)
+                               qwen15-hotpotqa-served qwen15-hotpotqa-sink qwen05-hotpotqa-sink qwen05-squad-sink
+                               qwen15-hotpotqa-served-ends)
 for name in "${runs[@]}"; do
   case "$name" in
     qwen05-hotpotqa) sweep qwen2.5-0.5b hotpotqa 200 bench/results/quality-heldout-qwen05-hotpotqa.json ;;
@@ -70,6 +77,8 @@ for name in "${runs[@]}"; do
       sweep qwen2.5-0.5b hotpotqa 200 bench/results/quality-heldout-qwen05-hotpotqa-served.json "${served[@]}" ;;
     qwen15-hotpotqa-served)
       sweep qwen2.5-1.5b hotpotqa 100 bench/results/quality-heldout-qwen15-hotpotqa-served.json "${served15[@]}" ;;
+    qwen15-hotpotqa-served-ends)
+      sweep qwen2.5-1.5b hotpotqa 100 bench/results/quality-heldout-qwen15-hotpotqa-served-ends.json "${ends15[@]}" ;;
     qwen15-hotpotqa-sink)
       sweep qwen2.5-1.5b hotpotqa 100 bench/results/quality-heldout-qwen15-hotpotqa-sink.json "${sink[@]}" ;;
     qwen05-hotpotqa-sink)
@@ -77,7 +86,7 @@ for name in "${runs[@]}"; do
     qwen05-squad-sink) sweep qwen2.5-0.5b squad 200 bench/results/quality-heldout-qwen05-squad-sink.json "${sink[@]}" ;;
     *) echo "unknown run $name (qwen05-hotpotqa, qwen05-squad, qwen15-hotpotqa, qwen15-hotpotqa-ratios," \
             "qwen05-hotpotqa-served, qwen15-hotpotqa-served, qwen15-hotpotqa-sink, qwen05-hotpotqa-sink," \
-            "qwen05-squad-sink)" >&2
+            "qwen05-squad-sink, qwen15-hotpotqa-served-ends)" >&2
        exit 2 ;;
   esac
 done
