@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparsex_sgl.eval.quality_table import chunk_start_of
+from sparsex_sgl.core.config import SelectionConfig
+from sparsex_sgl.eval.quality_table import chunk_start_of, setting_key
 from sparsex_sgl.harness.report import pyplot
 
 
@@ -42,19 +43,21 @@ class Point:
 def shipped(m: dict[str, Any]) -> bool:
     """Whether a report's method entry is that method's shipped form (see the module's docstring)."""
     return (m["full_layers"] in (None, 2) and m.get("signal") in (None, "sparse_q") and not m.get("coverage")
+            and m.get("mass_prior") in (None, SelectionConfig().mass_prior)
             and (m.get("chunk_start") is None or m["chunk_start"] == chunk_start_of({"method": m["method"]})))
 
 
 def case_points(case: str, reports: Sequence[dict[str, Any]]) -> list[Point]:
-    """The shipped settings of one case's reports, full prefill once. Refuses reports of other questions."""
+    """The shipped settings of one case's reports, each once (the first report's name for it). Refuses reports
+    of other questions."""
     first = reports[0]["per_question"]["full"]["f1"]
     if any(r["per_question"]["full"]["f1"] != first for r in reports[1:]):
         raise SystemExit(f"case {case}: the reports hold other questions (full prefill's answers differ)")
-    points: dict[str, Point] = {}
+    points: dict[tuple[Any, ...], Point] = {}
     for report in reports:
         for name, m in report["methods"].items():
-            if shipped(m) and name not in points:
-                points[name] = Point(case, name, m["method"], m["flops_frac"], m["f1"], m["kl_mean"], m["greedy_exact"])
+            if shipped(m) and setting_key(m) not in points:
+                points[setting_key(m)] = Point(case, name, m["method"], m["flops_frac"], m["f1"], m["kl_mean"], m["greedy_exact"])
     return sorted(points.values(), key=lambda p: (p.flops, p.setting))
 
 
