@@ -19,7 +19,9 @@ import re
 import shlex
 from pathlib import Path
 
-from sparsex_sgl.eval import fidelity, quality_table
+import pytest
+
+from sparsex_sgl.eval import fidelity, quality_flops, quality_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DOC = ROOT / "docs" / "results.md"
@@ -69,3 +71,19 @@ def test_results_doc_holds_every_held_out_report_as_committed() -> None:
         table = quality_table.summary_table(report, quality_table.comparisons(report))
         assert table in doc, f"docs/results.md does not hold {path.name} as `quality_table --summary` renders it"
     assert complete >= 5, "the complete held-out reports were not found"
+
+
+def test_results_doc_holds_the_quality_against_flops_tables_as_their_command_prints_them(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The front's tables are what the command printed beside them prints on the committed reports."""
+    monkeypatch.chdir(ROOT)
+    commands = [shlex.split(line) for block in re.findall(r"```bash\n(.*?)```", RESULTS_DOC.read_text(), flags=re.DOTALL)
+                for line in re.sub(r"\\\n\s*", " ", block).splitlines()
+                if line.startswith(".venv/bin/python -m sparsex_sgl.eval.quality_flops ")]
+    assert commands, "the quality-against-FLOPs command was not found in docs/results.md"
+    for words in commands:
+        args = words[3:]
+        if "--plot" in args:  # the figure is not compared
+            del args[args.index("--plot"):args.index("--plot") + 2]
+        quality_flops.main(args)
+        assert capsys.readouterr().out.strip() in RESULTS_DOC.read_text(), f"stale tables for: {' '.join(words)}"
