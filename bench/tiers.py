@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from sparsex_sgl.assets import hotpotqa_path, resolve_model
+from sparsex_sgl.eval.figures import pyplot
 from sparsex_sgl.eval.hotpotqa import load_examples
 from sparsex_sgl.harness.driver import PreparedRequest, RequestResult, run_load
 from sparsex_sgl.harness.render import render
-from sparsex_sgl.harness.report import pyplot, save_bench
+from sparsex_sgl.harness.report import save_bench
 from sparsex_sgl.harness.workloads import corpus_rag
 from sparsex_sgl.testing import Server, idle_stats, launch, wait_ready
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from sparsex_sgl.core.config import SelectionConfig
+from sparsex_sgl.eval.figures import pyplot
 from sparsex_sgl.eval.quality_table import chunk_start_of, setting_key
-from sparsex_sgl.harness.report import pyplot
 
 
 @dataclass(frozen=True)

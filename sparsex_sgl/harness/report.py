@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsex_sgl.eval import quality_table
+from sparsex_sgl.eval.figures import pyplot
 
 
 def _f(value: Any, spec: str = ".2f", scale: float = 1.0) -> str:
@@ -87,16 +88,6 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
     if not numerator or not denominator:
         return "-"
     return f"{numerator / denominator:.2f}x"
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot on the file-only backend (no display on servers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _finish(fig: Any, ax: Any, path: Path, legend_size: float | None = None) -> Path:
