@@ -24,7 +24,7 @@ from typing import Any
 
 from sparsex_sgl.core.config import SelectionConfig
 from sparsex_sgl.eval.figures import pyplot
-from sparsex_sgl.eval.quality_table import chunk_start_of, setting_key
+from sparsex_sgl.eval.quality_table import model_of, setting_key, shipped_chunk_start
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,10 @@ class Point:
 
 def shipped(m: dict[str, Any]) -> bool:
     """Whether a report's method entry is that method's shipped form (see the module's docstring)."""
-    return (m["full_layers"] in (None, 2) and m.get("signal") in (None, "sparse_q") and not m.get("coverage")
-            and m.get("mass_prior") in (None, SelectionConfig().mass_prior)
-            and (m.get("chunk_start") is None or m["chunk_start"] == chunk_start_of({"method": m["method"]})))
+    default = SelectionConfig()
+    return (m["full_layers"] in (None, default.full_layers) and m.get("signal") in (None, "sparse_q")
+            and not m.get("coverage") and m.get("mass_prior") in (None, default.mass_prior)
+            and m.get("chunk_start") in (None, shipped_chunk_start(m["method"])))
 
 
 def case_points(case: str, reports: Sequence[dict[str, Any]]) -> list[Point]:
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{spec!r}: expected CASE=REPORT[,REPORT...]")
         reports = [json.loads(Path(p).read_text()) for p in paths.split(",")]
         cases[case] = case_points(case, reports)
-        titles.update(f"{r['meta']['command'].split('--model ')[-1].split()[0]}, {r['meta']['task']}" for r in reports)
+        titles.update(f"{model_of(r['meta'])}, {r['meta']['task']}" for r in reports)
     print("\n\n".join(f"**{case}**\n\n{table(points)}" for case, points in cases.items()))
     if args.plot is not None:
         plot(cases, " / ".join(sorted(titles)), args.plot)

@@ -48,8 +48,13 @@ def interval_text(figures: Interval, scale: float) -> str:
     return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
+def model_of(meta: dict[str, Any]) -> str:
+    """The model a report ran, read from its recorded command."""
+    return meta.get("command", "").split("--model ")[-1].split(" ")[0] or "?"
+
+
 def _header(meta: dict[str, Any]) -> str:
-    model = meta.get("command", "").split("--model ")[-1].split(" ")[0] or "?"
+    model = model_of(meta)
     return (f"{model}, {meta.get('task', 'hotpotqa')} ({meta.get('split', 'other')} questions "
             f"{meta['offset']}..{meta['offset'] + meta['n'] - 1}, {meta['n']} questions, "
             f"{meta['mean_prompt_tokens']:.0f} prompt tokens on average{CACHED_TEXT[meta.get('cached', 'alone')]})")
@@ -153,11 +158,16 @@ def _direction(figures: Interval) -> str:
     return "significantly higher" if figures[1] > 0 else "significantly lower" if figures[2] < 0 else "n.s."
 
 
+def shipped_chunk_start(method: str) -> int:
+    """The chunk-start knob a method runs with unless swept: SparseX the shipped ``min_tokens_per_segment``,
+    the baselines none (``methods.method_config``)."""
+    return SelectionConfig().min_tokens_per_segment if method == "sparsex" else 0
+
+
 def chunk_start_of(m: dict[str, Any]) -> int:
-    """A report entry's chunk-start knob: as swept (``--chunk-start``), else the one its method runs with
-    (SparseX the shipped ``min_tokens_per_segment``, the baselines none: ``methods.method_config``)."""
+    """A report entry's chunk-start knob: as swept (``--chunk-start``), else its method's own."""
     k = m.get("chunk_start")
-    return k if k is not None else SelectionConfig().min_tokens_per_segment if m["method"] == "sparsex" else 0
+    return k if k is not None else shipped_chunk_start(m["method"])
 
 
 def setting_key(m: dict[str, Any]) -> tuple[Any, ...]:
