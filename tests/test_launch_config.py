@@ -30,9 +30,11 @@ for argv, stderr in json.loads(sys.argv[1]):
             runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
-            if not isinstance(stop.code, int | None):
+            if stop.code is None or isinstance(stop.code, int):
+                code = stop.code or 0
+            else:
                 print(stop.code, file=sys.stderr)
+                code = 1
         except BaseException:
             traceback.print_exc()
             code = 1
@@ -62,13 +64,13 @@ BAD_SETTINGS: list[tuple[list[str], str | None, str]] = [
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, str]]:
     """Exit status and stderr of ``python -m sglang.launch_server --enable-sparsex`` for each bad setting."""
-    folder = tmp_path_factory.mktemp("launches")
+    folder, model = tmp_path_factory.mktemp("launches"), str(resolve_model("smollm2"))
     cases = []
     for i, (flags, preset, _) in enumerate(BAD_SETTINGS):
         if preset is not None:
             (folder / f"preset-{i}.yaml").write_text(preset)
             flags = [*flags, "--sparsex-config", str(folder / f"preset-{i}.yaml")]
-        argv = ["--model-path", str(resolve_model("smollm2")), "--device", "cpu", "--enable-sparsex", *flags]
+        argv = ["--model-path", model, "--device", "cpu", "--enable-sparsex", *flags]
         cases.append((argv, str(folder / f"stderr-{i}.txt")))
     done = subprocess.run([sys.executable, "-c", LAUNCHER, json.dumps(cases)], capture_output=True, text=True,
                           timeout=900, check=False)
